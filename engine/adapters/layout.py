@@ -1,0 +1,154 @@
+"""Layouts: the ordered modules and shapes that map an adapter onto one flat vector."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from engine.adapters.lora import LoraAdapter
+from engine.errors import AdapterError
+
+LAYOUT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One target module of a layout: ``delta_W`` has shape ``[d_out, d_in]``."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+
+def _natural_key(name: str) -> list[Any]:
+    # 'layers.2' before 'layers.10', so flat vectors follow the model's depth order.
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered modules and shapes for one base model, padded to a common rank ``r_max``.
+
+    The flat vector of an adapter is, module after module, ``A`` (``[r_max, d_in]``, row-major)
+    followed by ``B^T`` (``[r_max, d_out]``, row-major): each rank component's ``(a_i, b_i)`` pair
+    sits at a fixed offset, and zero-padded components are exact (they add nothing to ``B A``).
+    """
+
+    base_model: str
+    modules: tuple[ModuleSpec, ...]
+    r_max: int
+
+    def __post_init__(self) -> None:
+        if self.r_max <= 0:
+            raise ValueError(f"Layout.r_max must be positive, got {self.r_max}")
+        names = [m.name for m in self.modules]
+        if len(set(names)) != len(names):
+            raise ValueError("Layout.modules has duplicate module names")
+        if not self.modules:
+            raise ValueError("Layout.modules is empty")
+
+    @classmethod
+    def from_adapters(
+        cls, adapters: Iterable[LoraAdapter], base_model: str, r_max: int | None = None
+    ) -> Layout:
+        """The smallest layout holding every module of ``adapters`` (shapes must agree)."""
+        shapes: dict[str, tuple[int, int]] = {}
+        rank = r_max or 0
+        for adapter in adapters:
+            for name, module in adapter.modules.items():
+                shape = (module.d_out, module.d_in)
+                if shapes.setdefault(name, shape) != shape:
+                    raise AdapterError(
+                        adapter.source,
+                        f"{name} has delta shape {shape} but another adapter of the batch has "
+                        f"{shapes[name]}: they cannot share a base model",
+                    )
+                if r_max is None:
+                    rank = max(rank, module.rank)
+        specs = tuple(ModuleSpec(n, *shapes[n]) for n in cls.sort_names(shapes))
+        return cls(base_model=base_model, modules=specs, r_max=rank)
+
+    @staticmethod
+    def name_key(name: str) -> list[Any]:
+        """Natural sort key: ``layers.2`` before ``layers.10``, so vectors follow model depth."""
+        return _natural_key(name)
+
+    @staticmethod
+    def sort_names(names: Iterable[str]) -> list[str]:
+        return sorted(names, key=_natural_key)
+
+    @cached_property
+    def layout_id(self) -> str:
+        """Content hash: two layouts with the same id map adapters to the same vector."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {m.name: i for i, m in enumerate(self.modules)}
+
+    @cached_property
+    def module_sizes(self) -> np.ndarray:
+        """Flat length of each module, shape ``[M]``."""
+        return np.array([self.r_max * (m.d_in + m.d_out) for m in self.modules], dtype=np.int64)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Start of each module in the flat vector, shape ``[M + 1]`` (last = total size)."""
+        return np.concatenate([[0], np.cumsum(self.module_sizes)])
+
+    @property
+    def size(self) -> int:
+        """Length ``N`` of the flat vector."""
+        return int(self.offsets[-1])
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.modules)
+
+    def slot_mask(self, module_mask: np.ndarray) -> np.ndarray:
+        """Expand a per-module mask ``[..., M]`` to a per-slot mask ``[..., N]``."""
+        return np.repeat(np.asarray(module_mask, dtype=bool), self.module_sizes, axis=-1)
+
+    def check_fits(self, adapter: LoraAdapter) -> list[str]:
+        """Every reason ``adapter`` cannot be written in this layout (empty when it fits)."""
+        faults = []
+        for name, module in adapter.modules.items():
+            if name not in self.index:
+                faults.append(
+                    f"module {name} is not in layout {self.layout_id} of base model "
+                    f"{self.base_model!r} (a different base model or target modules?)"
+                )
+                continue
+            spec = self.modules[self.index[name]]
+            if (module.d_out, module.d_in) != (spec.d_out, spec.d_in):
+                faults.append(
+                    f"{name}: delta shape {(module.d_out, module.d_in)} differs from the layout's "
+                    f"{(spec.d_out, spec.d_in)}: the adapter was trained on another base model"
+                )
+            if module.rank > self.r_max:
+                faults.append(
+                    f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max}"
+                )
+        return faults
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": LAYOUT_FORMAT,
+            "base_model": self.base_model,
+            "r_max": self.r_max,
+            "modules": [[m.name, m.d_out, m.d_in] for m in self.modules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        if data.get("format") != LAYOUT_FORMAT:
+            raise ValueError(f"unsupported layout format {data.get('format')!r}")
+        modules = tuple(ModuleSpec(str(n), int(o), int(i)) for n, o, i in data["modules"])
+        return cls(base_model=data["base_model"], modules=modules, r_max=int(data["r_max"]))

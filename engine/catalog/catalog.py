@@ -1,0 +1,554 @@
+"""The adapter catalog: the system of record for adapters, layouts, weights and statistics.
+
+Writes are atomic and ordered (layouts and weight shards first, under fresh names; the manifest
+version that references them last), so a reader always sees one whole committed version and an
+interrupted write leaves the previous version intact. Ingest is all-or-nothing per batch by
+default: every adapter is validated before anything is written, and every fault is reported at
+once. One writer per catalog at a time: on a local filesystem a concurrent commit is detected
+and refused; object stores cannot detect it, so serialise writers there (e.g. one ingest job).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from engine.adapters.codec import CanonicalAdapter, from_flat, to_canonical, to_flat, to_lora
+from engine.adapters.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from engine.adapters.layout import Layout, ModuleSpec
+from engine.adapters.lora import LoraAdapter
+from engine.catalog import fs as cfs
+from engine.catalog.schema import (
+    CATALOG_FORMAT,
+    LAYOUT_DIR,
+    MANIFEST_DIR,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA,
+    SETTINGS_FILE,
+    STATS_DIR,
+    WEIGHTS_DIR,
+    check_name,
+    manifest_name,
+    shard_schema,
+    stats_schema,
+)
+from engine.catalog.stats import SlotStats
+from engine.errors import AdapterError, CatalogError, IngestError
+
+# Bounds on what one weight shard / row group holds, so readers stream in bounded memory.
+SHARD_BYTES = 128 * 2**20
+SHARD_MAX_ROWS = 1024
+ROW_GROUP_BYTES = 16 * 2**20
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter ready to be written: its manifest fields and its canonical flat form."""
+
+    meta: dict[str, Any]
+    weights: np.ndarray  # [N] float32
+    mask: np.ndarray  # [M] bool
+    extras: bytes = b""
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did.
+
+    Attributes:
+        version: the catalog version after the ingest (unchanged if nothing was added).
+        added: ids of the adapters added.
+        duplicates: ``(source, existing id)`` of adapters already in the catalog (same sha256).
+        rejected: adapters refused (only with ``skip_invalid``; otherwise ingest raises).
+    """
+
+    version: int
+    added: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[AdapterError] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    base_model: str
+    sha256: str
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
+
+
+def adapter_id(task: str, sha256: str) -> str:
+    """Deterministic id: ingesting the same files twice yields the same id."""
+    return f"{task}-{sha256[:12]}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 over an adapter directory's config and weights (what defines the adapter)."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        with open(path / name, "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def extras_to_bytes(extras: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors_bytes({k: v.contiguous() for k, v in extras.items()}) if extras else b""
+
+
+def extras_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return dict(load_safetensors_bytes(data)) if data else {}
+
+
+class Catalog:
+    """A catalog at a URI (local directory, ``s3://bucket/prefix``, ``gs://...``, fsspec URIs).
+
+    Example::
+
+        catalog = Catalog("s3://adapters/prod")
+        catalog.ingest(["runs/sst2-seed0", "runs/sst2-seed1"], task="sst2")
+        ds = catalog.dataset(task="sst2")        # ray.data.Dataset: id, task, weights [N], mask [M]
+    """
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self.fs, self.root = cfs.resolve_uri(self.uri)
+        self._manifests: dict[int, pa.Table] = {}
+        self._layouts: dict[str, Layout] = {}
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.uri!r})"
+
+    def _path(self, *parts: str) -> str:
+        return cfs.join(self.root, *parts)
+
+    # ------------------------------------------------------------------ settings and versions
+    def settings(self) -> dict[str, Any] | None:
+        path = self._path(SETTINGS_FILE)
+        if not cfs.exists(self.fs, path):
+            return None
+        return json.loads(cfs.read_bytes(self.fs, path))
+
+    def _ensure_settings(self, gauge: bool | None) -> dict[str, Any]:
+        settings = self.settings()
+        if settings is None:
+            settings = {
+                "format": CATALOG_FORMAT,
+                "gauge": True if gauge is None else bool(gauge),
+                "created": datetime.now(timezone.utc).isoformat(),
+            }
+            cfs.write_bytes_atomic(self.fs, self._path(SETTINGS_FILE), json.dumps(settings).encode())
+        elif settings.get("format") != CATALOG_FORMAT:
+            raise CatalogError(f"{self.uri}: unsupported catalog format {settings.get('format')!r}")
+        elif gauge is not None and bool(gauge) != settings["gauge"]:
+            raise CatalogError(
+                f"{self.uri}: the catalog was created with gauge={settings['gauge']}; every "
+                "adapter of a catalog must share it (use another catalog to compare)"
+            )
+        return settings
+
+    def version(self) -> int:
+        """Latest committed version (0 for an empty or missing catalog)."""
+        versions = [
+            int(m.group(1))
+            for name in cfs.list_names(self.fs, self._path(MANIFEST_DIR))
+            if (m := MANIFEST_FILE.match(name))
+        ]
+        return max(versions, default=0)
+
+    def manifest(self, version: int | None = None) -> pa.Table:
+        """The manifest table of ``version`` (latest by default); one row per adapter."""
+        version = self.version() if version is None else version
+        if version == 0:
+            return MANIFEST_SCHEMA.empty_table()
+        if version not in self._manifests:
+            path = self._path(MANIFEST_DIR, manifest_name(version))
+            try:
+                self._manifests[version] = pq.read_table(path, filesystem=self.fs)
+            except FileNotFoundError:
+                raise CatalogError(f"{self.uri}: version {version} does not exist") from None
+        return self._manifests[version]
+
+    # ------------------------------------------------------------------ reading
+    def entries(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Manifest rows as dicts, optionally of one task, in ingest order."""
+        table = self.manifest()
+        if task is not None:
+            table = table.filter(pc.equal(table["task"], task))
+        return table.to_pylist()
+
+    def tasks(self) -> dict[str, int]:
+        """Task name -> number of adapters."""
+        counts: dict[str, int] = {}
+        for task in self.manifest().column("task").to_pylist():
+            counts[task] = counts.get(task, 0) + 1
+        return counts
+
+    def get(self, adapter_id: str) -> dict[str, Any]:
+        """The manifest row of ``adapter_id``; :class:`CatalogError` if it is not in the catalog."""
+        check_name("adapter id", adapter_id)
+        table = self.manifest()
+        rows = table.filter(pc.equal(table["id"], adapter_id)).to_pylist()
+        if not rows:
+            raise CatalogError(f"no adapter {adapter_id!r} in catalog {self.uri} (see `icmf catalog ls`)")
+        return rows[0]
+
+    def layout(self, layout_id: str | None = None) -> Layout:
+        """A layout by id; without an id, the catalog's only layout."""
+        if layout_id is None:
+            ids = sorted(set(self.manifest().column("layout_id").to_pylist()))
+            if len(ids) != 1:
+                raise CatalogError(
+                    f"{self.uri} holds {len(ids)} layouts ({', '.join(ids) or 'none'}); name one"
+                )
+            layout_id = ids[0]
+        if layout_id not in self._layouts:
+            path = self._path(LAYOUT_DIR, f"{check_name('layout id', layout_id)}.json")
+            if not cfs.exists(self.fs, path):
+                raise CatalogError(f"{self.uri}: no layout {layout_id!r}")
+            self._layouts[layout_id] = Layout.from_dict(json.loads(cfs.read_bytes(self.fs, path)))
+        return self._layouts[layout_id]
+
+    def layout_for_base_model(self, base_model: str) -> Layout | None:
+        table = self.manifest()
+        ids = table.filter(pc.equal(table["base_model"], base_model)).column("layout_id")
+        return self.layout(ids[0].as_py()) if len(ids) else None
+
+    def read_vector(self, adapter_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        """``(weights [N] float32, module mask [M] bool, modules_to_save tensors)`` of one adapter."""
+        entry = self.get(adapter_id)
+        table = pq.read_table(
+            self._path(entry["shard"]), filesystem=self.fs, filters=[("id", "=", adapter_id)]
+        )
+        if table.num_rows != 1:
+            raise CatalogError(f"{self.uri}: shard {entry['shard']} lacks adapter {adapter_id!r}")
+        weights = table.column("weights").combine_chunks().flatten().to_numpy()
+        mask = np.asarray(table.column("mask")[0].as_py(), dtype=bool)
+        return weights.astype(np.float32, copy=False), mask, extras_from_bytes(table["extras"][0].as_py())
+
+    def load_canonical(self, adapter_id: str) -> CanonicalAdapter:
+        entry = self.get(adapter_id)
+        weights, mask, _ = self.read_vector(adapter_id)
+        return from_flat(weights, self.layout(entry["layout_id"]), mask)
+
+    def load_adapter(self, adapter_id: str) -> LoraAdapter:
+        """A catalog adapter as a :class:`LoraAdapter` (scaling folded, same delta per module)."""
+        entry = self.get(adapter_id)
+        weights, mask, extras = self.read_vector(adapter_id)
+        canonical = from_flat(weights, self.layout(entry["layout_id"]), mask)
+        config = json.loads(entry["peft_config"])
+        return to_lora(canonical, config=config, extras=extras, source=f"{self.uri}#{adapter_id}")
+
+    def export(self, adapter_id: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write a catalog adapter as a stock PEFT adapter directory."""
+        return save_adapter(self.load_adapter(adapter_id), out_dir, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(
+        self,
+        paths: Sequence[str | Path],
+        task: str,
+        base_model: str | None = None,
+        r_max: int | None = None,
+        gauge: bool | None = None,
+        tags: Sequence[str] = (),
+        skip_invalid: bool = False,
+        progress: Progress | None = None,
+    ) -> IngestReport:
+        """Validate and add PEFT adapter directories of one task.
+
+        Args:
+            paths: adapter directories.
+            task: task name shared by the batch.
+            base_model: base model id; defaults to each config's ``base_model_name_or_path`` and
+                must agree with it when both are set.
+            r_max: rank to pad to when this batch creates the base model's layout (default: the
+                batch's largest rank; later adapters must not exceed it).
+            gauge: store modules in the canonical SVD gauge (fixed when the catalog is created;
+                default True).
+            skip_invalid: land the valid adapters and report the rest, instead of landing none.
+            progress: called with the number of adapters processed since the last call.
+
+        Raises:
+            IngestError: listing every rejected adapter with its cause (nothing is written).
+        """
+        check_name("task name", task)
+        settings = self._ensure_settings(gauge)
+        known = dict(zip(self.manifest()["sha256"].to_pylist(), self.manifest()["id"].to_pylist(), strict=True))
+        report = IngestReport(version=self.version())
+        candidates, failures = self._validate_batch(paths, base_model, r_max, known, report, progress)
+        if failures and not skip_invalid:
+            raise IngestError(failures)
+        report.rejected = failures
+        if not candidates:
+            return report
+        layouts = self._layouts_for(candidates, r_max)
+        records = self._encode(candidates, layouts, task, tags, settings["gauge"], progress)
+        report.version = self.add_records(records)
+        report.added = [adapter_id(task, c.sha256) for c in candidates]
+        return report
+
+    def _validate_batch(self, paths, base_model, r_max, known, report, progress):
+        candidates: list[_Candidate] = []
+        failures: list[AdapterError] = []
+        seen: dict[str, str] = {}
+        for raw in paths:
+            path = Path(raw)
+            try:
+                candidate = self._validate_one(path, base_model, r_max)
+            except AdapterError as exc:
+                failures.append(exc)
+            else:
+                if candidate.sha256 in known:
+                    report.duplicates.append((str(path), known[candidate.sha256]))
+                elif candidate.sha256 in seen:
+                    report.duplicates.append((str(path), f"{seen[candidate.sha256]} (same batch)"))
+                else:
+                    seen[candidate.sha256] = str(path)
+                    candidates.append(candidate)
+            if progress:
+                progress(1)
+        failures.extend(self._check_shared_shapes(candidates))
+        bad = {f.source for f in failures}
+        return [c for c in candidates if str(c.path) not in bad], failures
+
+    def _validate_one(self, path: Path, base_model: str | None, r_max: int | None) -> _Candidate:
+        adapter = load_adapter(path)
+        declared = adapter.base_model
+        if base_model and declared and declared != base_model:
+            raise AdapterError(
+                str(path),
+                f"adapter_config.json names base model {declared!r} but --base-model is "
+                f"{base_model!r}; fix one of them",
+            )
+        resolved = base_model or declared
+        if not resolved:
+            raise AdapterError(
+                str(path), "no base model: adapter_config.json has no base_model_name_or_path; pass --base-model"
+            )
+        layout = self.layout_for_base_model(resolved)
+        faults = layout.check_fits(adapter) if layout else []
+        if layout is None and r_max is not None and adapter.max_rank > r_max:
+            faults.append(f"rank {adapter.max_rank} exceeds --r-max {r_max}")
+        if faults:
+            raise AdapterError(str(path), "; ".join(faults))
+        return _Candidate(
+            path=path,
+            base_model=resolved,
+            sha256=file_sha256(path),
+            shapes={n: (m.d_out, m.d_in) for n, m in adapter.modules.items()},
+            ranks={n: m.rank for n, m in adapter.modules.items()},
+        )
+
+    @staticmethod
+    def _check_shared_shapes(candidates: list[_Candidate]) -> list[AdapterError]:
+        """Adapters of one base model in one batch must agree on every module's shape."""
+        first: dict[tuple[str, str], tuple[tuple[int, int], Path]] = {}
+        failures = []
+        for c in candidates:
+            for name, shape in c.shapes.items():
+                seen_shape, seen_path = first.setdefault((c.base_model, name), (shape, c.path))
+                if seen_shape != shape:
+                    failures.append(
+                        AdapterError(
+                            str(c.path),
+                            f"{name} has delta shape {shape} but {seen_path} (same base model "
+                            f"{c.base_model!r}) has {seen_shape}: a different base model?",
+                        )
+                    )
+                    break
+        return failures
+
+    def _layouts_for(self, candidates: list[_Candidate], r_max: int | None) -> dict[str, Layout]:
+        layouts: dict[str, Layout] = {}
+        for base in sorted({c.base_model for c in candidates}):
+            existing = self.layout_for_base_model(base)
+            if existing is not None:
+                layouts[base] = existing
+                continue
+            group = [c for c in candidates if c.base_model == base]
+            shapes = {n: s for c in group for n, s in c.shapes.items()}
+            rank = r_max or max(r for c in group for r in c.ranks.values())
+            specs = tuple(ModuleSpec(n, *shapes[n]) for n in Layout.sort_names(shapes))
+            layouts[base] = Layout(base_model=base, modules=specs, r_max=rank)
+        return layouts
+
+    def _encode(self, candidates, layouts, task, tags, gauge, progress) -> Iterator[tuple[Layout, AdapterRecord]]:
+        for c in candidates:
+            # Re-read instead of holding every adapter from validation: memory stays one adapter.
+            adapter = load_adapter(c.path)
+            if file_sha256(c.path) != c.sha256:
+                raise CatalogError(f"{c.path} changed during ingest; nothing was ingested, retry")
+            layout = layouts[c.base_model]
+            canonical = to_canonical(adapter, layout, gauge=gauge)
+            config = dict(adapter.config, base_model_name_or_path=c.base_model)
+            meta = {
+                "id": adapter_id(task, c.sha256),
+                "task": task,
+                "base_model": c.base_model,
+                "layout_id": layout.layout_id,
+                "rank": adapter.max_rank,
+                "alpha": float(adapter.config["lora_alpha"]),
+                "target_modules": sorted(adapter.modules, key=Layout.name_key),
+                "num_params": adapter.num_lora_params(),
+                "sha256": c.sha256,
+                "source": str(c.path.resolve()),
+                "tags": list(tags),
+                "peft_config": json.dumps(config, sort_keys=True),
+                "extras": sorted(adapter.extras),
+            }
+            record = AdapterRecord(
+                meta=meta,
+                weights=to_flat(canonical).numpy(),
+                mask=canonical.mask.numpy(),
+                extras=extras_to_bytes(adapter.extras),
+            )
+            if progress:
+                progress(1)
+            yield layout, record
+
+    # ------------------------------------------------------------------ the one write path
+    def add_records(self, records: Iterable[tuple[Layout, AdapterRecord]]) -> int:
+        """Write adapters in canonical form and commit a new version; returns that version.
+
+        Shards are written first under fresh names; the manifest that references them is
+        committed last. If anything fails before the commit, the shards written so far are
+        deleted and the previous version stays the catalog's state.
+        """
+        base_version = self.version()
+        written: list[str] = []
+        rows: list[dict[str, Any]] = []
+        try:
+            for layout, batch in _group_into_shards(records):
+                self._write_layout(layout)
+                shard = cfs.join(WEIGHTS_DIR, layout.layout_id, f"{uuid.uuid4().hex}.parquet")
+                written.append(self._path(shard))
+                self._write_shard(self._path(shard), layout, batch)
+                now = datetime.now(timezone.utc)
+                rows.extend(dict(r.meta, shard=shard, created=now) for r in batch)
+            if not rows:
+                return base_version
+            return self._commit(base_version, rows)
+        except BaseException:
+            for path in written:
+                cfs.delete_quietly(self.fs, path)
+            raise
+
+    def _write_layout(self, layout: Layout) -> None:
+        path = self._path(LAYOUT_DIR, f"{layout.layout_id}.json")
+        if not cfs.exists(self.fs, path):  # content-addressed: an existing file is identical
+            data = json.dumps(layout.to_dict(), sort_keys=True).encode()
+            cfs.write_bytes_atomic(self.fs, path, data)
+        self._layouts[layout.layout_id] = layout
+
+    def _write_shard(self, path: str, layout: Layout, batch: list[AdapterRecord]) -> None:
+        for r in batch:
+            if r.weights.shape != (layout.size,) or r.mask.shape != (layout.num_modules,):
+                raise CatalogError(f"record {r.meta.get('id')} does not match layout {layout.layout_id}")
+            if not np.isfinite(r.weights).all():
+                raise CatalogError(f"record {r.meta.get('id')} has non-finite weights")
+        flat = pa.array(np.concatenate([r.weights for r in batch]).astype(np.float32, copy=False))
+        masks = pa.array(np.concatenate([r.mask for r in batch]).astype(bool, copy=False))
+        table = pa.Table.from_arrays(
+            [
+                pa.array([r.meta["id"] for r in batch], pa.string()),
+                pa.FixedSizeListArray.from_arrays(flat, layout.size),
+                pa.FixedSizeListArray.from_arrays(masks, layout.num_modules),
+                pa.array([r.extras for r in batch], pa.binary()),
+            ],
+            schema=shard_schema(layout.size, layout.num_modules),
+        )
+        rows_per_group = max(1, ROW_GROUP_BYTES // (4 * layout.size))
+        cfs.write_parquet_atomic(self.fs, path, table, row_group_size=rows_per_group)
+
+    def _commit(self, base_version: int, rows: list[dict[str, Any]]) -> int:
+        new = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        table = pa.concat_tables([self.manifest(base_version), new]) if base_version else new
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        version = base_version + 1
+        path = self._path(MANIFEST_DIR, manifest_name(version))
+        cfs.write_bytes_atomic(self.fs, path, buffer.getvalue(), exclusive=True)
+        self._manifests[version] = table
+        return version
+
+    # ------------------------------------------------------------------ streaming and statistics
+    def dataset(self, layout_id: str | None = None, task: str | None = None, **read_args):
+        """A ``ray.data.Dataset`` of adapters (see :func:`engine.catalog.streaming.adapter_dataset`)."""
+        from engine.catalog.streaming import adapter_dataset
+
+        return adapter_dataset(self, layout_id=layout_id, task=task, **read_args)
+
+    def compute_stats(self, layout_id: str | None = None) -> SlotStats:
+        """Compute per-slot statistics in one streaming pass, store them, and return them."""
+        from engine.catalog.streaming import streaming_moments
+
+        layout = self.layout(layout_id)
+        version = self.version()
+        moments, count = streaming_moments(self.dataset(layout.layout_id), layout)
+        stats = SlotStats(layout.layout_id, version, count, moments.count, moments.mean, moments.std())
+        table = pa.Table.from_arrays(
+            [
+                pa.FixedSizeListArray.from_arrays(pa.array(stats.count), layout.size),
+                pa.FixedSizeListArray.from_arrays(pa.array(stats.mean), layout.size),
+                pa.FixedSizeListArray.from_arrays(pa.array(stats.std), layout.size),
+            ],
+            schema=stats_schema(layout.size).with_metadata(
+                {"manifest_version": str(version), "num_adapters": str(count)}
+            ),
+        )
+        cfs.write_parquet_atomic(self.fs, self._path(STATS_DIR, f"{layout.layout_id}.parquet"), table)
+        return stats
+
+    def stats(self, layout_id: str | None = None) -> SlotStats | None:
+        """Stored statistics of a layout, or None if never computed. Check ``manifest_version``
+        against :meth:`version` to know whether they are current."""
+        layout = self.layout(layout_id)
+        path = self._path(STATS_DIR, f"{layout.layout_id}.parquet")
+        if not cfs.exists(self.fs, path):
+            return None
+        table = pq.read_table(path, filesystem=self.fs)
+        meta = table.schema.metadata
+        column = lambda name: table.column(name).combine_chunks().flatten().to_numpy()  # noqa: E731
+        return SlotStats(
+            layout_id=layout.layout_id,
+            manifest_version=int(meta[b"manifest_version"]),
+            num_adapters=int(meta[b"num_adapters"]),
+            count=column("count"),
+            mean=column("mean"),
+            std=column("std"),
+        )
+
+
+def _group_into_shards(
+    records: Iterable[tuple[Layout, AdapterRecord]],
+) -> Iterator[tuple[Layout, list[AdapterRecord]]]:
+    """Consecutive records of one layout, cut at the shard size bounds."""
+    current: Layout | None = None
+    batch: list[AdapterRecord] = []
+    for layout, record in records:
+        limit = max(1, min(SHARD_MAX_ROWS, SHARD_BYTES // (4 * layout.size)))
+        if batch and (layout.layout_id != current.layout_id or len(batch) >= limit):
+            yield current, batch
+            batch = []
+        current = layout
+        batch.append(record)
+    if batch:
+        yield current, batch

@@ -1,0 +1,133 @@
+"""Filesystem access for catalogs: URIs to pyarrow filesystems, and atomic writes.
+
+Local paths and every scheme pyarrow knows (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``) use
+pyarrow's own filesystems; any other scheme goes through fsspec (``memory://``, ``az://``, ...).
+For an S3-compatible server set ``AWS_ENDPOINT_URL`` or add ``?endpoint_override=HOST:PORT&scheme=http``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engine.errors import CatalogError
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, root path)`` for a catalog URI or local path."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        try:
+            import fsspec
+            from fsspec.core import url_to_fs
+        except ImportError as exc:  # pragma: no cover - fsspec ships with datasets
+            raise CatalogError(f"{uri}: unsupported scheme and fsspec is not installed") from exc
+        try:
+            fs_impl, path = url_to_fs(uri)
+        except (ValueError, ImportError) as exc:
+            raise CatalogError(f"{uri}: cannot open this URI ({exc})") from None
+        assert isinstance(fs_impl, fsspec.AbstractFileSystem)
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs_impl))
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def list_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Base names of the files directly in ``directory`` (empty if it does not exist)."""
+    selector = pafs.FileSelector(directory, allow_not_found=True)
+    return [posixpath.basename(info.path) for info in fs.get_file_info(selector) if info.is_file]
+
+
+def _local_tmp(path: str) -> str:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_local(tmp: str, path: str, exclusive: bool) -> None:
+    if exclusive:
+        # link() fails if the target exists: two writers can never both commit one version.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise CatalogError(
+                f"{path} was created by a concurrent writer; retry the operation"
+            ) from None
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: bool = False) -> None:
+    """Write ``data`` so readers see the old file or the whole new one, never a part.
+
+    Local: write a hidden temp file, fsync, rename (or hard-link when ``exclusive``). Object
+    stores publish an object only when its upload completes, which is already atomic.
+    """
+    if is_local(fs):
+        tmp = _local_tmp(path)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish_local(tmp, path, exclusive)
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def write_parquet_atomic(
+    fs: pafs.FileSystem, path: str, table: pa.Table, row_group_size: int | None = None
+) -> None:
+    """Write a Parquet file atomically (see :func:`write_bytes_atomic`)."""
+    if is_local(fs):
+        tmp = _local_tmp(path)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        _publish_local(tmp, path, exclusive=False)
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
+
+
+def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass
