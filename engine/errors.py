@@ -34,6 +34,4 @@ class IngestError(CatalogError):
     def __init__(self, failures: Sequence[AdapterError]):
         self.failures = list(failures)
         lines = "\n".join(f"  - {f}" for f in self.failures)
-        super().__init__(
-            f"{len(self.failures)} adapter(s) rejected; nothing was ingested:\n{lines}"
-        )
+        super().__init__(f"{len(self.failures)} adapter(s) rejected; nothing was ingested:\n{lines}")

@@ -88,11 +88,10 @@ def from_flat(vector: torch.Tensor | np.ndarray, layout: Layout, mask=None) -> C
         layout: the layout the vector belongs to.
         mask: ``[M]`` module mask; ``None`` marks every module present.
     """
-    vector = torch.as_tensor(np.asarray(vector), dtype=torch.float32)
+    vector = torch.tensor(np.asarray(vector), dtype=torch.float32)  # copy: inputs may be read-only
     if vector.shape != (layout.size,):
         raise ValueError(
-            f"flat vector has shape {tuple(vector.shape)}, layout {layout.layout_id} needs "
-            f"({layout.size},)"
+            f"flat vector has shape {tuple(vector.shape)}, layout {layout.layout_id} needs ({layout.size},)"
         )
     A_list, B_list = [], []
     for i, spec in enumerate(layout.modules):

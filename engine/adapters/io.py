@@ -124,9 +124,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(weights_path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise AdapterError(
-            str(weights_path), f"corrupt or truncated safetensors file ({exc})"
-        ) from None
+        raise AdapterError(str(weights_path), f"corrupt or truncated safetensors file ({exc})") from None
 
 
 def _is_module_to_save(key: str, modules_to_save: list[str]) -> bool:
@@ -193,9 +191,7 @@ def _build_module(
         )
     rank, alpha = module_rank_and_alpha(config, name)
     if A.shape[0] != rank:
-        faults.append(
-            f"{name}: config gives rank {rank} (r / rank_pattern) but lora_A has {A.shape[0]} rows"
-        )
+        faults.append(f"{name}: config gives rank {rank} (r / rank_pattern) but lora_A has {A.shape[0]} rows")
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         faults.append(f"{name}: non-finite values (NaN or Inf) in lora_A/lora_B")
     if faults:

@@ -133,9 +133,7 @@ class Layout:
                     f"{(spec.d_out, spec.d_in)}: the adapter was trained on another base model"
                 )
             if module.rank > self.r_max:
-                faults.append(
-                    f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max}"
-                )
+                faults.append(f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max}")
         return faults
 
     def to_dict(self) -> dict[str, Any]:

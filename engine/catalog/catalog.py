@@ -291,7 +291,9 @@ class Catalog:
         """
         check_name("task name", task)
         settings = self._ensure_settings(gauge)
-        known = dict(zip(self.manifest()["sha256"].to_pylist(), self.manifest()["id"].to_pylist(), strict=True))
+        known = dict(
+            zip(self.manifest()["sha256"].to_pylist(), self.manifest()["id"].to_pylist(), strict=True)
+        )
         report = IngestReport(version=self.version())
         candidates, failures = self._validate_batch(paths, base_model, r_max, known, report, progress)
         if failures and not skip_invalid:
@@ -341,7 +343,8 @@ class Catalog:
         resolved = base_model or declared
         if not resolved:
             raise AdapterError(
-                str(path), "no base model: adapter_config.json has no base_model_name_or_path; pass --base-model"
+                str(path),
+                "no base model: adapter_config.json has no base_model_name_or_path; pass --base-model",
             )
         layout = self.layout_for_base_model(resolved)
         faults = layout.check_fits(adapter) if layout else []
@@ -390,7 +393,9 @@ class Catalog:
             layouts[base] = Layout(base_model=base, modules=specs, r_max=rank)
         return layouts
 
-    def _encode(self, candidates, layouts, task, tags, gauge, progress) -> Iterator[tuple[Layout, AdapterRecord]]:
+    def _encode(
+        self, candidates, layouts, task, tags, gauge, progress
+    ) -> Iterator[tuple[Layout, AdapterRecord]]:
         for c in candidates:
             # Re-read instead of holding every adapter from validation: memory stays one adapter.
             adapter = load_adapter(c.path)

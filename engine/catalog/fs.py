@@ -82,9 +82,7 @@ def _publish_local(tmp: str, path: str, exclusive: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise CatalogError(
-                f"{path} was created by a concurrent writer; retry the operation"
-            ) from None
+            raise CatalogError(f"{path} was created by a concurrent writer; retry the operation") from None
         finally:
             os.unlink(tmp)
     else:

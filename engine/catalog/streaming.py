@@ -70,7 +70,10 @@ def adapter_dataset(
     if task is not None:
         table = table.filter(pc.equal(table["task"], task))
     if table.num_rows == 0:
-        raise CatalogError(f"{catalog.uri}: no adapters in layout {layout.layout_id}" + (f" for task {task!r}" if task else ""))
+        raise CatalogError(
+            f"{catalog.uri}: no adapters in layout {layout.layout_id}"
+            + (f" for task {task!r}" if task else "")
+        )
     shards = sorted(set(table["shard"].to_pylist()))
     id_to_task = dict(zip(table["id"].to_pylist(), table["task"].to_pylist(), strict=True))
     ds = ray.data.read_parquet(
@@ -94,7 +97,12 @@ def adapter_dataset(
 def _batch_moments(batch: dict[str, np.ndarray], module_sizes: np.ndarray) -> dict[str, np.ndarray]:
     slot_mask = np.repeat(batch["mask"], module_sizes, axis=1)
     m = Moments.of_batch(batch["weights"], slot_mask)
-    return {"count": m.count[None], "mean": m.mean[None], "m2": m.m2[None], "rows": np.array([len(slot_mask)])}
+    return {
+        "count": m.count[None],
+        "mean": m.mean[None],
+        "m2": m.m2[None],
+        "rows": np.array([len(slot_mask)]),
+    }
 
 
 def streaming_moments(ds: ray.data.Dataset, layout: Layout, batch_size: int = 256) -> tuple[Moments, int]:

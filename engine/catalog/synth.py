@@ -32,9 +32,7 @@ _SPEC_KEYS = {"layers", "modules", "d", "r"}
 
 
 def build_layout(layers: int, modules: tuple[str, ...], d: int, r: int, base_model: str) -> Layout:
-    specs = tuple(
-        ModuleSpec(f"model.layers.{i}.self_attn.{m}", d, d) for i in range(layers) for m in modules
-    )
+    specs = tuple(ModuleSpec(f"model.layers.{i}.self_attn.{m}", d, d) for i in range(layers) for m in modules)
     return Layout(base_model=base_model, modules=specs, r_max=r)
 
 
@@ -100,7 +98,9 @@ def synthetic_records(
             modules = {}
             for m, (A, B), keep in zip(layout.modules, factors[task_index], present, strict=True):
                 if keep:
-                    a = A[:rank] + noise * rng.standard_normal(A[:rank].shape).astype(np.float32) / np.sqrt(m.d_in)
+                    a = A[:rank] + noise * rng.standard_normal(A[:rank].shape).astype(np.float32) / np.sqrt(
+                        m.d_in
+                    )
                     b = B[:, :rank] * (1 + noise * rng.standard_normal(B[:, :rank].shape).astype(np.float32))
                     modules[m.name] = LoraModule(torch.from_numpy(a), torch.from_numpy(b), scaling=2.0)
             adapter = LoraAdapter(modules, {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank})
@@ -120,7 +120,12 @@ def synthetic_records(
                 "source": f"synthetic:seed={seed}",
                 "tags": ["synthetic"],
                 "peft_config": json.dumps(
-                    {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": layout.base_model}
+                    {
+                        "peft_type": "LORA",
+                        "r": rank,
+                        "lora_alpha": 2 * rank,
+                        "base_model_name_or_path": layout.base_model,
+                    }
                 ),
                 "extras": [],
             }

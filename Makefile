@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Machines without an NVIDIA GPU install this torch first. Here it is the CPU wheel on local disk;
+# elsewhere pass e.g. TORCH_CPU_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
+# Machines with nvidia-smi skip it and pip picks the default (CUDA) torch build.
+TORCH_CPU_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU_SPEC); fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/icmf demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) icmf-demo .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""``icmf`` command line: thin commands that parse, validate and call the library."""

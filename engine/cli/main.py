@@ -1,0 +1,39 @@
+"""Entry point of the ``icmf`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import __version__
+from engine.cli import catalog as catalog_cmd
+from engine.cli import demo as demo_cmd
+from engine.errors import IcmfError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icmf", description="ICM-Fusion: fuse catalogs of LoRA adapters on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"icmf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    catalog_cmd.register(commands)
+    demo_cmd.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (IcmfError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"icmf: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("icmf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
