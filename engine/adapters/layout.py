@@ -133,7 +133,10 @@ class Layout:
                     f"{(spec.d_out, spec.d_in)}: the adapter was trained on another base model"
                 )
             if module.rank > self.r_max:
-                faults.append(f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max}")
+                faults.append(
+                    f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max} (a layout "
+                    "is fixed by the first ingest for its base model: give that one a larger --r-max)"
+                )
         return faults
 
     def to_dict(self) -> dict[str, Any]:

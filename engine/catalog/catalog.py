@@ -146,7 +146,8 @@ class Catalog:
             return None
         return json.loads(cfs.read_bytes(self.fs, path))
 
-    def _ensure_settings(self, gauge: bool | None) -> dict[str, Any]:
+    def _ensure_settings(self, gauge: bool | None, persist: bool = True) -> dict[str, Any]:
+        """The catalog's settings; a new catalog gets defaults (written when ``persist``)."""
         settings = self.settings()
         if settings is None:
             settings = {
@@ -154,7 +155,9 @@ class Catalog:
                 "gauge": True if gauge is None else bool(gauge),
                 "created": datetime.now(timezone.utc).isoformat(),
             }
-            cfs.write_bytes_atomic(self.fs, self._path(SETTINGS_FILE), json.dumps(settings).encode())
+            if persist:
+                data = json.dumps(settings).encode()
+                cfs.write_bytes_atomic(self.fs, self._path(SETTINGS_FILE), data)
         elif settings.get("format") != CATALOG_FORMAT:
             raise CatalogError(f"{self.uri}: unsupported catalog format {settings.get('format')!r}")
         elif gauge is not None and bool(gauge) != settings["gauge"]:
@@ -290,7 +293,7 @@ class Catalog:
             IngestError: listing every rejected adapter with its cause (nothing is written).
         """
         check_name("task name", task)
-        settings = self._ensure_settings(gauge)
+        settings = self._ensure_settings(gauge, persist=False)
         known = dict(
             zip(self.manifest()["sha256"].to_pylist(), self.manifest()["id"].to_pylist(), strict=True)
         )
@@ -301,6 +304,7 @@ class Catalog:
         report.rejected = failures
         if not candidates:
             return report
+        self._ensure_settings(settings["gauge"])  # a new catalog's settings land before its data
         layouts = self._layouts_for(candidates, r_max)
         records = self._encode(candidates, layouts, task, tags, settings["gauge"], progress)
         report.version = self.add_records(records)
