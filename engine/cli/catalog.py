@@ -102,7 +102,8 @@ def list_adapters(args) -> int:
         print_json([_row_for_display(e) for e in entries])
         return 0
     table = Table(title=f"{args.catalog}: {len(entries)} adapter(s)")
-    for column in ("id", "task", "base model", "rank", "modules", "params", "created"):
+    table.add_column("id", no_wrap=True)
+    for column in ("task", "base model", "rank", "modules", "params", "created"):
         table.add_column(column)
     for e in entries:
         table.add_row(

@@ -43,7 +43,7 @@ def train_adapters(workdir: Path, tasks: list[str], per_task: int, steps: int) -
                     torch.manual_seed(seed)
                     model = get_peft_model(base, config)
                     train_lora(model, task, seed=seed, steps=steps)
-                    model.save_pretrained(path)
+                    model.save_pretrained(path, save_embedding_layers=False)  # no hub lookup
                 out.setdefault(task, []).append(path)
                 advance()
     return out
@@ -83,7 +83,8 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60) -> dict:
 
     console.print(Rule("4. the catalog"))
     table = Table(title=f"{catalog.uri} (version {catalog.version()}, layout {layout.layout_id})")
-    for column in ("id", "task", "rank", "params"):
+    table.add_column("id", no_wrap=True)
+    for column in ("task", "rank", "params"):
         table.add_column(column)
     for e in catalog.entries():
         table.add_row(e["id"], e["task"], str(e["rank"]), f"{e['num_params']:,}")
