@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip  # old pips backtrack for many minutes on this tree
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU_SPEC); fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
