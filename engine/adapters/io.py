@@ -200,14 +200,20 @@ def _build_module(
     return LoraModule(A=A.float(), B=B.float(), scaling=scaling), []
 
 
-def save_adapter(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_adapter(
+    adapter: LoraAdapter,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write ``adapter`` as a stock PEFT adapter directory, atomically.
 
     Scaling is folded into ``B`` so the written config has ``lora_alpha == r`` per module
     (through ``rank_pattern``/``alpha_pattern`` where ranks differ) and ``use_rslora: false``;
     ``PeftModel.from_pretrained`` loads the result unchanged.
 
-    The directory appears whole or not at all: it is written next to ``out_dir`` and renamed in.
+    The directory appears whole or not at all: it is written next to ``out_dir`` and renamed in,
+    together with ``extra_files`` (name -> bytes, e.g. a provenance sidecar).
 
     Raises:
         AdapterError: if ``out_dir`` exists (and ``overwrite`` is false) or a value is non-finite.
@@ -224,6 +230,10 @@ def save_adapter(adapter: LoraAdapter, out_dir: str | os.PathLike, overwrite: bo
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
+                raise AdapterError(str(out_dir), f"invalid extra file name {name!r}")
+            (staging / name).write_bytes(data)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

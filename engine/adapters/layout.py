@@ -119,24 +119,26 @@ class Layout:
     def check_fits(self, adapter: LoraAdapter) -> list[str]:
         """Every reason ``adapter`` cannot be written in this layout (empty when it fits)."""
         faults = []
+        unknown = [n for n in adapter.modules if n not in self.index]
+        if unknown:
+            faults.append(
+                f"module(s) {', '.join(unknown)} not in layout {self.layout_id} of base model "
+                f"{self.base_model!r} (a different base model or target modules?)"
+            )
         for name, module in adapter.modules.items():
-            if name not in self.index:
-                faults.append(
-                    f"module {name} is not in layout {self.layout_id} of base model "
-                    f"{self.base_model!r} (a different base model or target modules?)"
-                )
-                continue
-            spec = self.modules[self.index[name]]
-            if (module.d_out, module.d_in) != (spec.d_out, spec.d_in):
+            spec = self.modules[self.index[name]] if name in self.index else None
+            if spec is not None and (module.d_out, module.d_in) != (spec.d_out, spec.d_in):
                 faults.append(
                     f"{name}: delta shape {(module.d_out, module.d_in)} differs from the layout's "
                     f"{(spec.d_out, spec.d_in)}: the adapter was trained on another base model"
                 )
-            if module.rank > self.r_max:
-                faults.append(
-                    f"{name}: rank {module.rank} exceeds the layout's r_max {self.r_max} (a layout "
-                    "is fixed by the first ingest for its base model: give that one a larger --r-max)"
-                )
+        too_big = [n for n, m in adapter.modules.items() if m.rank > self.r_max]
+        if too_big:
+            faults.append(
+                f"rank {max(adapter.modules[n].rank for n in too_big)} ({len(too_big)} module(s)) exceeds "
+                f"the layout's r_max {self.r_max} (a layout is fixed by the first ingest for its base "
+                "model: give that one a larger --r-max)"
+            )
         return faults
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from engine import __version__
 from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
+from engine.cli import fuse as fuse_cmd
 from engine.errors import IcmfError
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     catalog_cmd.register(commands)
     demo_cmd.register(commands)
+    fuse_cmd.register(commands)
     return parser
 
 

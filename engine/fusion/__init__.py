@@ -1,0 +1,25 @@
+"""Fusion methods behind one registry, and the API that fuses catalog adapters."""
+
+from engine.fusion.api import PROVENANCE_FILE, FusionResult, fuse_adapters, fuse_from_catalog, select_adapters
+from engine.fusion.registry import (
+    FusionConfigError,
+    FusionInputs,
+    FusionMethod,
+    fusion_method,
+    get_method,
+    list_methods,
+)
+
+__all__ = [
+    "PROVENANCE_FILE",
+    "FusionConfigError",
+    "FusionInputs",
+    "FusionMethod",
+    "FusionResult",
+    "fuse_adapters",
+    "fuse_from_catalog",
+    "fusion_method",
+    "get_method",
+    "list_methods",
+    "select_adapters",
+]

@@ -1,0 +1,159 @@
+"""Fusion methods: exact low-rank algebra, registry errors, conventions, output and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from engine.adapters import LoraAdapter, LoraModule, load_adapter
+from engine.catalog import Catalog
+from engine.cli.main import main
+from engine.fusion import PROVENANCE_FILE, FusionConfigError, fuse_adapters, fuse_from_catalog, get_method
+from engine.fusion.lowrank import dense_to_lowrank, lowrank_weighted_sum, truncate_lowrank
+from engine.fusion.methods.pruning import SignParams, merge_tensors
+from tests.conftest import make_adapter, tiny_llama
+
+
+def random_adapter(ranks: dict[str, int], seed: int, d_out: int = 12, d_in: int = 10) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        n: LoraModule(
+            torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), scaling=0.5 + seed
+        )
+        for n, r in ranks.items()
+    }
+    return LoraAdapter(modules, {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "task_type": "CAUSAL_LM"})
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_lowrank_sum_is_exact_and_truncation_is_optimal():
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(r, 30, generator=g), torch.randn(20, r, generator=g)) for r in (3, 5, 2)]
+    weights = [0.5, -1.0, 2.0]
+    dense = sum(w * (B.double() @ A.double()) for (A, B), w in zip(factors, weights, strict=True))
+    A, B = lowrank_weighted_sum(factors, weights, rank=None)
+    assert A.shape == (10, 30) and rel(B @ A, dense) < 1e-5
+    A4, B4 = lowrank_weighted_sum(factors, weights, rank=4)
+    U, S, Vh = torch.linalg.svd(dense)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    assert A4.shape == (4, 30) and rel(B4 @ A4, best) < 1e-5
+    A_d, B_d = dense_to_lowrank(dense.float(), 4)
+    assert rel(B_d @ A_d, best) < 1e-5
+    A_t, B_t = truncate_lowrank(A, B, 100)  # a rank above R keeps everything
+    assert A_t.shape[0] == 10
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(FusionConfigError, match="valid methods: .*task_arithmetic.*ties"):
+        get_method("nope")
+
+
+def test_bad_params_are_all_listed():
+    adapter = random_adapter({"m": 2}, 0)
+    with pytest.raises(FusionConfigError) as info:
+        fuse_adapters([adapter, adapter], "ties", params={"density": 2.0, "space": "weird", "colour": 1})
+    message = str(info.value)
+    assert "density" in message and "space" in message and "colour" in message
+
+
+def test_weights_must_match_adapters():
+    adapter = random_adapter({"m": 2}, 0)
+    with pytest.raises(FusionConfigError, match="2 weight"):
+        fuse_adapters([adapter], "cat", weights=[1.0, 2.0])
+
+
+def test_cat_and_task_arithmetic_are_exact_with_mixed_ranks_and_missing_modules():
+    a = random_adapter({"x": 2, "y": 3}, 0)
+    b = random_adapter({"x": 4}, 1)
+    for method, params in (("cat", {}), ("task_arithmetic", {"lam": 1.0})):
+        fused = fuse_adapters([a, b], method, weights=[0.3, 0.9], params=params).adapter
+        target = 0.3 * a.modules["x"].delta() + 0.9 * b.modules["x"].delta()
+        assert rel(fused.modules["x"].delta(), target) < 1e-6
+        assert rel(fused.modules["y"].delta(), 0.3 * a.modules["y"].delta()) < 1e-6
+    scaled = fuse_adapters(
+        [a, b], "task_arithmetic", weights=[0.3, 0.9], params={"lam": 0.5, "rank": 2}
+    ).adapter
+    assert scaled.modules["x"].rank == 2
+
+
+def test_linear_refuses_mixed_ranks_with_a_pointer():
+    with pytest.raises(FusionConfigError, match="needs equal ranks.*use 'cat'"):
+        fuse_adapters([random_adapter({"x": 2}, 0), random_adapter({"x": 3}, 1)], "linear")
+
+
+def test_mergekit_ties_convention_by_hand():
+    # Two tasks, one entry each: +1 (w=1) and -3 (w=0.5). PEFT elects on unweighted values
+    # (total -2 -> negative) and averages by count; mergekit elects on weighted values
+    # (1 - 1.5 -> negative) and divides by the agreeing weight.
+    tensors = [torch.tensor([1.0, 2.0]), torch.tensor([-3.0, 2.0])]
+    weights = torch.tensor([1.0, 0.5])
+    generator = torch.Generator()
+    peft = merge_tensors("ties", tensors, weights, SignParams(density=1.0), generator)
+    mergekit = merge_tensors(
+        "ties", tensors, weights, SignParams(density=1.0, convention="mergekit"), generator
+    )
+    torch.testing.assert_close(peft, torch.tensor([-1.5, (2.0 + 1.0) / 2]))
+    torch.testing.assert_close(mergekit, torch.tensor([-1.5 / 0.5, (2.0 + 1.0) / 1.5]))
+
+
+def test_dare_is_deterministic_per_seed():
+    adapters = [random_adapter({"x": 3}, s) for s in range(3)]
+    run = lambda seed: fuse_adapters(adapters, "dare_ties", params={"density": 0.3}, seed=seed).adapter  # noqa: E731
+    torch.testing.assert_close(run(1).modules["x"].delta(), run(1).modules["x"].delta())
+    assert not torch.allclose(run(1).modules["x"].delta(), run(2).modules["x"].delta())
+
+
+def test_non_finite_output_is_never_written(tmp_path):
+    a = random_adapter({"x": 2}, 0)
+    with pytest.raises(FusionConfigError, match="non-finite"):
+        fuse_adapters([a], "cat", weights=[float("inf")])
+
+
+def test_fused_adapter_loads_in_peft_with_provenance(tmp_path):
+    dirs = [make_adapter(tmp_path / f"a{i}", seed=i, r=2 + i) for i in range(3)]
+    catalog = Catalog(tmp_path / "cat")
+    for i, d in enumerate(dirs):
+        catalog.ingest([d], task=f"t{i}", r_max=4)
+    result = fuse_from_catalog(catalog, "task_arithmetic", tasks=["t0", "t2"], weights=[1.0, 0.5])
+    out = result.save(tmp_path / "fused")
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert [i["task"] for i in provenance["inputs"]] == ["t0", "t2"]
+    assert provenance["method"] == "task_arithmetic" and provenance["params"] == {"lam": 1.0, "rank": None}
+    model = PeftModel.from_pretrained(tiny_llama(), out)
+    loaded = load_adapter(out)
+    expected = load_adapter(dirs[0]).modules
+    other = load_adapter(dirs[2]).modules
+    for name, module in loaded.modules.items():
+        target = expected[name].delta() + 0.5 * other[name].delta()
+        assert rel(module.delta(), target) < 1e-5
+    assert model.peft_config["default"].base_model_name_or_path == "tests/tiny-llama"
+
+
+def test_fuse_cli(tmp_path, capsys):
+    dirs = [make_adapter(tmp_path / f"a{i}", seed=i) for i in range(2)]
+    cat = str(tmp_path / "cat")
+    for i, d in enumerate(dirs):
+        assert main(["catalog", "ingest", str(d), "--catalog", cat, "--task", f"t{i}"]) == 0
+    capsys.readouterr()
+    argv = ["fuse", "--catalog", cat, "--tasks", "t0,t1", "--method", "ties", "--param", "density=0.4"]
+    assert main([*argv, "--param", "space=delta", "--out", str(tmp_path / "f")]) == 0
+    assert "fused" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f" / PROVENANCE_FILE).read_text())["params"]["density"] == 0.4
+    assert main([*argv, "--out", str(tmp_path / "f")]) == 1  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        main(["fuse", "--catalog", cat, "--tasks", "t0,zz", "--method", "cat", "--out", str(tmp_path / "g")])
+        == 1
+    )
+    assert "task 'zz' has no adapters" in capsys.readouterr().err
+    assert (
+        main(["fuse", "--catalog", cat, "--tasks", "t0", "--method", "magic", "--out", str(tmp_path / "g")])
+        == 1
+    )
+    assert "valid methods" in capsys.readouterr().err
