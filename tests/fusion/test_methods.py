@@ -45,12 +45,12 @@ def test_lowrank_sum_is_exact_and_truncation_is_optimal():
     assert A4.shape == (4, 30) and rel(B4 @ A4, best) < 1e-5
     A_d, B_d = dense_to_lowrank(dense.float(), 4)
     assert rel(B_d @ A_d, best) < 1e-5
-    A_t, B_t = truncate_lowrank(A, B, 100)  # a rank above R keeps everything
+    A_t, _ = truncate_lowrank(A, B, 100)  # a rank above R keeps everything
     assert A_t.shape[0] == 10
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(FusionConfigError, match="valid methods: .*task_arithmetic.*ties"):
+    with pytest.raises(FusionConfigError, match=r"valid methods: .*task_arithmetic.*ties"):
         get_method("nope")
 
 
@@ -83,7 +83,7 @@ def test_cat_and_task_arithmetic_are_exact_with_mixed_ranks_and_missing_modules(
 
 
 def test_linear_refuses_mixed_ranks_with_a_pointer():
-    with pytest.raises(FusionConfigError, match="needs equal ranks.*use 'cat'"):
+    with pytest.raises(FusionConfigError, match=r"needs equal ranks.*use 'cat'"):
         fuse_adapters([random_adapter({"x": 2}, 0), random_adapter({"x": 3}, 1)], "linear")
 
 
