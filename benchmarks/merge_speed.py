@@ -1,0 +1,170 @@
+"""merge_speed: exact low-rank ``task_arithmetic``/``svd`` vs PEFT's dense ``svd`` merge.
+
+For K adapters of rank r on one ``d x d`` linear layer, times (same process, same inputs):
+
+- ``peft_svd``: ``PeftModel.add_weighted_adapter(combination_type="svd")`` — forms the dense
+  ``d x d`` weighted sum and runs a full SVD (PEFT's defaults);
+- ``icmf_svd``: ``engine.fusion`` ``svd`` — QR of the stacked factors + ``Kr x Kr`` SVD;
+- ``icmf_task_arithmetic``: ``engine.fusion`` ``task_arithmetic`` truncated to rank r.
+
+Reports time ratios (goal: >= 20x at d = 2048) and the relative difference of the merged
+``dW`` against PEFT's (goal: <= 1e-4). Writes results/merge_speed.json and .png.
+
+    .venv/bin/python benchmarks/merge_speed.py [--dims 1024 2048 4096] [--k 8] [--rank 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from benchmarks._common import RESULTS, environment, write_json
+from engine.adapters import LoraAdapter, LoraModule
+from engine.fusion import fuse_adapters
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_inputs(d: int, k: int, rank: int, seed: int):
+    """A PEFT model holding K random adapters, and the same adapters as LoraAdapters."""
+    g = torch.Generator().manual_seed(seed)
+    model = None
+    adapters = []
+    for i in range(k):
+        A = torch.randn(rank, d, generator=g) / d**0.5
+        B = torch.randn(d, rank, generator=g) / rank**0.5
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
+        if model is None:
+            model = get_peft_model(OneLayer(d), config, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", config)
+        layer = model.base_model.model.proj
+        layer.lora_A[f"a{i}"].weight.data.copy_(A)
+        layer.lora_B[f"a{i}"].weight.data.copy_(B)
+        adapters.append(LoraAdapter({"proj": LoraModule(A, B, scaling=2.0)}, {"peft_type": "LORA"}))
+    return model, adapters
+
+
+def time_call(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def bench_dim(d: int, k: int, rank: int, seed: int, repeats: int) -> dict:
+    model, adapters = make_inputs(d, k, rank, seed)
+    weights = [1.0 / k] * k
+    names = [f"a{i}" for i in range(k)]
+    counter = iter(range(1000))
+
+    def peft_svd():
+        name = f"merged{next(counter)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_weighted_adapter(names, weights, name, combination_type="svd", svd_rank=rank)
+        delta = model.base_model.model.proj.get_delta_weight(name)
+        model.delete_adapter(name)
+        return delta
+
+    peft_s, peft_delta = time_call(peft_svd, max(1, repeats if d < 4096 else 1))
+    svd_s, svd_out = time_call(lambda: fuse_adapters(adapters, "svd", weights).adapter, repeats)
+    ta_s, ta_out = time_call(
+        lambda: fuse_adapters(adapters, "task_arithmetic", weights, params={"rank": rank}).adapter, repeats
+    )
+    reference = peft_delta.double()
+
+    def rel(adapter):
+        delta = adapter.modules["proj"].delta()
+        return float((delta - reference).norm() / reference.norm())
+
+    return {
+        "d": d,
+        "peft_svd_s": peft_s,
+        "icmf_svd_s": svd_s,
+        "icmf_task_arithmetic_s": ta_s,
+        "speedup_svd": peft_s / svd_s,
+        "speedup_task_arithmetic": peft_s / ta_s,
+        "rel_diff_svd": rel(svd_out),
+        "rel_diff_task_arithmetic": rel(ta_out),
+    }
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = [str(r["d"]) for r in rows]
+    x = range(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.27
+    for offset, key, label in (
+        (-width, "peft_svd_s", "PEFT dense svd"),
+        (0, "icmf_svd_s", "icmf svd (low-rank)"),
+        (width, "icmf_task_arithmetic_s", "icmf task_arithmetic"),
+    ):
+        left.bar([i + offset for i in x], [r[key] for r in rows], width, label=label)
+    left.set_yscale("log")
+    left.set_xticks(list(x), dims)
+    left.set_xlabel("d (layer is d x d)")
+    left.set_ylabel("seconds per merge (log)")
+    left.legend()
+    right.bar([i - 0.2 for i in x], [r["speedup_svd"] for r in rows], 0.4, label="svd")
+    right.bar(
+        [i + 0.2 for i in x], [r["speedup_task_arithmetic"] for r in rows], 0.4, label="task_arithmetic"
+    )
+    right.axhline(20, color="red", linestyle="--", label="goal 20x")
+    right.set_xticks(list(x), dims)
+    right.set_xlabel("d")
+    right.set_ylabel("speed-up vs PEFT dense svd")
+    right.legend()
+    fig.suptitle("merge_speed: K adapters, rank r, one d x d layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = []
+    for d in args.dims:
+        row = bench_dim(d, args.k, args.rank, args.seed, args.repeats)
+        rows.append(row)
+        print(
+            f"d={d:5d}  peft svd {row['peft_svd_s']:.3f}s  icmf svd {row['icmf_svd_s']:.4f}s "
+            f"({row['speedup_svd']:.0f}x, rel diff {row['rel_diff_svd']:.1e})  task_arithmetic "
+            f"{row['icmf_task_arithmetic_s']:.4f}s ({row['speedup_task_arithmetic']:.0f}x, "
+            f"rel diff {row['rel_diff_task_arithmetic']:.1e})"
+        )
+    result = {"benchmark": "merge_speed", "k": args.k, "rank": args.rank, "seed": args.seed, "rows": rows}
+    result["environment"] = environment()
+    write_json("merge_speed", result)
+    plot(rows, RESULTS / "merge_speed.png")
+    print(f"wrote {RESULTS / 'merge_speed.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
