@@ -77,6 +77,9 @@ def fuse_adapters(
     weights = _check_weights(weights, len(adapters))
     inputs = FusionInputs(adapters, weights, list(tasks or []), seed, dict(context or {}))
     fused = spec.fuse(inputs, parsed)
+    # Methods may report what they found (e.g. searched weights); it goes to provenance, not PEFT's config.
+    details = fused.config.pop("icmf_details", None)
+    final_weights = (details or {}).get("weights", weights)
     bad = [
         n for n, m in fused.modules.items() if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all())
     ]
@@ -89,7 +92,8 @@ def fuse_adapters(
         "method": method,
         "params": parsed.model_dump(),
         "reference": spec.reference,
-        "inputs": [dict(m, weight=w) for m, w in zip(meta, weights, strict=True)],
+        "inputs": [dict(m, weight=w) for m, w in zip(meta, final_weights, strict=True)],
+        "details": details,
         "seed": seed,
         "icm_fusion_version": __version__,
         "torch_version": torch.__version__,

@@ -157,3 +157,39 @@ def test_fuse_cli(tmp_path, capsys):
         == 1
     )
     assert "valid methods" in capsys.readouterr().err
+
+
+def test_evolution_strategy_minimises_a_quadratic():
+    import numpy as np
+
+    from engine.fusion.methods.lorahub import evolve
+
+    target = np.array([0.7, -0.3, 1.1])
+    best, value, history = evolve(
+        lambda w: float(((w - target) ** 2).sum()),
+        np.zeros(3),
+        300,
+        0.5,
+        (-1.5, 1.5),
+        np.random.default_rng(0),
+    )
+    assert len(history) == 300 and history == sorted(history, reverse=True)
+    assert value < 1e-3 and np.abs(best - target).max() < 0.05
+
+
+def test_lorahub_finds_weights_that_lower_the_few_shot_loss():
+    adapters = [random_adapter({"x": 2}, s) for s in range(3)]
+    target = 0.8 * adapters[0].modules["x"].delta() - 0.4 * adapters[2].modules["x"].delta()
+
+    def loss_fn(candidate: LoraAdapter) -> float:
+        return float(((candidate.modules["x"].delta() - target) ** 2).mean())
+
+    result = fuse_adapters(
+        adapters, "lorahub", params={"budget": 150, "l1": 0.0}, seed=3, context={"loss_fn": loss_fn}
+    )
+    details = result.provenance["details"]
+    assert details["objective"] < 0.05 * details["start_objective"]
+    found = [i["weight"] for i in result.provenance["inputs"]]
+    assert max(abs(f - t) for f, t in zip(found, [0.8, 0.0, -0.4], strict=True)) < 0.15
+    with pytest.raises(FusionConfigError, match="few-shot"):
+        fuse_adapters(adapters, "lorahub")
