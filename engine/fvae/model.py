@@ -1,0 +1,170 @@
+"""The Fusion-VAE: a conditional VAE over flat normalised adapter vectors (pure torch, no I/O).
+
+``E([l; v]) -> (mu, logvar)``, ``D([z; v]) -> l`` (DESIGN.md §2.4). Two architectures share the
+interface: the reference 1-D conv stack, and a chunked variant for very large adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.fvae.config import FVAEConfig
+
+
+def _channel_plan(config: FVAEConfig) -> list[int]:
+    """Channels after each of the ``depth`` stride-2 layers (doubling every two layers, capped)."""
+    return [min(config.max_channels, config.channels * 2 ** (i // 2)) for i in range(config.depth)]
+
+
+class ConvFVAE(nn.Module):
+    """Reference architecture: ``depth`` x (Conv1d stride 2 + BatchNorm + LeakyReLU), mirrored by
+    ConvTranspose1d in the decoder; the condition joins at the bottleneck."""
+
+    def __init__(self, config: FVAEConfig):
+        super().__init__()
+        self.config = config
+        plan = _channel_plan(config)
+        layers, c_in = [], 1
+        for c_out in plan:
+            layers += [
+                nn.Conv1d(c_in, c_out, 4, stride=2, padding=1),
+                nn.BatchNorm1d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
+            c_in = c_out
+        self.encoder = nn.Sequential(*layers)
+        self.bottleneck = (plan[-1], config.padded_dim // 2**config.depth)
+        flat = plan[-1] * self.bottleneck[1]
+        self.to_stats = nn.Linear(flat + config.cond_dim, 2 * config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim + config.cond_dim, flat)
+        layers = []
+        reversed_plan = plan[::-1]
+        for i, c in enumerate(reversed_plan):
+            c_out = reversed_plan[i + 1] if i + 1 < len(reversed_plan) else plan[0]
+            layers += [
+                nn.ConvTranspose1d(c, c_out, 4, stride=2, padding=1),
+                nn.BatchNorm1d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
+        self.decoder = nn.Sequential(*layers, nn.Conv1d(plan[0], 1, 3, padding=1))
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, N]``, ``cond [B, d]`` -> ``(mu, logvar)``, each ``[B, latent]``."""
+        h = self.encoder(_pad(x, self.config.padded_dim).unsqueeze(1)).flatten(1)
+        mu, logvar = self.to_stats(torch.cat([h, cond], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``z [B, latent]``, ``cond [B, d]`` -> ``x_hat [B, N]``."""
+        h = self.from_latent(torch.cat([z, cond], dim=1)).view(-1, *self.bottleneck)
+        return self.decoder(h).squeeze(1)[:, : self.config.input_dim]
+
+
+class ChunkedFVAE(nn.Module):
+    """Large-adapter variant: the vector is cut into fixed-size chunks; a shared MLP encodes each
+    chunk with a learned slot embedding, chunk codes are mean-pooled with the condition into
+    ``(mu, logvar)``; the decoder maps ``[z; v; slot embedding]`` back to each chunk. Parameters
+    grow with the number of chunks only through the embeddings."""
+
+    def __init__(self, config: FVAEConfig):
+        super().__init__()
+        self.config = config
+        self.num_chunks = config.padded_dim // config.chunk_size
+        h = config.hidden
+        self.slots = nn.Embedding(self.num_chunks, h)
+        self.chunk_encoder = nn.Sequential(
+            nn.Linear(config.chunk_size + h, h), nn.LeakyReLU(0.2), nn.Linear(h, h)
+        )
+        self.to_stats = nn.Sequential(
+            nn.Linear(h + config.cond_dim, h), nn.LeakyReLU(0.2), nn.Linear(h, 2 * config.latent_dim)
+        )
+        self.chunk_decoder = nn.Sequential(
+            nn.Linear(config.latent_dim + config.cond_dim + h, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, config.chunk_size),
+        )
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = _pad(x, self.config.padded_dim).view(x.shape[0], self.num_chunks, -1)  # [B, C, chunk]
+        slots = self.slots.weight.expand(x.shape[0], -1, -1)  # [B, C, h]
+        pooled = self.chunk_encoder(torch.cat([chunks, slots], dim=2)).mean(dim=1)  # [B, h]
+        mu, logvar = self.to_stats(torch.cat([pooled, cond], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[0]
+        context = torch.cat([z, cond], dim=1).unsqueeze(1).expand(-1, self.num_chunks, -1)
+        slots = self.slots.weight.expand(batch, -1, -1)
+        chunks = self.chunk_decoder(torch.cat([context, slots], dim=2))  # [B, C, chunk]
+        return chunks.reshape(batch, -1)[:, : self.config.input_dim]
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
+
+
+class FVAE(nn.Module):
+    """Conditional VAE over flat normalised adapters.
+
+    Example::
+
+        model = FVAE(FVAEConfig(input_dim=layout.size, cond_dim=384))
+        out = model(x, cond)                    # x [B, N], cond [B, d]
+        loss = model.loss(out, x, slot_mask)    # masked reconstruction + beta * KL
+    """
+
+    def __init__(self, config: FVAEConfig):
+        super().__init__()
+        self.config = config
+        self.net = ConvFVAE(config) if config.arch == "conv" else ChunkedFVAE(config)
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, N]``, ``cond [B, d]`` -> ``(mu [B, latent], logvar [B, latent])``."""
+        self._check(x, cond)
+        return self.net.encode(x, cond)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``z [B, latent]``, ``cond [B, d]`` -> ``x_hat [B, N]``."""
+        return self.net.decode(z, cond)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(x, cond)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        return {"x_hat": self.decode(z, cond), "mu": mu, "logvar": logvar, "z": z}
+
+    def loss(
+        self, out: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Masked reconstruction (MSE over present slots only) + ``kl_weight`` x KL.
+
+        Args:
+            out: :meth:`forward`'s output.
+            x: ``[B, N]`` targets.
+            mask: ``[B, N]`` bool, False on absent modules' slots (and any padding); None = all.
+
+        Returns:
+            ``{"loss", "recon", "kl"}`` scalars.
+        """
+        err = (out["x_hat"] - x) ** 2  # same shape [B, N]: no silent broadcasting
+        if mask is None:
+            recon = err.mean()
+        else:
+            weight = mask.to(err.dtype)
+            recon = (err * weight).sum() / weight.sum().clamp_min(1.0)
+        kl = kl_divergence(out["mu"], out["logvar"])
+        return {"loss": recon + self.config.kl_weight * kl, "recon": recon, "kl": kl}
+
+    def _check(self, x: torch.Tensor, cond: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.config.input_dim:
+            raise ValueError(f"x must be [B, {self.config.input_dim}], got {tuple(x.shape)}")
+        if cond.shape != (x.shape[0], self.config.cond_dim):
+            raise ValueError(f"cond must be [{x.shape[0]}, {self.config.cond_dim}], got {tuple(cond.shape)}")
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latent dims, averaged over the batch."""
+    return (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
