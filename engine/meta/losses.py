@@ -1,0 +1,56 @@
+"""Fusion losses for meta-training (pure torch, differentiable).
+
+With no task examples, the data-free proxy (DESIGN.md §2.5) asks the fused delta to act like each
+task's own delta on that task's input subspace — the row space of ``A_t``:
+``|| (dW_f - dW_t) A_t^T ||^2 / || dW_t A_t^T ||^2``, computed from factors only
+(``dW A_t^T = B (A A_t^T)``), never forming ``d_out x d_in`` matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.adapters.layout import Layout
+
+
+def unflatten(vector: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Differentiable inverse of the flat codec: ``[N]`` -> per module ``(A [r, d_in], B [d_out, r])``."""
+    factors = []
+    for i, spec in enumerate(layout.modules):
+        start, end = int(layout.offsets[i]), int(layout.offsets[i + 1])
+        split = start + layout.r_max * spec.d_in
+        A = vector[start:split].view(layout.r_max, spec.d_in)
+        B = vector[split:end].view(layout.r_max, spec.d_out).T
+        factors.append((A, B))
+    return factors
+
+
+def subspace_proxy_loss(
+    fused: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, layout: Layout
+) -> torch.Tensor:
+    """Mean relative error of the fused delta on each task's input subspace.
+
+    Args:
+        fused: ``[N]`` fused adapter (de-normalised, real weight space).
+        targets: ``[K, N]`` the tasks' own adapters.
+        masks: ``[K, M]`` bool, modules each task's adapter targets.
+        layout: the layout of all vectors.
+
+    Returns:
+        Scalar: mean over (task, present module) of
+        ``||B_f A_f A_t^T - B_t A_t A_t^T||^2 / ||B_t A_t A_t^T||^2``.
+    """
+    fused_factors = unflatten(fused, layout)
+    terms = []
+    for k in range(targets.shape[0]):
+        for m, (A_t, B_t) in enumerate(unflatten(targets[k], layout)):
+            if not bool(masks[k, m]):
+                continue
+            A_f, B_f = fused_factors[m]
+            gram = A_t @ A_t.T  # [r, r]
+            target = B_t @ gram  # [d_out, r]
+            residual = B_f @ (A_f @ A_t.T) - target
+            terms.append((residual**2).sum() / (target**2).sum().clamp_min(1e-12))
+    if not terms:
+        return fused.new_zeros(())
+    return torch.stack(terms).mean()
