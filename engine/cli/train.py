@@ -1,0 +1,24 @@
+"""``icmf train CONFIG.yaml``: meta-train an F-VAE on a catalog with Ray Train."""
+
+from __future__ import annotations
+
+
+def register(commands) -> None:
+    p = commands.add_parser("train", help="meta-train the F-VAE on a catalog (Ray Train)")
+    p.add_argument("config", metavar="CONFIG.yaml", help="training config (see README)")
+    p.add_argument("--resume", action="store_true", help="continue the latest run under the config's out")
+    p.add_argument("--workers", type=int, help="training workers (overrides train.workers)")
+    p.set_defaults(func=train)
+
+
+def train(args) -> int:
+    from engine._ray import ensure_ray
+    from engine.cli._output import console
+    from engine.meta.config import load_config
+    from engine.meta.train import train_fvae
+
+    cfg = load_config(args.config)
+    ensure_ray()
+    path = train_fvae(cfg, resume=args.resume, workers=args.workers)
+    console.print(f"trained F-VAE written to {path}")
+    return 0

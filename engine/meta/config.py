@@ -1,0 +1,96 @@
+"""User-facing meta-training config (YAML, validated by pydantic; every fault listed at once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+
+from engine.errors import IcmfError
+
+
+class MetaConfigError(IcmfError, ValueError):
+    """A training config with faults; the message lists all of them."""
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class FVAESection(_Strict):
+    arch: Literal["conv", "chunked"] = "conv"
+    latent_dim: int = pydantic.Field(256, gt=0)
+    depth: int = pydantic.Field(12, gt=0, le=20)
+    channels: int = pydantic.Field(8, gt=0)
+    max_channels: int = pydantic.Field(64, gt=0)
+    chunk_size: int = pydantic.Field(1024, gt=0)
+    hidden: int = pydantic.Field(256, gt=0)
+    kl_weight: float = pydantic.Field(0.005, ge=0)
+
+
+class TaskVectorSection(_Strict):
+    source: Literal["adapter_projection"] = "adapter_projection"
+    dim: int = pydantic.Field(64, gt=0)
+
+
+class TrainSection(_Strict):
+    steps: int = pydantic.Field(500, gt=0)
+    lr: float = pydantic.Field(2e-4, gt=0)
+    weight_decay: float = pydantic.Field(0.01, ge=0)
+    max_tasks: int = pydantic.Field(4, gt=0, description="K_max: largest task subset of an episode")
+    capacity_per_task: int = pydantic.Field(64, gt=0, description="adapters kept per task per worker")
+    fusion_weight: float = pydantic.Field(1.0, ge=0)
+    combine: Literal["weighted", "mean", "sum", "slerp"] = "weighted"
+    project: bool = True
+    checkpoint_every: int = pydantic.Field(100, gt=0)
+    report_every: int = pydantic.Field(10, gt=0)
+    seed: int = 0
+    workers: int = pydantic.Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = pydantic.Field(
+        None, gt=0, description="default: leave one CPU for Ray Data, split the rest between workers"
+    )
+    max_failures: int = pydantic.Field(3, ge=0)
+
+
+class MetaTrainConfig(_Strict):
+    """The whole ``icmf train CONFIG.yaml`` file."""
+
+    catalog: str
+    out: str
+    layout_id: str | None = None
+    fvae: FVAESection = FVAESection()
+    task_vectors: TaskVectorSection = TaskVectorSection()
+    train: TrainSection = TrainSection()
+
+    @pydantic.model_validator(mode="after")
+    def _cross_checks(self) -> MetaTrainConfig:
+        if self.train.checkpoint_every > self.train.steps:
+            raise ValueError("train.checkpoint_every must be <= train.steps")
+        return self
+
+
+def load_config(source: str | Path | dict) -> MetaTrainConfig:
+    """Parse and validate a config file (or dict); raise :class:`MetaConfigError` listing every fault."""
+    if isinstance(source, dict):
+        data, where = source, "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MetaConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MetaConfigError(f"{path}: invalid YAML ({exc})") from None
+        where = str(path)
+    if not isinstance(data, dict):
+        raise MetaConfigError(f"{where}: must be a mapping of sections")
+    try:
+        return MetaTrainConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        faults = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise MetaConfigError(
+            f"{where}: {len(faults)} fault(s):\n" + "\n".join(f"  - {f}" for f in faults)
+        ) from None

@@ -1,0 +1,267 @@
+"""Meta-training the F-VAE with Ray Train (DESIGN.md §2.5).
+
+Workers stream their Ray Data shard of the catalog into a bounded, task-balanced pool, then run
+episodes; gradients are averaged across workers each step. Checkpoints (model, optimiser, step)
+go to ``<out>/runs/<run name>`` every ``checkpoint_every`` steps; a killed worker restarts the
+group from the last checkpoint (``FailureConfig``); ``resume`` continues the latest run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.adapters.layout import Layout
+from engine.catalog import fs as cfs
+from engine.fvae.config import FVAEConfig
+from engine.fvae.model import FVAE
+from engine.fvae.normalize import SlotNormalizer
+from engine.meta.artifact import FVAEArtifact
+from engine.meta.config import MetaTrainConfig
+from engine.meta.episodes import TaskPool
+from engine.meta.step import EpisodeBatch, EpisodeSettings, episode_loss
+from engine.meta.taskvec import project
+
+RUN_FILE = "current_run.json"
+
+
+def fvae_config(cfg: MetaTrainConfig, layout: Layout) -> FVAEConfig:
+    return FVAEConfig(input_dim=layout.size, cond_dim=cfg.task_vectors.dim, **cfg.fvae.model_dump())
+
+
+# ----------------------------------------------------------------------------- worker side
+def fill_pool(
+    shard, capacity: int, seed: int
+) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size)."""
+    pool = TaskPool(capacity, seed=seed)
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+        for task, weights, mask in zip(batch["task"], batch["weights"], batch["mask"], strict=True):
+            slot = pool.add(str(task))
+            if slot is not None:
+                store[slot] = (
+                    torch.from_numpy(np.array(weights, dtype=np.float32)),
+                    torch.from_numpy(np.array(mask)),
+                )
+    return pool, store
+
+
+def task_vectors(
+    pool: TaskPool, store, normalizer: SlotNormalizer, dim: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Adapter-derived task vectors of every task in the pool."""
+    out = {}
+    for task in pool.tasks():
+        mean = torch.stack([normalizer.normalize(store[s][0]) for s in pool.slots[task]]).mean(0)
+        out[task] = project(mean, dim, seed)
+    return out
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def _load_checkpoint(model, optimizer) -> int:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _report(step: int, metrics: dict[str, float], model, optimizer, extra: dict, checkpoint: bool) -> None:
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        if ray.train.get_context().get_world_rank() == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+            torch.save(state, Path(directory) / "state.pt")
+            torch.save(extra, Path(directory) / "extra.pt")
+            (Path(directory) / "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (one process per worker)."""
+    import ray.train
+
+    cfg = MetaTrainConfig.model_validate(config["cfg"])
+    layout = Layout.from_dict(config["layout"])
+    normalizer = SlotNormalizer(torch.as_tensor(config["mean"]), torch.as_tensor(config["std"]))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    pool, store = fill_pool(
+        ray.train.get_dataset_shard("adapters"), cfg.train.capacity_per_task, cfg.train.seed + rank
+    )
+    vectors = task_vectors(pool, store, normalizer, cfg.task_vectors.dim, cfg.train.seed)
+    device = ray.train.torch.get_device()
+    model = FVAE(fvae_config(cfg, layout)).to(device)
+    normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    start = _load_checkpoint(model, optimizer)
+    settings = EpisodeSettings(cfg.train.fusion_weight, cfg.train.combine, cfg.train.project)
+    rng = np.random.default_rng([cfg.train.seed, rank, start])
+    sums: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start + 1, cfg.train.steps + 1):
+        episode = pool.sample(cfg.train.max_tasks, rng)
+        batch = EpisodeBatch(
+            x=torch.stack([store[i][0] for i in episode.adapter_index]).to(device),
+            mask=torch.stack([store[i][1] for i in episode.adapter_index]).to(device),
+            cond=torch.stack([vectors[t] for t in episode.tasks]).to(device),
+            tasks=episode.tasks,
+        )
+        model.train()
+        losses = episode_loss(model, normalizer, batch, layout, settings)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        _average_gradients(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        window_steps += 1
+        is_checkpoint = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+        if step % cfg.train.report_every == 0 or is_checkpoint:
+            elapsed = time.perf_counter() - window_start
+            metrics = {k: v / window_steps for k, v in sums.items()}
+            metrics.update(
+                step=step, episodes_per_s=window_steps * context.get_world_size() / max(elapsed, 1e-9)
+            )
+            if rank == 0:
+                print(
+                    f"[icmf train] step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
+                    f"recon {metrics['recon']:.4f} kl {metrics['kl']:.2f} fusion {metrics['fusion']:.4f} "
+                    f"{metrics['episodes_per_s']:.1f} episodes/s",
+                    flush=True,
+                )
+            extra = {"task_vectors": vectors, "pool_sizes": {t: len(s) for t, s in pool.slots.items()}}
+            _report(step, metrics, model, optimizer, extra, is_checkpoint)
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+
+
+# ----------------------------------------------------------------------------- driver side
+def _run_name(out: str, resume: bool) -> tuple[str, bool]:
+    """A fresh unique run name (Ray silently resumes a reused name), or the latest one to resume."""
+    fs, root = cfs.resolve_uri(out)
+    marker = cfs.join(root, RUN_FILE)
+    if resume:
+        if not cfs.exists(fs, marker):
+            raise ValueError(f"--resume: no run to resume under {out} (missing {RUN_FILE})")
+        return json.loads(cfs.read_bytes(fs, marker))["name"], True
+    name = f"fvae-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    cfs.write_bytes_atomic(fs, marker, json.dumps({"name": name}).encode())
+    return name, False
+
+
+def _storage_path(out: str) -> str:
+    fs, root = cfs.resolve_uri(out)
+    return cfs.join(root, "runs") if cfs.is_local(fs) else out.rstrip("/") + "/runs"
+
+
+def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None = None) -> str:
+    """Meta-train an F-VAE on a catalog with Ray Train; returns the artifact location.
+
+    Needs a running Ray (``engine._ray.ensure_ray``). Statistics are recomputed when stale.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from engine.catalog import Catalog
+
+    catalog = Catalog(cfg.catalog)
+    layout = catalog.layout(cfg.layout_id)
+    stats = catalog.stats(layout.layout_id)
+    if stats is None or stats.manifest_version != catalog.version():
+        stats = catalog.compute_stats(layout.layout_id)
+    normalizer = SlotNormalizer.from_stats(stats.mean, stats.std, stats.count)
+    num_workers = workers or cfg.train.workers
+    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+    # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
+    cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
+    name, resuming = _run_name(cfg.out, resume)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "layout": layout.to_dict(),
+            "mean": normalizer.mean.numpy(),
+            "std": normalizer.std.numpy(),
+            "threads": max(1, int(cpus)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        datasets={"adapters": catalog.dataset(layout.layout_id).select_columns(["task", "weights", "mask"])},
+        run_config=RunConfig(
+            name=name,
+            storage_path=_storage_path(cfg.out),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", weights_only=True)
+        extra = torch.load(Path(directory) / "extra.pt", weights_only=True)
+        metrics = json.loads((Path(directory) / "metrics.json").read_text())
+    model = FVAE(fvae_config(cfg, layout))
+    model.load_state_dict(state["model"])
+    artifact = FVAEArtifact(
+        model=model.eval(),
+        normalizer=normalizer,
+        layout=layout,
+        task_vectors=extra["task_vectors"],
+        meta={
+            "run": name,
+            "resumed": resuming,
+            "steps": int(state["step"]),
+            "workers": num_workers,
+            "catalog": cfg.catalog,
+            "catalog_version": catalog.version(),
+            "config": cfg.model_dump(),
+            "metrics": metrics,
+            "task_vector_source": {
+                "kind": cfg.task_vectors.source,
+                "dim": cfg.task_vectors.dim,
+                "seed": cfg.train.seed,
+            },
+            "created": datetime.now(timezone.utc).isoformat(),
+            "pid": os.getpid(),
+        },
+    )
+    return artifact.save(cfg.out)
