@@ -8,7 +8,10 @@ import sys
 from engine import __version__
 from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
+from engine.cli import eval as eval_cmd
 from engine.cli import fuse as fuse_cmd
+from engine.cli import task as task_cmd
+from engine.cli import train as train_cmd
 from engine.errors import IcmfError
 
 
@@ -20,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     catalog_cmd.register(commands)
     demo_cmd.register(commands)
+    task_cmd.register(commands)
+    eval_cmd.register(commands)
     fuse_cmd.register(commands)
+    train_cmd.register(commands)
     return parser
 
 
