@@ -52,6 +52,9 @@ def register(commands) -> None:
     p.add_argument(
         "--param", type=_param, action="append", default=[], metavar="KEY=VALUE", help="method parameter"
     )
+    p.add_argument(
+        "--model", metavar="FVAE_DIR", help="trained F-VAE (output of `icmf train`), for --method icm"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--overwrite", action="store_true")
@@ -63,6 +66,11 @@ def fuse(args) -> int:
     from engine.fusion import fuse_from_catalog
 
     catalog = Catalog(args.catalog)
+    context = {}
+    if args.model:
+        from engine.meta.artifact import FVAEArtifact
+
+        context["fvae"] = FVAEArtifact.load(args.model)
     result = fuse_from_catalog(
         catalog,
         args.method,
@@ -71,6 +79,7 @@ def fuse(args) -> int:
         weights=args.weights,
         params=dict(args.param),
         seed=args.seed,
+        context=context,
     )
     path = result.save(args.out, overwrite=args.overwrite)
     inputs = ", ".join(f"{i['id']}×{i['weight']:.3g}" for i in result.provenance["inputs"])

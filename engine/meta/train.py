@@ -56,15 +56,18 @@ def fill_pool(
     return pool, store
 
 
-def task_vectors(
-    pool: TaskPool, store, normalizer: SlotNormalizer, dim: int, seed: int
-) -> dict[str, torch.Tensor]:
-    """Adapter-derived task vectors of every task in the pool."""
-    out = {}
-    for task in pool.tasks():
-        mean = torch.stack([normalizer.normalize(store[s][0]) for s in pool.slots[task]]).mean(0)
-        out[task] = project(mean, dim, seed)
-    return out
+def task_vectors(dataset, normalizer: SlotNormalizer, dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """Adapter-derived task vectors of every task: one streaming pass, per-task running sums of
+    the normalised adapters (memory: tasks x N), then the seeded projection."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
+        normalised = normalizer.normalize(torch.as_tensor(np.asarray(batch["weights"], dtype=np.float32)))
+        for task, row in zip(batch["task"], normalised, strict=True):
+            task = str(task)
+            sums[task] = sums.get(task, 0) + row
+            counts[task] = counts.get(task, 0) + 1
+    return {t: project(sums[t] / counts[t], dim, seed) for t in sorted(sums)}
 
 
 def _average_gradients(model: torch.nn.Module) -> None:
@@ -121,10 +124,12 @@ def train_loop(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    # Every worker streams the whole catalog (not a split) into its own bounded pool, so each can
+    # sample episodes over all tasks; episodes differ across workers by their RNG seeds.
     pool, store = fill_pool(
         ray.train.get_dataset_shard("adapters"), cfg.train.capacity_per_task, cfg.train.seed + rank
     )
-    vectors = task_vectors(pool, store, normalizer, cfg.task_vectors.dim, cfg.train.seed)
+    vectors = config["task_vectors"]
     device = ray.train.torch.get_device()
     model = FVAE(fvae_config(cfg, layout)).to(device)
     normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
@@ -157,7 +162,9 @@ def train_loop(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             metrics = {k: v / window_steps for k, v in sums.items()}
             metrics.update(
-                step=step, episodes_per_s=window_steps * context.get_world_size() / max(elapsed, 1e-9)
+                step=step,
+                start_step=start,  # > 0 when this attempt continued from a checkpoint
+                episodes_per_s=window_steps * context.get_world_size() / max(elapsed, 1e-9),
             )
             if rank == 0:
                 print(
@@ -166,7 +173,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"{metrics['episodes_per_s']:.1f} episodes/s",
                     flush=True,
                 )
-            extra = {"task_vectors": vectors, "pool_sizes": {t: len(s) for t, s in pool.slots.items()}}
+            extra = {"pool_sizes": {t: len(s) for t, s in pool.slots.items()}}
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
 
@@ -196,7 +203,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     Needs a running Ray (``engine._ray.ensure_ray``). Statistics are recomputed when stale.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from engine.catalog import Catalog
@@ -211,6 +218,8 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
+    dataset = catalog.dataset(layout.layout_id).select_columns(["task", "weights", "mask"])
+    vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed)
     name, resuming = _run_name(cfg.out, resume)
     trainer = TorchTrainer(
         train_loop,
@@ -220,11 +229,13 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "mean": normalizer.mean.numpy(),
             "std": normalizer.std.numpy(),
             "threads": max(1, int(cpus)),
+            "task_vectors": vectors,
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
         ),
-        datasets={"adapters": catalog.dataset(layout.layout_id).select_columns(["task", "weights", "mask"])},
+        datasets={"adapters": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name,
             storage_path=_storage_path(cfg.out),
@@ -245,7 +256,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
         model=model.eval(),
         normalizer=normalizer,
         layout=layout,
-        task_vectors=extra["task_vectors"],
+        task_vectors=vectors,
         meta={
             "run": name,
             "resumed": resuming,
@@ -253,6 +264,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "workers": num_workers,
             "catalog": cfg.catalog,
             "catalog_version": catalog.version(),
+            "gauge": bool((catalog.settings() or {}).get("gauge", True)),
             "config": cfg.model_dump(),
             "metrics": metrics,
             "task_vector_source": {
@@ -260,6 +272,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
                 "dim": cfg.task_vectors.dim,
                 "seed": cfg.train.seed,
             },
+            "pool_sizes": extra["pool_sizes"],
             "created": datetime.now(timezone.utc).isoformat(),
             "pid": os.getpid(),
         },
