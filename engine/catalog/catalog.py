@@ -499,11 +499,11 @@ class Catalog:
         return version
 
     # ------------------------------------------------------------------ streaming and statistics
-    def dataset(self, layout_id: str | None = None, task: str | None = None, **read_args):
+    def dataset(self, layout_id: str | None = None, task: str | None = None, rows_per_block: int = 256):
         """A ``ray.data.Dataset`` of adapters (see :func:`engine.catalog.streaming.adapter_dataset`)."""
         from engine.catalog.streaming import adapter_dataset
 
-        return adapter_dataset(self, layout_id=layout_id, task=task, **read_args)
+        return adapter_dataset(self, layout_id=layout_id, task=task, rows_per_block=rows_per_block)
 
     def compute_stats(self, layout_id: str | None = None) -> SlotStats:
         """Compute per-slot statistics in one streaming pass, store them, and return them."""

@@ -9,11 +9,13 @@ as ``[M]`` bool.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from engine.catalog.stats import Moments
 from engine.errors import CatalogError
@@ -36,8 +38,10 @@ def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.nd
 def _to_tensor_rows(
     batch: pa.Table, id_to_task: dict[str, str], size: int, num_modules: int
 ) -> dict[str, np.ndarray]:
-    """``map_batches`` UDF: Arrow shard batch -> numpy dict with tensor columns and the task."""
-    batch = batch.filter(pc.is_in(batch["id"], value_set=pa.array(list(id_to_task), pa.string())))
+    """Arrow shard rows -> numpy dict with tensor columns and the task."""
+    keep = pc.is_in(batch["id"], value_set=pa.array(list(id_to_task), pa.string()))
+    if not pc.all(keep).as_py():  # filtering copies every column: only when rows must go
+        batch = batch.filter(keep)
     ids = batch["id"].to_pylist()
     return {
         "id": np.asarray(ids, dtype=object),
@@ -47,20 +51,41 @@ def _to_tensor_rows(
     }
 
 
+def _read_shards(
+    batch: dict[str, np.ndarray],
+    filesystem,
+    id_to_task: dict[str, str],
+    size: int,
+    num_modules: int,
+    rows: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``map_batches`` UDF: open each listed shard and yield it ``rows`` adapters at a time.
+
+    Reading shards named by the manifest directly (rather than ``read_parquet``) avoids Ray's
+    per-scan file listing and footer-reader actors, and keeps blocks small, so reading and
+    consuming overlap and worker memory follows ``rows``, not the shard size.
+    """
+    for path in batch["path"]:
+        with filesystem.open_input_file(str(path)) as handle:
+            reader = pq.ParquetFile(handle)
+            for record_batch in reader.iter_batches(batch_size=rows, columns=["id", "weights", "mask"]):
+                yield _to_tensor_rows(pa.Table.from_batches([record_batch]), id_to_task, size, num_modules)
+
+
 def adapter_dataset(
-    catalog: Catalog, layout_id: str | None = None, task: str | None = None, **read_args: Any
+    catalog: Catalog, layout_id: str | None = None, task: str | None = None, rows_per_block: int = 256
 ) -> ray.data.Dataset:
     """Stream one layout's adapters (optionally one task's) as a ``ray.data.Dataset``.
 
     Rows: ``id`` (str), ``task`` (str), ``weights`` (``[N]`` float32), ``mask`` (``[M]`` bool).
     Only shards the current manifest references are read, so leftovers of an interrupted write
-    are never seen.
+    are never seen. One read task per shard; blocks of ``rows_per_block`` adapters.
 
     Args:
         catalog: the catalog.
         layout_id: layout to stream; may be omitted when the catalog has one.
         task: restrict to one task.
-        read_args: passed to ``ray.data.read_parquet`` (e.g. ``override_num_blocks``).
+        rows_per_block: adapters per output block (bounds worker memory).
     """
     import ray.data
 
@@ -76,21 +101,20 @@ def adapter_dataset(
         )
     shards = sorted(set(table["shard"].to_pylist()))
     id_to_task = dict(zip(table["id"].to_pylist(), table["task"].to_pylist(), strict=True))
-    ds = ray.data.read_parquet(
-        [catalog._path(s) for s in shards],
-        filesystem=catalog.fs,
-        columns=["id", "weights", "mask"],
-        **read_args,
+    listing = ray.data.from_items(
+        [{"path": catalog._path(s)} for s in shards], override_num_blocks=len(shards)
     )
-    return ds.map_batches(
-        _to_tensor_rows,
-        batch_format="pyarrow",
+    return listing.map_batches(
+        _read_shards,
+        batch_size=1,
+        batch_format="numpy",
         fn_kwargs={
+            "filesystem": catalog.fs,
             "id_to_task": id_to_task,
             "size": layout.size,
             "num_modules": layout.num_modules,
+            "rows": rows_per_block,
         },
-        zero_copy_batch=True,
     )
 
 
