@@ -84,5 +84,7 @@ def fuse(args) -> int:
     path = result.save(args.out, overwrite=args.overwrite)
     inputs = ", ".join(f"{i['id']}×{i['weight']:.3g}" for i in result.provenance["inputs"])
     ranks = sorted({m.rank for m in result.adapter.modules.values()})
-    console.print(f"fused [{inputs}] with {args.method} -> {path} (rank {'/'.join(map(str, ranks))})")
+    console.print(
+        f"fused [{inputs}] with {args.method} -> {path} (rank {'/'.join(map(str, ranks))})", markup=False
+    )
     return 0

@@ -143,7 +143,7 @@ def test_fuse_cli(tmp_path, capsys):
     capsys.readouterr()
     argv = ["fuse", "--catalog", cat, "--tasks", "t0,t1", "--method", "ties", "--param", "density=0.4"]
     assert main([*argv, "--param", "space=delta", "--out", str(tmp_path / "f")]) == 0
-    assert "fused" in capsys.readouterr().out
+    assert "fused [t0-" in capsys.readouterr().out
     assert json.loads((tmp_path / "f" / PROVENANCE_FILE).read_text())["params"]["density"] == 0.4
     assert main([*argv, "--out", str(tmp_path / "f")]) == 1  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
