@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from rich.table import Table
 
 from engine.catalog import Catalog
+from engine.cli._args import add_catalog_arg
 from engine.cli._output import console, err_console, print_json, progress_bar
 
 
@@ -17,13 +17,7 @@ def register(commands) -> None:
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--catalog",
-            default=os.environ.get("ICMF_CATALOG"),
-            required="ICMF_CATALOG" not in os.environ,
-            metavar="URI",
-            help="catalog location: a directory or s3://, gs://, ... URI (default: $ICMF_CATALOG)",
-        )
+        add_catalog_arg(p)
         p.set_defaults(func=func)
         return p
 

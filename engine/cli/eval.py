@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from engine.cli._args import add_catalog_arg
 from engine.cli._output import err_console, print_json, progress_bar
-from engine.cli.task import add_catalog_option, quiet_libraries, table_console
+from engine.cli.task import quiet_libraries, table_console
 
 
 def register(commands) -> None:
@@ -17,7 +18,7 @@ def register(commands) -> None:
     p = commands.add_parser(
         "eval", help="evaluate a fused adapter: losses and gap closure", description=description
     )
-    add_catalog_option(p)
+    add_catalog_arg(p)
     p.add_argument(
         "--tasks", required=True, metavar="A,B,...", help="tasks to evaluate (defined with `icmf task add`)"
     )

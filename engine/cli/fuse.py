@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import yaml
 
+from engine.cli._args import add_catalog_arg
 from engine.cli._output import console
 
 
@@ -41,9 +41,7 @@ def register(commands) -> None:
         description=f"Fuse catalog adapters into one stock PEFT adapter.\n\nmethods:\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--catalog", default=os.environ.get("ICMF_CATALOG"), required="ICMF_CATALOG" not in os.environ
-    )
+    add_catalog_arg(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--tasks", type=_csv, help="tasks a,b,...: each task's first-ingested adapter")
     which.add_argument("--adapters", type=_csv, help="adapter ids id1,id2,...")

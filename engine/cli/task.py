@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from rich.console import Console
 from rich.table import Table
 
+from engine.cli._args import add_catalog_arg
 from engine.cli._output import console, print_json
 
 
@@ -24,16 +24,6 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
-def add_catalog_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--catalog",
-        default=os.environ.get("ICMF_CATALOG"),
-        required="ICMF_CATALOG" not in os.environ,
-        metavar="URI",
-        help="catalog location: a directory or s3://, gs://, ... URI (default: $ICMF_CATALOG)",
-    )
-
-
 def register(commands) -> None:
     parser = commands.add_parser("task", help="define tasks (model, examples, split) in a catalog")
     sub = parser.add_subparsers(dest="task_command", required=True, metavar="ACTION")
@@ -41,7 +31,7 @@ def register(commands) -> None:
     help_add = "add a task: its model spec, examples file, field names and split"
     p = sub.add_parser("add", help=help_add, description=help_add)
     p.add_argument("name", metavar="NAME", help="task name (the task of its catalog adapters)")
-    add_catalog_option(p)
+    add_catalog_arg(p)
     p.add_argument("--model", required=True, metavar="SPEC", help="model spec, a .json or .yaml file")
     p.add_argument(
         "--examples", required=True, metavar="FILE", help="examples: .jsonl, .csv or .parquet (path or URI)"
@@ -71,14 +61,14 @@ def register(commands) -> None:
 
     help_ls = "list the catalog's tasks"
     p = sub.add_parser("ls", help=help_ls, description=help_ls)
-    add_catalog_option(p)
+    add_catalog_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=list_tasks)
 
     help_show = "show one task's definition (JSON)"
     p = sub.add_parser("show", help=help_show, description=help_show)
     p.add_argument("name", metavar="NAME")
-    add_catalog_option(p)
+    add_catalog_arg(p)
     p.set_defaults(func=show)
 
 
