@@ -89,8 +89,19 @@ def test_synth_and_stats(tmp_path, capsys, ray_session):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys, ray_session):
-    code, out, _ = run(
-        capsys, "demo", "--workdir", str(tmp_path / "demo"), "--per-task", "1", "--steps", "30"
-    )
+    argv = [
+        "demo",
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--per-task",
+        "1",
+        "--steps",
+        "30",
+        "--fvae-steps",
+        "10",
+    ]
+    code, out, _ = run(capsys, *argv)
     assert code == 0 and "demo finished" in out
+    for method in ("task_arithmetic", "ties", "icm"):
+        assert method in out and (tmp_path / "demo" / "fused" / method / "adapter_model.safetensors").exists()
     assert (tmp_path / "demo" / "catalog" / "manifest" / "v00000004.parquet").exists()

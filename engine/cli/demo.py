@@ -10,11 +10,12 @@ def register(commands) -> None:
     p.add_argument("--workdir", default="icmf-demo", help="where artifacts go (default ./icmf-demo)")
     p.add_argument("--per-task", type=int, default=2, help="adapters to train per task")
     p.add_argument("--steps", type=int, default=60, help="training steps per adapter")
+    p.add_argument("--fvae-steps", type=int, default=150, help="F-VAE meta-training steps (0 skips ICM)")
     p.set_defaults(func=demo)
 
 
 def demo(args) -> int:
     from engine.demo.run import run_demo
 
-    run_demo(Path(args.workdir), per_task=args.per_task, steps=args.steps)
+    run_demo(Path(args.workdir), per_task=args.per_task, steps=args.steps, fvae_steps=args.fvae_steps)
     return 0

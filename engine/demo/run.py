@@ -49,7 +49,7 @@ def train_adapters(workdir: Path, tasks: list[str], per_task: int, steps: int) -
     return out
 
 
-def run_demo(workdir: Path, per_task: int = 2, steps: int = 60) -> dict:
+def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int = 150) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
     transformers.utils.logging.disable_progress_bar()
@@ -109,5 +109,79 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60) -> dict:
         results[task] = (task_loss(base, task), task_loss(peft_model, task))
         losses.add_row(task, f"{results[task][0]:.3f}", f"{results[task][1]:.3f}")
     console.print(losses)
+
+    quality = {}
+    if fvae_steps > 0:
+        console.print(Rule("6. meta-train the F-VAE (Ray Train, 2 workers) and fuse all tasks"))
+        register_tasks(catalog, workdir, tasks)
+        artifact_dir = train_demo_fvae(catalog, workdir, fvae_steps)
+        quality = compare_methods(catalog, workdir, tasks, artifact_dir)
     console.print(f"demo finished in {time.perf_counter() - start:.1f}s; artifacts in {workdir}")
-    return {"adapters": rows, "losses": results, "stats": summary}
+    return {"adapters": rows, "losses": results, "stats": summary, "quality": quality}
+
+
+def register_tasks(catalog: Catalog, workdir: Path, tasks: list[str]) -> None:
+    """Task definitions (model spec + examples) so fused adapters can be evaluated."""
+    from engine.tasks import TaskDefinition, save_task
+    from engine.tasks.lab import lab_model_spec, write_lab_examples
+
+    for i, task in enumerate(tasks):
+        examples = write_lab_examples(workdir / "examples" / f"{task}.jsonl", task, 96, seed=500 + i)
+        definition = TaskDefinition(
+            name=task,
+            model=lab_model_spec(),
+            examples=str(examples),
+            split={"eval": 64, "support": 16, "seed": 0},
+        )
+        save_task(catalog, definition, overwrite=True)
+
+
+def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
+    from engine.meta.config import load_config
+    from engine.meta.train import train_fvae
+
+    out = workdir / "fvae"
+    config = {
+        "catalog": catalog.uri,
+        "out": str(out),
+        "fvae": {"depth": 8, "channels": 4, "max_channels": 32, "latent_dim": 64},
+        "task_vectors": {"dim": 32},
+        "train": {
+            "steps": steps,
+            "checkpoint_every": steps,
+            "report_every": max(1, steps // 5),
+            "workers": 2,
+            "lr": 1e-3,
+        },
+    }
+    train_fvae(load_config(config))
+    return out
+
+
+def compare_methods(catalog: Catalog, workdir: Path, tasks: list[str], artifact_dir: Path) -> dict:
+    """Fuse all tasks with each method and evaluate gap closure on held-out examples."""
+    from engine.fusion import fuse_from_catalog
+    from engine.meta.artifact import FVAEArtifact
+    from engine.tasks import evaluate_fusion
+
+    context = {"fvae": FVAEArtifact.load(str(artifact_dir))}
+    methods = {
+        "task_arithmetic": {},
+        "ties": {"density": 0.5},
+        "dare_ties": {"density": 0.5},
+        "svd": {},
+        "icm": {},
+    }
+    table = Table(title=f"fusing {len(tasks)} tasks: gap closure G on held-out examples (1 = own adapter)")
+    for column in ("method", "mean G", "worst G", "worst task"):
+        table.add_column(column)
+    quality = {}
+    for method, params in methods.items():
+        result = fuse_from_catalog(catalog, method, tasks=tasks, params=params, context=context)
+        out = result.save(workdir / "fused" / method, overwrite=True)
+        report = evaluate_fusion(catalog, tasks, out)
+        quality[method] = {"mean_gap": report.mean_gap, "worst_gap": report.worst_gap}
+        fmt = lambda g: "n/a" if g is None else f"{g:.3f}"  # noqa: E731
+        table.add_row(method, fmt(report.mean_gap), fmt(report.worst_gap), str(report.worst_task))
+    console.print(table)
+    return quality

@@ -56,9 +56,12 @@ class FVAEArtifact:
     @classmethod
     def load(cls, uri: str) -> FVAEArtifact:
         fs, root = cfs.resolve_uri(uri)
-        base = cfs.join(root, "fvae") if not root.rstrip("/").endswith("fvae") else root
-        marker = cfs.join(base, "artifact.json")
-        if not cfs.exists(fs, marker):
+        # ``uri`` is the training output (holding fvae/) or the fvae/ directory itself.
+        base = next(
+            (b for b in (cfs.join(root, "fvae"), root) if cfs.exists(fs, cfs.join(b, "artifact.json"))), None
+        )
+        marker = cfs.join(base or root, "artifact.json")
+        if base is None:
             raise IcmfError(
                 f"{uri}: no trained F-VAE here (missing fvae/artifact.json); run `icmf train` first"
             )
