@@ -1,0 +1,91 @@
+"""Fast checks of the lab's pieces: tokenizer, splits, seeds, long-tail profile, example files."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from benchmarks.lab import encoder_tasks, generative_tasks
+from benchmarks.lab.build import _longtail_pick, longtail_counts
+from benchmarks.lab.chartok import CharTokenizer
+from benchmarks.lab.config import SIZES, derive_seed
+from benchmarks.lab.examples import prepare_encoder, prepare_generative, read_jsonl
+
+
+def test_char_tokenizer_round_trip_and_save(tmp_path):
+    tok = CharTokenizer()
+    text = "reverse:café=éfac\n{x}"
+    ids = tok.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids) == "reverse:cafe=efac\n{x}"  # accents are dropped, nothing else is lost
+    assert tok.decode(ids, skip_special_tokens=False).startswith("<bos>")
+    assert tok.encode("☃") == [tok.unk_token_id]
+    batch = tok(["ab", "abcd"], padding_side="left", return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    path = tok.save(tmp_path)
+    assert CharTokenizer.load(path) == tok == CharTokenizer.from_pretrained(tmp_path)
+    path.write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a lab character tokenizer"):
+        CharTokenizer.load(path)
+
+
+def test_split_examples_balanced_disjoint_and_seeded():
+    pool = [(f"w{i}", i % 3) for i in range(300)] + [("w0", 2)]  # a duplicate text keeps one label
+    sizes = {"train": 60, "support": 12, "eval": 30}
+    a = encoder_tasks.split_examples(pool, 3, sizes, random.Random(1))
+    b = encoder_tasks.split_examples(pool, 3, sizes, random.Random(1))
+    assert a == b
+    assert a != encoder_tasks.split_examples(pool, 3, sizes, random.Random(2))
+    texts = [set(t for t, _ in a[s]) for s in sizes]
+    assert sum(map(len, texts)) == len(set().union(*texts))  # disjoint
+    assert {s: len(v) for s, v in a.items()} == sizes
+    assert set(Counter(y for _, y in a["eval"]).values()) == {10}
+
+
+def test_split_examples_small_pool_shrinks_train_only():
+    pool = [(f"w{i}", i % 2) for i in range(50)]
+    out = encoder_tasks.split_examples(pool, 2, {"train": 100, "support": 10, "eval": 20}, random.Random(0))
+    assert (len(out["support"]), len(out["eval"]), len(out["train"])) == (10, 20, 20)
+
+
+def test_generative_tasks_conflict_on_the_same_input():
+    outputs = {name: fn("letter") for name, fn in generative_tasks.TASKS.items()}
+    assert outputs["reverse"] == "rettel" and outputs["dedupe"] == "letr" and outputs["sort"] == "eelrtt"
+    assert outputs["shift"] == "mfuufs" and outputs["length"] == "6" and outputs["devowel"] == "lttr"
+    assert len(set(outputs.values())) == len(outputs)
+    assert generative_tasks.example("copy", "cat") == {"prompt": "copy:cat=", "completion": "cat"}
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed(0, "encoder", "t", 1) == derive_seed(0, "encoder", "t", 1)
+    assert len({derive_seed(s, "x", i) for s in range(3) for i in range(50)}) == 150
+
+
+def test_longtail_profile_is_geometric_and_seeded():
+    tasks = [f"t{i}" for i in range(8)]
+    counts = longtail_counts(tasks, 12, 1, seed=0, suite="encoder")
+    assert sorted(counts.values(), reverse=True) == [12, 8, 6, 4, 3, 2, 1, 1]
+    assert counts == longtail_counts(list(reversed(tasks)), 12, 1, seed=0, suite="encoder")
+    main = [{"run": f"run{r}", "step": s} for r in range(3) for s in (50, 100)]
+    picked = _longtail_pick(main, 4)
+    assert [(m["run"], m["step"]) for m in picked] == [
+        ("run0", 100),
+        ("run1", 100),
+        ("run2", 100),
+        ("run0", 50),
+    ]
+
+
+@pytest.mark.parametrize("suite", ["encoder", "generative"])
+def test_example_files_are_deterministic_per_seed(tmp_path, suite):
+    size = SIZES["tiny"]
+    prepare = prepare_encoder if suite == "encoder" else prepare_generative
+    cfg = size.encoder if suite == "encoder" else size.generative
+    a, b, c = (prepare(tmp_path / name, cfg, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    for task in cfg.tasks:
+        for split in a[task]:
+            assert a[task][split].read_bytes() == b[task][split].read_bytes()
+        assert read_jsonl(a[task]["eval"]) != read_jsonl(c[task]["eval"])
