@@ -124,6 +124,20 @@ def finalize_lm(sums: Mapping[str, float]) -> dict[str, float]:
     }
 
 
+def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Per-batch sums that :func:`finalize_classification` turns into loss and accuracy.
+
+    Args:
+        logits: ``[n, C]``.
+        labels: ``[n]`` class ids.
+    """
+    return {
+        "nll": float(classification_nll(logits, labels).double().sum()),
+        "correct": float((logits.argmax(dim=-1) == labels).sum()),
+        "examples": float(len(labels)),
+    }
+
+
 def finalize_classification(sums: Mapping[str, float]) -> dict[str, float]:
     """Classification metrics from sums (``nll``, ``correct``, ``examples``): mean loss, accuracy."""
     n = max(sums["examples"], 1)

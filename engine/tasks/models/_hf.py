@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.tasks.errors import TaskError
 from engine.tasks.spec import ModelSpec
-from engine.tasks.tokenizers import TextEncoder
+from engine.tasks.tokenizers import TextEncoder, build_text_encoder
 
 
 def build_transformers_model(spec: ModelSpec, auto_class: Any, **overrides: Any) -> nn.Module:
@@ -53,3 +53,15 @@ def check_vocab(model: nn.Module, text: TextEncoder) -> None:
             f"tokenizer has {text.vocab_size} tokens but the model embeds only {rows}; "
             "use a matching tokenizer or raise the model's vocab_size"
         )
+
+
+class TextTaskMixin:
+    """The task's text encoder (tokenizer), built on first use from ``spec.tokenizer``."""
+
+    _text: TextEncoder | None = None
+
+    @property
+    def text(self) -> TextEncoder:
+        if self._text is None:
+            self._text = build_text_encoder(self.spec.tokenizer)
+        return self._text

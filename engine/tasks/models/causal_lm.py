@@ -25,12 +25,11 @@ from engine.tasks.metrics import (
     shifted_token_nll,
     teacher_forced_exact_match,
 )
-from engine.tasks.models._hf import build_transformers_model, check_vocab
-from engine.tasks.tokenizers import TextEncoder, build_text_encoder
+from engine.tasks.models._hf import TextTaskMixin, build_transformers_model, check_vocab
 
 
 @register_task_model("causal_lm")
-class CausalLMTask(BaseTaskModel):
+class CausalLMTask(TextTaskMixin, BaseTaskModel):
     """A transformers causal LM; examples ``{"prompt": str, "completion": str}``.
 
     Each example is ``[BOS] prompt completion [EOS]`` (BOS/EOS per the tokenizer spec); the loss
@@ -43,16 +42,6 @@ class CausalLMTask(BaseTaskModel):
     Hidden state: the last layer's (post final norm, what the LM head reads) at the last prompt
     token, ``[n, hidden_size]``.
     """
-
-    def __init__(self, spec):
-        super().__init__(spec)
-        self._text: TextEncoder | None = None
-
-    @property
-    def text(self) -> TextEncoder:
-        if self._text is None:
-            self._text = build_text_encoder(self.spec.tokenizer)
-        return self._text
 
     def _build(self) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -17,9 +17,8 @@ from engine.tasks.base import (
     to_device,
 )
 from engine.tasks.errors import TaskError
-from engine.tasks.metrics import classification_nll, finalize_classification, masked_mean
-from engine.tasks.models._hf import build_transformers_model, check_vocab
-from engine.tasks.tokenizers import TextEncoder, build_text_encoder
+from engine.tasks.metrics import classification_nll, classification_sums, finalize_classification, masked_mean
+from engine.tasks.models._hf import TextTaskMixin, build_transformers_model, check_vocab
 
 
 def label_tensor(examples: Sequence[Example], num_labels: int | None) -> torch.Tensor:
@@ -36,7 +35,7 @@ def label_tensor(examples: Sequence[Example], num_labels: int | None) -> torch.T
 
 
 @register_task_model("seq_cls")
-class SequenceClassificationTask(BaseTaskModel):
+class SequenceClassificationTask(TextTaskMixin, BaseTaskModel):
     """A transformers sequence classifier; examples ``{"text": str, "label": int}``.
 
     The base gets a freshly initialised head of ``num_labels`` classes (seeded by ``spec.seed``);
@@ -47,16 +46,6 @@ class SequenceClassificationTask(BaseTaskModel):
     mean over non-pad tokens (``pooling: mean``) or the first token (``pooling: cls``),
     ``[n, hidden_size]``.
     """
-
-    def __init__(self, spec):
-        super().__init__(spec)
-        self._text: TextEncoder | None = None
-
-    @property
-    def text(self) -> TextEncoder:
-        if self._text is None:
-            self._text = build_text_encoder(self.spec.tokenizer)
-        return self._text
 
     def _build(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -88,12 +77,7 @@ class SequenceClassificationTask(BaseTaskModel):
         return classification_nll(self._forward(model, batch).logits, batch["labels"]).mean()
 
     def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        logits = self._forward(model, batch).logits
-        return {
-            "nll": float(classification_nll(logits, batch["labels"]).double().sum()),
-            "correct": float((logits.argmax(dim=-1) == batch["labels"]).sum()),
-            "examples": float(len(batch["labels"])),
-        }
+        return classification_sums(self._forward(model, batch).logits, batch["labels"])
 
     def _finalize(self, sums):
         return finalize_classification(sums)

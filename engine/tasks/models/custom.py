@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.tasks.base import BaseTaskModel, Batch, Example, model_device, register_task_model
 from engine.tasks.errors import TaskError
-from engine.tasks.metrics import classification_nll, finalize_classification
+from engine.tasks.metrics import classification_nll, classification_sums, finalize_classification
 from engine.tasks.models.classification import label_tensor
 
 # Submodules PEFT inserts; a hidden module is named as in the plain base model.
@@ -98,12 +98,7 @@ class CustomModuleTask(BaseTaskModel):
         return classification_nll(self._logits(model, batch["input"]), batch["labels"]).mean()
 
     def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        logits = self._logits(model, batch["input"])
-        return {
-            "nll": float(classification_nll(logits, batch["labels"]).double().sum()),
-            "correct": float((logits.argmax(dim=-1) == batch["labels"]).sum()),
-            "examples": float(len(batch["labels"])),
-        }
+        return classification_sums(self._logits(model, batch["input"]), batch["labels"])
 
     def _finalize(self, sums):
         return finalize_classification(sums)
