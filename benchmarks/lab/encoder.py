@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.lab.training import run_training
+
 BASE_ID = "lab/minilm-l6"
 NUM_LABELS = 8
 NUM_LAYERS = 6
@@ -198,28 +200,14 @@ def train_lora(
     epoch by epoch. ``on_checkpoint(step)`` is called at each step in ``checkpoints`` with the
     model in eval mode; it may save the adapter.
     """
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    batch_size = min(batch_size, len(index))
-    order: list[int] = []
-    peft_model.train()
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order.extend(index[torch.randperm(len(index), generator=generator)].tolist())
-        batch, order = torch.tensor(order[:batch_size]), order[batch_size:]
-        states, mask, labels = data.batch(batch)
-        loss = F.cross_entropy(cached_logits(peft_model, states, mask, start), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step in checkpoints:
-            peft_model.eval()
-            on_checkpoint(step)
-            peft_model.train()
-    peft_model.eval()
+
+    def batch_loss(rows: torch.Tensor) -> torch.Tensor:
+        states, mask, labels = data.batch(rows)
+        return F.cross_entropy(cached_logits(peft_model, states, mask, start), labels)
+
+    run_training(
+        peft_model, index, steps, checkpoints, seed, lr, batch_size, on_checkpoint, batch_loss, warmup=warmup
+    )
 
 
 def fit_logistic(

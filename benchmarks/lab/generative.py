@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.lab.chartok import CharTokenizer
+from benchmarks.lab.training import run_training
 
 BASE_ID = "lab/tiny-llama-char"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -173,28 +174,14 @@ def train_lora(
     """AdamW on rows ``index``, linear warm-up over ``warmup`` steps then a constant learning rate;
     ``on_checkpoint(step)`` at each listed step (eval mode)."""
     ids, mask, labels = data
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    batch_size = min(batch_size, len(index))
-    order: list[int] = []
-    peft_model.train()
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order.extend(index[torch.randperm(len(index), generator=generator)].tolist())
-        batch, order = torch.tensor(order[:batch_size]), order[batch_size:]
-        total, count = _batch_loss(peft_model, ids[batch], mask[batch], labels[batch])
-        loss = total / count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step in checkpoints:
-            peft_model.eval()
-            on_checkpoint(step)
-            peft_model.train()
-    peft_model.eval()
+
+    def batch_loss(rows: torch.Tensor) -> torch.Tensor:
+        total, count = _batch_loss(peft_model, ids[rows], mask[rows], labels[rows])
+        return total / count
+
+    run_training(
+        peft_model, index, steps, checkpoints, seed, lr, batch_size, on_checkpoint, batch_loss, warmup=warmup
+    )
 
 
 @torch.no_grad()
