@@ -294,10 +294,10 @@ class Catalog:
         """
         check_name("task name", task)
         settings = self._ensure_settings(gauge, persist=False)
-        known = dict(
-            zip(self.manifest()["sha256"].to_pylist(), self.manifest()["id"].to_pylist(), strict=True)
-        )
-        report = IngestReport(version=self.version())
+        version = self.version()  # one listing: the manifest and the report refer to the same version
+        manifest = self.manifest(version)
+        known = dict(zip(manifest["sha256"].to_pylist(), manifest["id"].to_pylist(), strict=True))
+        report = IngestReport(version=version)
         candidates, failures = self._validate_batch(paths, base_model, r_max, known, report, progress)
         if failures and not skip_invalid:
             raise IngestError(failures)
