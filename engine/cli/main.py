@@ -10,6 +10,8 @@ from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
 from engine.cli import eval as eval_cmd
 from engine.cli import fuse as fuse_cmd
+from engine.cli import jobs as jobs_cmd
+from engine.cli import serve as serve_cmd
 from engine.cli import task as task_cmd
 from engine.cli import train as train_cmd
 from engine.errors import IcmfError
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.register(commands)
     fuse_cmd.register(commands)
     train_cmd.register(commands)
+    serve_cmd.register(commands)
+    jobs_cmd.register(commands)
     return parser
 
 
