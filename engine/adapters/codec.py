@@ -138,3 +138,18 @@ def _used_rank(A: torch.Tensor, B: torch.Tensor) -> int:
     used = (A.abs().sum(dim=1) > 0) | (B.abs().sum(dim=0) > 0)  # [r]
     nonzero = torch.nonzero(used).flatten()
     return int(nonzero[-1]) + 1 if nonzero.numel() else 1
+
+
+def unflatten(vector: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Differentiable inverse of :func:`to_flat`: ``[N]`` -> per module ``(A [r, d_in], B [d_out, r])``.
+
+    Views, not copies: gradients of the factors flow back to ``vector``.
+    """
+    factors = []
+    for i, spec in enumerate(layout.modules):
+        start, end = int(layout.offsets[i]), int(layout.offsets[i + 1])
+        split = start + layout.r_max * spec.d_in
+        A = vector[start:split].view(layout.r_max, spec.d_in)
+        B = vector[split:end].view(layout.r_max, spec.d_out).T
+        factors.append((A, B))
+    return factors

@@ -53,6 +53,16 @@ class TrainSection(_Strict):
         None, gt=0, description="default: leave one CPU for Ray Data, split the rest between workers"
     )
     max_failures: int = pydantic.Field(3, ge=0)
+    fusion_loss: Literal["auto", "data", "proxy"] = pydantic.Field(
+        "auto",
+        description="'data': few-shot query loss of the fused adapter through the frozen base (needs "
+        "task definitions in the catalog); 'proxy': data-free subspace proxy; 'auto': data when every "
+        "training task has a definition",
+    )
+    shots_per_task: int = pydantic.Field(16, gt=0, description="support examples scored per task per episode")
+    support_k: int | None = pydantic.Field(None, gt=0, description="use only the first k support examples")
+    inner_steps: int = pydantic.Field(0, ge=0, description="first-order inner adaptation steps (data loss)")
+    inner_lr: float = pydantic.Field(0.01, gt=0, description="step size of the inner adaptation")
 
 
 class MetaTrainConfig(_Strict):
@@ -61,15 +71,30 @@ class MetaTrainConfig(_Strict):
     catalog: str
     out: str
     layout_id: str | None = None
+    tasks: list[str] | None = pydantic.Field(None, description="train on these tasks only (default: all)")
+    exclude_tasks: list[str] = pydantic.Field(
+        default_factory=list, description="tasks kept out of meta-training (e.g. to measure unseen tasks)"
+    )
     fvae: FVAESection = FVAESection()
     task_vectors: TaskVectorSection = TaskVectorSection()
     train: TrainSection = TrainSection()
 
     @pydantic.model_validator(mode="after")
     def _cross_checks(self) -> MetaTrainConfig:
+        faults = []
         if self.train.checkpoint_every > self.train.steps:
-            raise ValueError("train.checkpoint_every must be <= train.steps")
+            faults.append("train.checkpoint_every must be <= train.steps")
+        overlap = sorted(set(self.tasks or []) & set(self.exclude_tasks))
+        if overlap:
+            faults.append(f"tasks and exclude_tasks both name {overlap}; keep each task in one list")
+        if faults:
+            raise ValueError("; ".join(faults))
         return self
+
+    def task_filter(self, available: list[str]) -> list[str]:
+        """The training tasks among ``available`` (``tasks`` minus ``exclude_tasks``)."""
+        chosen = [t for t in available if (self.tasks is None or t in self.tasks)]
+        return [t for t in chosen if t not in self.exclude_tasks]
 
 
 def load_config(source: str | Path | dict) -> MetaTrainConfig:

@@ -10,19 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
 
-
-def unflatten(vector: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Differentiable inverse of the flat codec: ``[N]`` -> per module ``(A [r, d_in], B [d_out, r])``."""
-    factors = []
-    for i, spec in enumerate(layout.modules):
-        start, end = int(layout.offsets[i]), int(layout.offsets[i + 1])
-        split = start + layout.r_max * spec.d_in
-        A = vector[start:split].view(layout.r_max, spec.d_in)
-        B = vector[split:end].view(layout.r_max, spec.d_out).T
-        factors.append((A, B))
-    return factors
+__all__ = ["subspace_proxy_loss", "unflatten"]
 
 
 def subspace_proxy_loss(

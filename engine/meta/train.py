@@ -26,9 +26,9 @@ from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.artifact import FVAEArtifact
-from engine.meta.config import MetaTrainConfig
+from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
-from engine.meta.step import EpisodeBatch, EpisodeSettings, episode_loss
+from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss
 from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
@@ -40,13 +40,16 @@ def fvae_config(cfg: MetaTrainConfig, layout: Layout) -> FVAEConfig:
 
 # ----------------------------------------------------------------------------- worker side
 def fill_pool(
-    shard, capacity: int, seed: int
-) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
-    """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size)."""
+    shard, capacity: int, seed: int, tasks: set[str] | None = None
+) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size);
+    adapters of tasks outside ``tasks`` (when given) are skipped."""
     pool = TaskPool(capacity, seed=seed)
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
         for task, weights, mask in zip(batch["task"], batch["weights"], batch["mask"], strict=True):
+            if tasks is not None and str(task) not in tasks:
+                continue
             slot = pool.add(str(task))
             if slot is not None:
                 store[slot] = (
@@ -56,18 +59,62 @@ def fill_pool(
     return pool, store
 
 
-def task_vectors(dataset, normalizer: SlotNormalizer, dim: int, seed: int) -> dict[str, torch.Tensor]:
-    """Adapter-derived task vectors of every task: one streaming pass, per-task running sums of
-    the normalised adapters (memory: tasks x N), then the seeded projection."""
+def task_vectors(
+    dataset, normalizer: SlotNormalizer, dim: int, seed: int, tasks: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass,
+    per-task running sums of the normalised adapters (memory: tasks x N), then the seeded projection."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
         normalised = normalizer.normalize(torch.as_tensor(np.asarray(batch["weights"], dtype=np.float32)))
         for task, row in zip(batch["task"], normalised, strict=True):
             task = str(task)
+            if tasks is not None and task not in tasks:
+                continue
             sums[task] = sums.get(task, 0) + row
             counts[task] = counts.get(task, 0) + 1
     return {t: project(sums[t] / counts[t], dim, seed) for t in sorted(sums)}
+
+
+def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], seed: int) -> DataLoss:
+    """The few-shot fusion loss of an episode: the fused adapter's query loss on every task of the
+    subset through the frozen base (first-order). With ``inner_steps``, the fused adapter first
+    takes that many gradient steps on a disjoint support half (gradients of the inner steps are
+    not differentiated again: first-order MAML)."""
+    from engine.catalog import Catalog
+    from engine.tasks.fewshot import FewShotObjective
+
+    objective = FewShotObjective.from_catalog(Catalog(cfg.catalog), tasks, layout, k=cfg.train.support_k)
+    support, query = objective.split(0.5, seed) if cfg.train.inner_steps else (None, objective)
+    generator = torch.Generator().manual_seed(seed)
+    shots = cfg.train.shots_per_task
+
+    def loss(fused: torch.Tensor, episode_tasks: tuple[str, ...]) -> torch.Tensor:
+        adapted = fused
+        for _ in range(cfg.train.inner_steps):
+            leaf = adapted.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(support.loss(leaf, episode_tasks, shots, generator), leaf)
+            adapted = adapted - cfg.train.inner_lr * grad
+        return query.loss(adapted, episode_tasks, shots, generator)
+
+    return loss
+
+
+def resolve_fusion_loss(cfg: MetaTrainConfig, catalog, tasks: list[str]) -> str:
+    """``data`` or ``proxy`` for ``train.fusion_loss`` (``auto``: data when every task is defined)."""
+    from engine.tasks.store import task_names
+
+    defined = set(task_names(catalog))
+    missing = [t for t in tasks if t not in defined]
+    if cfg.train.fusion_loss == "data" and missing:
+        raise MetaConfigError(
+            f"train.fusion_loss is 'data' but task(s) {missing} have no definition in {cfg.catalog}; "
+            "add them with `icmf task add` or use fusion_loss: proxy"
+        )
+    if cfg.train.fusion_loss == "proxy" or missing:
+        return "proxy"
+    return "data"
 
 
 def _average_gradients(model: torch.nn.Module) -> None:
@@ -126,10 +173,16 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # Every worker streams the whole catalog (not a split) into its own bounded pool, so each can
     # sample episodes over all tasks; episodes differ across workers by their RNG seeds.
-    pool, store = fill_pool(
-        ray.train.get_dataset_shard("adapters"), cfg.train.capacity_per_task, cfg.train.seed + rank
-    )
     vectors = config["task_vectors"]
+    pool, store = fill_pool(
+        ray.train.get_dataset_shard("adapters"),
+        cfg.train.capacity_per_task,
+        cfg.train.seed + rank,
+        set(vectors),
+    )
+    data_loss = None
+    if config["fusion_loss"] == "data":
+        data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
     device = ray.train.torch.get_device()
     model = FVAE(fvae_config(cfg, layout)).to(device)
     normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
@@ -148,7 +201,7 @@ def train_loop(config: dict[str, Any]) -> None:
             tasks=episode.tasks,
         )
         model.train()
-        losses = episode_loss(model, normalizer, batch, layout, settings)
+        losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
         optimizer.zero_grad()
         losses["loss"].backward()
         _average_gradients(model)
@@ -219,7 +272,13 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
     dataset = catalog.dataset(layout.layout_id).select_columns(["task", "weights", "mask"])
-    vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed)
+    tasks = cfg.task_filter(sorted(catalog.tasks()))
+    if not tasks:
+        raise MetaConfigError(
+            f"no training tasks: catalog {cfg.catalog} has {sorted(catalog.tasks())}, config keeps none"
+        )
+    fusion_loss = resolve_fusion_loss(cfg, catalog, tasks)
+    vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
     name, resuming = _run_name(cfg.out, resume)
     trainer = TorchTrainer(
         train_loop,
@@ -230,6 +289,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "std": normalizer.std.numpy(),
             "threads": max(1, int(cpus)),
             "task_vectors": vectors,
+            "fusion_loss": fusion_loss,
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
@@ -273,6 +333,8 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
                 "seed": cfg.train.seed,
             },
             "pool_sizes": extra["pool_sizes"],
+            "fusion_loss": fusion_loss,
+            "tasks": tasks,
             "created": datetime.now(timezone.utc).isoformat(),
             "pid": os.getpid(),
         },

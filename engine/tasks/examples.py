@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 MAX_FAULTS = 10  # bad rows listed in one error before "... and N more"
 TEXT_ROLES = ("prompt", "completion", "text")
+SPLIT_ROLE = "split"  # the column of predefined splits (SplitSpec.column), read as text
+SPLIT_NAMES = ("train", "support", "eval")
 
 
 @dataclass
@@ -276,7 +278,40 @@ def examples_uri(definition: TaskDefinition, catalog: Catalog | None = None) -> 
 def load_task_examples(definition: TaskDefinition, catalog: Catalog | None = None) -> TaskSplits:
     """Load and split the examples of a task definition."""
     source = examples_uri(definition, catalog)
-    examples = load_examples(
-        source, definition.columns, definition.data_format, num_labels=definition.model.num_labels
-    )
+    columns = dict(definition.columns)
+    if definition.split.column is not None:
+        columns[SPLIT_ROLE] = definition.split.column
+    examples = load_examples(source, columns, definition.data_format, num_labels=definition.model.num_labels)
+    if definition.split.column is not None:
+        return predefined_splits(examples, source)
     return split_examples(examples, definition.split, source)
+
+
+def predefined_splits(examples: datasets.Dataset, source: str = "<examples>") -> TaskSplits:
+    """Split by the examples' own ``split`` column (``train`` / ``support`` / ``eval``), which is
+    then dropped.
+
+    Raises:
+        ExamplesError: naming the rows whose split is not one of the three, or an empty eval split.
+    """
+    names = examples[SPLIT_ROLE]
+    faults = [
+        f"row {i}: split {value!r} is not one of {list(SPLIT_NAMES)}"
+        for i, value in enumerate(names)
+        if value not in SPLIT_NAMES
+    ]
+    if not faults and "eval" not in names:
+        faults.append("no example has split 'eval'; evaluation needs held-out examples")
+    if faults:
+        raise ExamplesError(source, faults[:MAX_FAULTS])
+    examples = examples.remove_columns(SPLIT_ROLE)
+    indices = {
+        name: np.array([i for i, value in enumerate(names) if value == name], dtype=np.int64)
+        for name in SPLIT_NAMES
+    }
+    return TaskSplits(
+        train=examples.select(indices["train"]),
+        support=examples.select(indices["support"]),
+        eval=examples.select(indices["eval"]),
+        indices=indices,
+    )

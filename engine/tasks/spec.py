@@ -268,6 +268,8 @@ class SplitSpec(_Strict):
         train: training examples (default: all the rest).
         dedupe: drop exact duplicates (same values in every used field) before splitting, so a
             repeated example can never be in eval and in support/train at once.
+        column: predefined splits: the examples file's column that names each example's split
+            (``train``, ``support`` or ``eval``); the other fields are then ignored.
     """
 
     seed: int = 0
@@ -275,6 +277,7 @@ class SplitSpec(_Strict):
     support: int = Field(16, ge=0)
     train: int | None = Field(None, ge=0)
     dedupe: bool = True
+    column: str | None = Field(None, min_length=1)
 
     @classmethod
     def cross_faults(cls, data: dict[str, Any]) -> list[str]:

@@ -36,6 +36,14 @@ class IcmParams(pydantic.BaseModel):
         "trained",
         description="'trained': meta-training's vector when the task has one; 'adapter': always derive",
     )
+    refine_steps: int = pydantic.Field(
+        0, ge=0, description="few-shot latent refinement: Adam steps on the fused code and weights"
+    )
+    refine_lr: float = pydantic.Field(0.05, gt=0, description="refinement step size")
+    refine_reg: float = pydantic.Field(
+        1e-3, ge=0, description="L2 pull of the refined code towards the fused one (per latent unit)"
+    )
+    refine_weights: bool = pydantic.Field(True, description="refine the fusion weights alpha too")
 
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
@@ -65,6 +73,10 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         mu, _ = model.encode(xn, cond)
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
+    details: dict = {}
+    if params.refine_steps:
+        objective = _objective(inputs, layout, tasks)
+        fused, details = refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params)
     mask = torch.stack([c.mask for c in canon]).any(dim=0)
     lora = to_lora(from_flat(fused, layout, mask), trim=True)
     modules = {}
@@ -73,4 +85,69 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
             (module.A, module.B) if params.rank is None else truncate_lowrank(module.A, module.B, params.rank)
         )
         modules[name] = LoraModule(A=A, B=B, scaling=1.0)
-    return fused_adapter(inputs, modules)
+    adapter = fused_adapter(inputs, modules)
+    if details:
+        adapter.config["icmf_details"] = details
+    return adapter
+
+
+def _objective(inputs: FusionInputs, layout, tasks: list[str]):
+    objective = inputs.context.get("objective")
+    if objective is None:
+        raise FusionConfigError(
+            "icm refine_steps > 0 needs few-shot examples of the fused tasks: pass context={'objective': "
+            "FewShotObjective} (CLI: tasks defined in the catalog with `icmf task add`)"
+        )
+    if objective.host.layout.layout_id != layout.layout_id:
+        raise FusionConfigError(
+            f"the few-shot objective uses layout {objective.host.layout.layout_id}, the F-VAE "
+            f"{layout.layout_id}; build the objective on the F-VAE's layout"
+        )
+    missing = [t for t in tasks if t not in objective.shots]
+    if missing:
+        raise FusionConfigError(
+            f"no few-shot examples for task(s) {missing}: refinement needs k examples each"
+        )
+    return objective
+
+
+def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params):
+    """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
+    the fused code, minimising the fused adapter's support loss over all tasks plus an L2 pull
+    towards the unrefined code. The decoder is frozen, so the adapter stays on the F-VAE's
+    manifold (which is what keeps a few shots from overfitting). Returns the best adapter seen
+    (lowest support loss) and a record of the search.
+
+    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``; returns ``[N]`` in weight space.
+    """
+    model.requires_grad_(False)
+    weights = alpha.clone().requires_grad_(params.refine_weights)
+    residual = torch.zeros(mu.shape[1], requires_grad=True)
+    trainable = [residual] + ([weights] if params.refine_weights else [])
+    optimizer = torch.optim.Adam(trainable, lr=params.refine_lr)
+    best = (float("inf"), None, -1)
+    history = []
+    for step in range(params.refine_steps + 1):
+        z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
+        z_f = z_f + residual
+        fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
+        support = objective.loss(fused, tasks)
+        value = float(support.detach())
+        if value < best[0]:
+            best = (value, fused.detach().clone(), step)
+        history.append(value)
+        if step == params.refine_steps:
+            break
+        loss = support + params.refine_reg * residual.pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    details = {
+        "refine": {
+            "support_loss_start": history[0],
+            "support_loss_best": best[0],
+            "best_step": best[2],
+            "weights": [float(w) for w in weights.detach()],
+        }
+    }
+    return best[1], details

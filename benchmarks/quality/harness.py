@@ -1,0 +1,111 @@
+"""Score fused adapters on a lab suite: base, own and fused losses, gap closure (DESIGN.md §4).
+
+One :class:`SuiteHarness` per suite holds the frozen base with LoRA slots (built once), every kept
+task's held-out and support examples, its own adapter (run 0's final checkpoint in the ``main``
+catalog: full training split, seed 0) and, for classification, its heads: the base row uses the
+lab's frozen-base linear head, the own and fused rows the own adapter's trained head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.lab.tasks import read_split, suite_model_spec
+from engine.adapters.lora import LoraAdapter
+from engine.catalog import Catalog
+from engine.tasks.base import task_model
+from engine.tasks.fewshot import FewShotObjective, TaskShots
+from engine.tasks.functional import LoraHost, adapter_factors
+from engine.tasks.metrics import gap_closure
+
+
+def own_adapter_id(suite: dict[str, Any], task: str, variant: str = "main") -> str:
+    """Run 0's final checkpoint of ``task`` in the ``variant`` catalog."""
+    ids = suite["catalogs"][variant]["adapters"][task]
+    run0 = [i for i in ids if suite["adapters"][i]["run"] == "run0"] or ids
+    return max(run0, key=lambda i: suite["adapters"][i]["step"])
+
+
+@dataclass
+class SuiteHarness:
+    """Everything needed to score fusions of one suite's tasks."""
+
+    name: str
+    suite: dict[str, Any]
+    catalog: Catalog
+    host: LoraHost
+    tasks: list[str]
+    own_ids: dict[str, str]
+    own: dict[str, LoraAdapter]
+    heads: dict[str, dict[str, torch.Tensor] | None]
+    base_heads: dict[str, dict[str, torch.Tensor] | None]
+    eval_examples: dict[str, list[dict]]
+    support: dict[str, list[dict]]
+    base_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    own_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, lab: dict[str, Any], name: str, max_eval: int | None = None) -> SuiteHarness:
+        suite = lab["suites"][name]
+        catalog = Catalog(suite["catalogs"]["main"]["uri"])
+        tasks = sorted(t for t, info in suite["tasks"].items() if info["kept"])
+        own_ids = {t: own_adapter_id(suite, t) for t in tasks}
+        layout = catalog.layout(catalog.get(own_ids[tasks[0]])["layout_id"])
+        host = LoraHost(task_model(suite_model_spec(suite)), layout)
+        own = {t: catalog.load_adapter(i) for t, i in own_ids.items()}
+        heads = {t: (dict(a.extras) or None) for t, a in own.items()}
+        base_heads = {t: _base_head(suite, t) for t in tasks}
+        evals = {t: read_split(suite, t, "eval")[:max_eval] for t in tasks}
+        support = {t: read_split(suite, t, "support") for t in tasks}
+        harness = cls(name, suite, catalog, host, tasks, own_ids, own, heads, base_heads, evals, support)
+        for t in tasks:
+            harness.base_metrics[t] = host.metrics(None, evals[t], head=base_heads[t])
+            harness.own_metrics[t] = host.metrics(adapter_factors(own[t], layout), evals[t], head=heads[t])
+        return harness
+
+    @property
+    def layout(self):
+        return self.host.layout
+
+    def objective(self, tasks: Sequence[str], k: int | None = None) -> FewShotObjective:
+        """The few-shot objective over ``tasks``' support examples (first ``k`` of each)."""
+        shots = {}
+        for t in tasks:
+            rows = self.support[t][:k] if k is not None else self.support[t]
+            shots[t] = TaskShots(t, self.host.task_model.encode(rows), self.heads[t], len(rows))
+        return FewShotObjective(self.host, shots)
+
+    def score(self, adapter: LoraAdapter, tasks: Sequence[str]) -> dict[str, Any]:
+        """Per task: fused metrics and gap closure; then mean / worst G and mean loss."""
+        factors = adapter_factors(adapter, self.layout)
+        per_task = {}
+        for t in tasks:
+            fused = self.host.metrics(factors, self.eval_examples[t], head=self.heads[t])
+            gap = gap_closure(self.base_metrics[t]["loss"], self.own_metrics[t]["loss"], fused["loss"])
+            per_task[t] = {"fused": fused, "gap": gap}
+        gaps = [v["gap"] for v in per_task.values() if v["gap"] is not None]
+        return {
+            "tasks": per_task,
+            "mean_gap": sum(gaps) / len(gaps) if gaps else None,
+            "worst_gap": min(gaps) if gaps else None,
+            "mean_loss": sum(v["fused"]["loss"] for v in per_task.values()) / len(per_task),
+        }
+
+    def reference_rows(self, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+        """The ``base`` and ``own`` rows of a task set (G = 0 and 1 by definition)."""
+        mean = lambda m: sum(m[t]["loss"] for t in tasks) / len(tasks)  # noqa: E731
+        return {
+            "base": {"mean_gap": 0.0, "worst_gap": 0.0, "mean_loss": mean(self.base_metrics)},
+            "own": {"mean_gap": 1.0, "worst_gap": 1.0, "mean_loss": mean(self.own_metrics)},
+        }
+
+
+def _base_head(suite: dict[str, Any], task: str) -> dict[str, torch.Tensor] | None:
+    """The lab's frozen-base linear head of a classification task (the ``L_base`` model)."""
+    head = suite["tasks"][task].get("base_head")
+    return load_file(head["path"]) if head else None

@@ -1,0 +1,80 @@
+"""The rows of the fusion-quality table: which registry method, with which weights and parameters.
+
+Weights follow each method's usual convention: averaging methods get ``1/K``; sign-election
+methods (TIES, DARE-TIES) get 1 per task, as mergekit's examples do (their disjoint merge already
+averages the agreeing entries); ``task_arithmetic-sum`` is Ilharco et al.'s ``λ = 1`` sum and
+``task_arithmetic-tuned`` picks ``λ`` on the tasks' *support* examples (never the eval split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.adapters.lora import LoraAdapter
+from engine.fusion import fuse_adapters
+from engine.tasks.fewshot import FewShotObjective
+
+TUNED_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One row: ``label`` in the table, registry ``method``, weight convention, parameters."""
+
+    label: str
+    method: str
+    weights: str = "mean"  # "mean" (1/K) or "one" (1 each)
+    params: dict[str, Any] = field(default_factory=dict)
+    few_shot: bool = False  # needs the support objective
+
+    def weights_for(self, k: int) -> list[float]:
+        return [1.0 / k] * k if self.weights == "mean" else [1.0] * k
+
+
+BASELINES: tuple[MethodRow, ...] = (
+    MethodRow("linear", "linear"),
+    MethodRow("cat", "cat"),
+    MethodRow("task_arithmetic", "task_arithmetic"),
+    MethodRow("task_arithmetic-sum", "task_arithmetic", weights="one"),
+    MethodRow("task_arithmetic-tuned", "task_arithmetic", weights="one", few_shot=True),
+    MethodRow("svd", "svd"),
+    MethodRow("ties", "ties", weights="one", params={"density": 0.5}),
+    MethodRow("dare_linear", "dare_linear", params={"density": 0.5}),
+    MethodRow("dare_ties", "dare_ties", weights="one", params={"density": 0.5}),
+    MethodRow("magnitude_prune", "magnitude_prune", params={"density": 0.5}),
+    MethodRow("lorahub", "lorahub", few_shot=True),
+)
+
+
+def run_row(
+    row: MethodRow,
+    adapters: Sequence[LoraAdapter],
+    tasks: Sequence[str],
+    seed: int,
+    objective: Callable[[], FewShotObjective] | None = None,
+    context: dict[str, Any] | None = None,
+) -> tuple[LoraAdapter, dict[str, Any]]:
+    """Fuse ``adapters`` as ``row`` says; returns the adapter and what was chosen (e.g. λ)."""
+    context = dict(context or {})
+    weights = row.weights_for(len(adapters))
+    if row.label == "task_arithmetic-tuned":
+        return _tuned_task_arithmetic(adapters, tasks, weights, seed, objective())
+    if row.few_shot and "loss_fn" not in context and row.method == "lorahub":
+        scorer = objective()
+        context["loss_fn"] = scorer.adapter_loss
+    result = fuse_adapters(
+        list(adapters), row.method, weights, row.params, seed=seed, tasks=list(tasks), context=context
+    )
+    return result.adapter, result.provenance.get("details") or {}
+
+
+def _tuned_task_arithmetic(adapters, tasks, weights, seed, objective: FewShotObjective):
+    best = None
+    for lam in TUNED_LAMBDAS:
+        fused = fuse_adapters(list(adapters), "task_arithmetic", weights, {"lam": lam}, seed=seed).adapter
+        loss = objective.adapter_loss(fused)
+        if best is None or loss < best[0]:
+            best = (loss, lam, fused)
+    return best[2], {"lam": best[1], "support_loss": best[0]}

@@ -1,0 +1,179 @@
+"""The few-shot objective: the mean loss of one adapter over the support examples of several tasks.
+
+It scores a *fused* adapter the way fusion is judged (DESIGN.md §4) but on the few-shot support
+split, never the held-out one. It is differentiable in the adapter (through
+:class:`~engine.tasks.functional.LoraHost`), so it serves three consumers:
+
+- meta-training's data fusion loss (gradients to the F-VAE decoder, first-order),
+- ``icm``'s latent refinement (gradients to the fused latent code and weights),
+- ``lorahub``'s gradient-free weight search (:meth:`FewShotObjective.adapter_loss`, no grad).
+
+A task whose adapters carry a head (``modules_to_save``, e.g. a classifier) is scored with its
+own head, as a multi-head multi-task model would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.adapters.layout import Layout
+from engine.adapters.lora import LoraAdapter
+from engine.tasks.base import BaseTaskModel, Batch, Example
+from engine.tasks.errors import TaskError
+from engine.tasks.functional import Factors, LoraHost, adapter_factors
+
+if TYPE_CHECKING:
+    from engine.catalog import Catalog
+
+
+@dataclass
+class TaskShots:
+    """One task's few-shot examples, encoded once.
+
+    Attributes:
+        task: task name.
+        batch: the encoded support examples (the task model's ``encode``).
+        head: the task's head tensors (``modules_to_save``), or None.
+        count: number of examples.
+    """
+
+    task: str
+    batch: Batch
+    head: dict[str, torch.Tensor] | None = None
+    count: int = 0
+
+
+@dataclass
+class FewShotObjective:
+    """Mean support loss over tasks of an adapter in ``host.layout``'s canonical form.
+
+    Attributes:
+        host: the base model with LoRA slots (one per task model).
+        shots: task -> its encoded support examples and head.
+    """
+
+    host: LoraHost
+    shots: dict[str, TaskShots] = field(default_factory=dict)
+
+    @classmethod
+    def from_examples(
+        cls,
+        task_model: BaseTaskModel,
+        layout: Layout,
+        examples: Mapping[str, Sequence[Example]],
+        heads: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+    ) -> FewShotObjective:
+        """Build from examples in memory (``{task: [example, ...]}``) and optional heads."""
+        host = LoraHost(task_model, layout)
+        heads = heads or {}
+        shots = {}
+        for task, rows in examples.items():
+            if not rows:
+                raise TaskError(f"task {task!r}: no few-shot examples (the support split is empty)")
+            head = heads.get(task)
+            shots[task] = TaskShots(
+                task, task_model.encode(list(rows)), dict(head) if head else None, len(rows)
+            )
+        return cls(host, shots)
+
+    @classmethod
+    def from_catalog(
+        cls, catalog: Catalog, tasks: Sequence[str], layout: Layout, k: int | None = None
+    ) -> FewShotObjective:
+        """Build from the tasks' definitions in ``catalog`` (their support split, first ``k``).
+
+        Heads come from each task's first catalog adapter (the one fusion treats as its own).
+
+        Raises:
+            TaskError: a task without a definition, tasks of different models, or no support examples.
+        """
+        from engine.tasks.base import task_model
+        from engine.tasks.examples import load_task_examples
+        from engine.tasks.store import load_task
+
+        definitions = {t: load_task(catalog, t) for t in tasks}
+        models = {d.model.model_dump_json() for d in definitions.values()}
+        if len(models) != 1:
+            raise TaskError(
+                f"tasks {list(tasks)} use {len(models)} different models; fuse tasks of one model"
+            )
+        examples, heads = {}, {}
+        for task, definition in definitions.items():
+            support = load_task_examples(definition, catalog).support
+            if k is not None:
+                support = support.select(range(min(k, support.num_rows)))
+            examples[task] = support.to_list()
+            entries = catalog.entries(task=task)
+            heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
+        model = task_model(next(iter(definitions.values())).model)
+        return cls.from_examples(model, layout, examples, heads)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.shots)
+
+    def _tasks(self, tasks: Sequence[str] | None) -> list[str]:
+        tasks = list(tasks) if tasks is not None else self.tasks
+        unknown = [t for t in tasks if t not in self.shots]
+        if unknown:
+            raise TaskError(f"no few-shot examples for task(s) {unknown}; have {self.tasks}")
+        return tasks
+
+    def task_loss(
+        self,
+        adapter: Factors | torch.Tensor,
+        task: str,
+        sample: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Differentiable support loss of one task (``adapter``: flat ``[N]`` or factors).
+
+        Args:
+            sample: score a random subset of this many examples (episodes stay cheap).
+            generator: RNG of the subset.
+        """
+        shot = self.shots[task]
+        batch = shot.batch
+        if sample is not None and sample < shot.count:
+            rows = torch.randperm(shot.count, generator=generator)[:sample]
+            batch = select_rows(batch, rows)
+        return self.host.loss(adapter, batch, head=shot.head)
+
+    def loss(
+        self,
+        adapter: Factors | torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        sample: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Differentiable mean support loss over ``tasks`` (default: all); see :meth:`task_loss`."""
+        tasks = self._tasks(tasks)
+        return torch.stack([self.task_loss(adapter, t, sample, generator) for t in tasks]).mean()
+
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple[FewShotObjective, FewShotObjective]:
+        """Two objectives over disjoint halves of every task's examples (inner support, outer query),
+        sharing the host. Each task needs at least 2 examples."""
+        first, second = {}, {}
+        generator = torch.Generator().manual_seed(seed)
+        for task, shot in self.shots.items():
+            if shot.count < 2:
+                raise TaskError(f"task {task!r}: {shot.count} few-shot example(s); a split needs >= 2")
+            order = torch.randperm(shot.count, generator=generator)
+            cut = min(max(1, round(shot.count * fraction)), shot.count - 1)
+            first[task] = TaskShots(task, select_rows(shot.batch, order[:cut]), shot.head, cut)
+            second[task] = TaskShots(task, select_rows(shot.batch, order[cut:]), shot.head, shot.count - cut)
+        return FewShotObjective(self.host, first), FewShotObjective(self.host, second)
+
+    def adapter_loss(self, adapter: LoraAdapter, tasks: Sequence[str] | None = None) -> float:
+        """Mean support loss of a PEFT-style adapter (any ranks and scaling), no grad."""
+        with torch.no_grad():
+            return float(self.loss(adapter_factors(adapter, self.host.layout), tasks))
+
+
+def select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The examples ``rows`` of an encoded batch (every tensor's first dimension is the example)."""
+    return {key: value.index_select(0, rows) for key, value in batch.items()}

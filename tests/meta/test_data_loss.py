@@ -1,0 +1,69 @@
+"""The few-shot data fusion loss of meta-training, and choosing it (``train.fusion_loss``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.adapters import load_adapter
+from engine.adapters.codec import to_canonical, to_flat
+from engine.catalog import Catalog
+from engine.catalog.synth import parse_layout, synthesize
+from engine.meta.config import MetaConfigError, load_config
+from engine.meta.train import data_fusion_loss, resolve_fusion_loss
+
+
+def cfg(catalog_uri, tmp_path, **train):
+    return load_config(
+        {
+            "catalog": catalog_uri,
+            "out": str(tmp_path / "out"),
+            "train": {"steps": 5, "checkpoint_every": 5, **train},
+        }
+    )
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1])
+def test_data_loss_scores_the_fused_adapter_and_is_differentiable(lab_catalog, tmp_path, inner_steps):
+    catalog = lab_catalog.catalog
+    layout = catalog.layout()
+    config = cfg(catalog.uri, tmp_path, shots_per_task=4, inner_steps=inner_steps, inner_lr=0.01)
+    loss = data_fusion_loss(config, layout, ["copy", "reverse"], seed=0)
+    own = to_flat(to_canonical(load_adapter(lab_catalog.dirs["copy"]), layout)).requires_grad_(True)
+    value = loss(own, ("copy", "reverse"))
+    value.backward()
+    assert torch.isfinite(value) and own.grad.abs().sum() > 0
+    # The copy adapter is better than nothing on copy.
+    zero = torch.zeros(layout.size)
+    assert float(loss(own.detach(), ("copy",))) < float(loss(zero, ("copy",)))
+
+
+def test_fusion_loss_choice(lab_catalog, tmp_path):
+    catalog = lab_catalog.catalog
+    assert resolve_fusion_loss(cfg(catalog.uri, tmp_path), catalog, ["copy", "reverse"]) == "data"
+    assert resolve_fusion_loss(cfg(catalog.uri, tmp_path, fusion_loss="proxy"), catalog, ["copy"]) == "proxy"
+    synthetic = Catalog(tmp_path / "synthetic")
+    synthesize(synthetic, 8, parse_layout("tiny"), num_tasks=2, seed=0)
+    tasks = sorted(synthetic.tasks())
+    assert resolve_fusion_loss(cfg(synthetic.uri, tmp_path), synthetic, tasks) == "proxy"  # auto falls back
+    with pytest.raises(MetaConfigError, match="no definition"):
+        resolve_fusion_loss(cfg(synthetic.uri, tmp_path, fusion_loss="data"), synthetic, tasks)
+
+
+def test_task_selection_faults_are_listed_together(tmp_path):
+    with pytest.raises(MetaConfigError) as info:
+        load_config(
+            {
+                "catalog": "c",
+                "out": "o",
+                "tasks": ["a", "b"],
+                "exclude_tasks": ["b"],
+                "train": {"steps": 5, "checkpoint_every": 10},
+            }
+        )
+    assert "exclude_tasks both name ['b']" in str(info.value)
+    assert "checkpoint_every must be <= train.steps" in str(info.value)
+    with pytest.raises(MetaConfigError, match=r"train\.inner_steps"):
+        load_config({"catalog": "c", "out": "o", "train": {"inner_steps": -1}})
+    config = load_config({"catalog": "c", "out": "o", "exclude_tasks": ["b"]})
+    assert config.task_filter(["a", "b", "c"]) == ["a", "c"]

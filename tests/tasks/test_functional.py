@@ -1,0 +1,183 @@
+"""LoraHost and the few-shot objective: factors substituted per call equal PEFT's applied adapter,
+gradients reach the factors, the base is never modified; predefined splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.adapters import load_adapter
+from engine.adapters.codec import to_canonical, to_flat
+from engine.adapters.layout import Layout
+from engine.fusion import fuse_adapters
+from engine.tasks import TaskDefinition, load_task, load_task_examples, save_task, task_model
+from engine.tasks.apply import adapted
+from engine.tasks.errors import ExamplesError, TaskError
+from engine.tasks.fewshot import FewShotObjective
+from engine.tasks.functional import LoraHost, adapter_factors
+from tests.tasks.conftest import save_lora, sentiment_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def lab_host(lab_catalog):
+    catalog = lab_catalog.catalog
+    definition = load_task(catalog, "copy")
+    return LoraHost(task_model(definition.model), catalog.layout())
+
+
+def eval_rows(lab_catalog, task):
+    return load_task_examples(load_task(lab_catalog.catalog, task), lab_catalog.catalog).eval.to_list()
+
+
+def test_substituted_factors_match_peft_and_leave_the_base_alone(lab_catalog, lab_host):
+    model = lab_host.task_model
+    rows = eval_rows(lab_catalog, "copy")
+    adapter = load_adapter(lab_catalog.dirs["copy"])
+    before = {
+        k: v.clone() for k, v in lab_host.model.get_base_model().state_dict().items() if "lora" not in k
+    }
+    got = lab_host.metrics(adapter_factors(adapter, lab_host.layout), rows)
+    # The flat canonical form (scaling folded, rank padded, gauge) gives the same numbers.
+    flat = to_flat(to_canonical(adapter, lab_host.layout, gauge=True))
+    assert lab_host.metrics(flat, rows)["loss"] == pytest.approx(got["loss"], rel=1e-5)
+    base = model.build_base()
+    with adapted(base, lab_catalog.dirs["copy"]) as peft_model:
+        want = model.metrics(peft_model, rows)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["exact_match"] == want["exact_match"]
+    assert lab_host.metrics(None, rows)["loss"] == pytest.approx(model.metrics(base, rows)["loss"], rel=1e-5)
+    after = lab_host.model.get_base_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradients_reach_the_flat_vector(lab_catalog, lab_host):
+    adapter = load_adapter(lab_catalog.dirs["copy"])
+    flat = to_flat(to_canonical(adapter, lab_host.layout)).requires_grad_(True)
+    lab_host.loss(flat, eval_rows(lab_catalog, "copy")[:8]).backward()
+    assert flat.grad is not None and flat.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lab_host.model.parameters())
+
+
+def test_factors_of_any_rank_work(lab_catalog, lab_host):
+    """A cat fusion has rank 2r > r_max: the host still scores it exactly."""
+    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    fused = fuse_adapters(adapters, "cat", [0.5, 0.5]).adapter
+    assert max(m.rank for m in fused.modules.values()) > lab_host.layout.r_max
+    rows = eval_rows(lab_catalog, "reverse")
+    model = lab_host.task_model
+    with adapted(model.build_base(), fused_dir := _save(fused, lab_catalog.root / "cat-fused")) as peft_model:
+        want = model.metrics(peft_model, rows)["loss"]
+    assert fused_dir.is_dir()
+    assert lab_host.metrics(adapter_factors(fused, lab_host.layout), rows)["loss"] == pytest.approx(
+        want, rel=1e-5
+    )
+
+
+def _save(adapter, path):
+    from engine.adapters import save_adapter
+
+    return save_adapter(adapter, path, overwrite=True)
+
+
+def test_heads_are_substituted(bert_spec, tmp_path):
+    model = task_model(bert_spec)
+    base = model.build_base()
+    adapter_dir = save_lora(
+        base, tmp_path / "a", seed=3, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
+    adapter = load_adapter(adapter_dir)
+    assert adapter.extras, "the classifier head travels with the adapter"
+    layout = Layout.from_adapters([adapter], "tests/tiny-bert", r_max=4)
+    host = LoraHost(model, layout)
+    rows = sentiment_rows(12)
+    with adapted(model.build_base(), adapter_dir) as peft_model:
+        want = model.metrics(peft_model, rows)
+    got = host.metrics(adapter_factors(adapter, layout), rows, head=adapter.extras)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["accuracy"] == want["accuracy"]
+    with pytest.raises(TaskError, match="no matching parameter"):
+        host.metrics(None, rows, head={"nonexistent.weight": torch.zeros(1)})
+
+
+def test_a_layout_of_another_model_is_refused(bert_spec, lab_catalog):
+    with pytest.raises(TaskError, match=r"no nn\.Linear"):
+        LoraHost(task_model(bert_spec), lab_catalog.catalog.layout())
+
+
+def test_objective_from_catalog_split_and_sampling(lab_catalog):
+    catalog = lab_catalog.catalog
+    objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], catalog.layout(), k=6)
+    assert {t: s.count for t, s in objective.shots.items()} == {"copy": 6, "reverse": 6}
+    adapter = load_adapter(lab_catalog.dirs["copy"])
+    flat = to_flat(to_canonical(adapter, catalog.layout()))
+    assert objective.adapter_loss(adapter) == pytest.approx(float(objective.loss(flat)), rel=1e-5)
+    # Each task's own adapter is better on its own task than the bare base.
+    assert float(objective.task_loss(flat, "copy")) < float(objective.task_loss(None, "copy"))
+    first, second = objective.split(0.5, seed=1)
+    assert first.shots["copy"].count + second.shots["copy"].count == 6
+    rows = lambda o: {tuple(r.tolist()) for r in o.shots["copy"].batch["input_ids"]}  # noqa: E731
+    assert not rows(first) & rows(second)
+    generator = torch.Generator().manual_seed(0)
+    sampled = objective.loss(flat, ["copy"], sample=2, generator=generator)
+    assert torch.isfinite(sampled)
+    with pytest.raises(TaskError, match="no few-shot examples"):
+        objective.loss(flat, ["sort"])
+
+
+def test_predefined_split_column(lab_spec, tmp_path, lab_catalog):
+    rows = [
+        {"prompt": "<copy> 1 <sep>", "completion": "1", "split": s} for s in ["train", "support", "eval"] * 3
+    ]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    definition = TaskDefinition(name="pre", model=lab_spec, examples=str(path), split={"column": "split"})
+    splits = load_task_examples(definition)
+    assert (splits.train.num_rows, splits.support.num_rows, splits.eval.num_rows) == (3, 3, 3)
+    assert splits.eval.column_names == ["prompt", "completion"]
+    assert list(splits.indices["support"]) == [1, 4, 7]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(rows[0], split="test"), rows[1]])
+    with pytest.raises(ExamplesError, match=r"row 0: split 'test'.*|no example has split 'eval'"):
+        load_task_examples(definition.model_copy(update={"examples": str(bad)}))
+    # Stored and read back from a catalog like any definition.
+    save_task(lab_catalog.catalog, definition, overwrite=True)
+    assert (
+        json.loads(json.dumps(load_task(lab_catalog.catalog, "pre").split.model_dump()))["column"] == "split"
+    )
+
+
+def tiny_artifact(layout):
+    from engine.fvae.config import FVAEConfig
+    from engine.fvae.model import FVAE
+    from engine.fvae.normalize import SlotNormalizer
+    from engine.meta.artifact import FVAEArtifact
+
+    torch.manual_seed(0)
+    model = FVAE(
+        FVAEConfig(input_dim=layout.size, cond_dim=8, depth=4, channels=4, max_channels=8, latent_dim=16)
+    )
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
+    vectors = {t: torch.randn(8) for t in ("copy", "reverse")}
+    return FVAEArtifact(model.eval(), normalizer, layout, vectors, {"gauge": True})
+
+
+def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
+    catalog = lab_catalog.catalog
+    layout = catalog.layout()
+    artifact = tiny_artifact(layout)
+    objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
+    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    common = dict(tasks=["copy", "reverse"], seed=0)
+    plain = fuse_adapters(adapters, "icm", context={"fvae": artifact}, **common)
+    refined = fuse_adapters(
+        adapters,
+        "icm",
+        params={"refine_steps": 15, "refine_lr": 0.2},
+        context={"fvae": artifact, "objective": objective},
+        **common,
+    )
+    record = refined.provenance["details"]["refine"]
+    assert record["support_loss_best"] < record["support_loss_start"]
+    assert objective.adapter_loss(refined.adapter) < objective.adapter_loss(plain.adapter)
+    assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_best"], rel=1e-4)
+    with pytest.raises(ValueError, match="needs few-shot examples"):
+        fuse_adapters(adapters, "icm", params={"refine_steps": 2}, context={"fvae": artifact}, **common)
