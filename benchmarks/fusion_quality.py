@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.lab import load_lab
 from benchmarks.quality.harness import SuiteHarness
-from benchmarks.quality.methods import BASELINES, MethodRow, run_row
+from benchmarks.quality.icm import trained_fvae, unseen_tasks
+from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
 
 DEFAULT_LAB = RESULTS / "lab" / "standard-seed0"
 
@@ -42,53 +44,79 @@ def task_sets(tasks: list[str], k: int, count: int, seed: int) -> list[list[str]
     return seen
 
 
-def evaluate_suite(
-    harness: SuiteHarness, rows: list[MethodRow], ks: list[int], sets: int, seed: int, log
-) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "tasks": harness.tasks,
-        "own_adapters": harness.own_ids,
-        "base": harness.base_metrics,
-        "own": harness.own_metrics,
-        "by_k": {},
-    }
-    for k in ks:
-        if k > len(harness.tasks):
-            continue
-        entries = []
-        for subset in task_sets(harness.tasks, k, sets, seed):
-            adapters = [harness.own[t] for t in subset]
-            entry = {"tasks": subset, "methods": harness.reference_rows(subset)}
-            for row in rows:
-                start = time.perf_counter()
-                fused, details = run_row(row, adapters, subset, seed, lambda s=subset: harness.objective(s))
-                fuse_s = time.perf_counter() - start
-                scored = harness.score(fused, subset)
-                scored.update(details=details, fuse_seconds=fuse_s)
-                entry["methods"][row.label] = scored
-                log(
-                    f"{harness.name} K={k} {subset}: {row.label:24s} G={_fmt(scored['mean_gap'])} "
-                    f"worst={_fmt(scored['worst_gap'])} ({fuse_s:.1f}s)"
-                )
-            entries.append(entry)
-        results["by_k"][str(k)] = {"sets": entries, "summary": summarize(entries)}
-    return results
+def evaluate_sets(
+    harness: SuiteHarness,
+    rows: list[MethodRow],
+    subsets: list[list[str]],
+    seed: int,
+    log,
+    context: dict[str, Any] | None = None,
+    support_k: int | None = None,
+    unseen: list[str] = (),
+    adapters: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Fuse and score every task set with every row; ``adapters`` overrides the own adapters as inputs."""
+    entries = []
+    for subset in subsets:
+        inputs = [(adapters or harness.own)[t] for t in subset]
+        entry = {
+            "tasks": subset,
+            "unseen": [t for t in subset if t in unseen],
+            "methods": harness.reference_rows(subset),
+        }
+        for row in rows:
+            start = time.perf_counter()
+            fused, details = run_row(
+                row, inputs, subset, seed, lambda s=subset: harness.objective(s, support_k), context
+            )
+            fuse_s = time.perf_counter() - start
+            scored = harness.score(fused, subset)
+            scored.update(details=details, fuse_seconds=fuse_s)
+            entry["methods"][row.label] = scored
+            log(
+                f"{harness.name} K={len(subset)} {subset}: {row.label:24s} G={_fmt(scored['mean_gap'])} "
+                f"worst={_fmt(scored['worst_gap'])} G_acc={_fmt(scored.get('mean_gap_accuracy'))} ({fuse_s:.1f}s)"
+            )
+        entries.append(entry)
+    return entries
 
 
 def summarize(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per method: mean over task sets of mean G, worst G and mean loss."""
+    """Per method: mean over task sets of each gap / loss statistic."""
     labels = entries[0]["methods"].keys()
+    keys = [k for k in entries[0]["methods"]["base"] if k.startswith(("mean_", "worst_"))]
     summary = {}
     for label in labels:
         values = [e["methods"][label] for e in entries]
         summary[label] = {
-            key: sum(v[key] for v in values) / len(values) for key in ("mean_gap", "worst_gap", "mean_loss")
+            key: sum(v[key] for v in values) / len(values)
+            for key in keys
+            if all(v.get(key) is not None for v in values)
         }
     return summary
 
 
+def per_task_gaps(
+    entries: list[dict[str, Any]], tasks: list[str], key: str = "gap"
+) -> dict[str, dict[str, float]]:
+    """Per method: each task's mean G over the sets that contain it (only ``tasks``)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for entry in entries:
+        for label, result in entry["methods"].items():
+            for task, values in result.get("tasks", {}).items():
+                if task in tasks and values.get(key) is not None:
+                    out.setdefault(label, {}).setdefault(task, []).append(values[key])
+    return {label: {t: sum(v) / len(v) for t, v in by_task.items()} for label, by_task in out.items()}
+
+
 def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:+.3f}"
+
+
+def _keys(data: dict[str, Any]) -> tuple[str, str]:
+    gap = data.get("primary_gap", "gap")
+    suffix = gap.removeprefix("gap")
+    return f"mean_gap{suffix}", f"worst_gap{suffix}"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -98,43 +126,199 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     suites = results["suites"]
-    fig, axes = plt.subplots(len(suites), 1, figsize=(13, 4.2 * len(suites)), squeeze=False)
+    fig, axes = plt.subplots(len(suites), 1, figsize=(14, 4.5 * len(suites)), squeeze=False)
     for ax, (suite, data) in zip(axes[:, 0], suites.items(), strict=True):
+        mean_key, worst_key = _keys(data)
         ks = list(data["by_k"])
         labels = [m for m in data["by_k"][ks[0]]["summary"] if m not in ("base", "own")]
         width = 0.8 / len(labels)
+        cmap = plt.get_cmap("tab20")
         for i, label in enumerate(labels):
             xs = [j + i * width for j in range(len(ks))]
-            means = [data["by_k"][k]["summary"][label]["mean_gap"] for k in ks]
-            worst = [data["by_k"][k]["summary"][label]["worst_gap"] for k in ks]
-            bars = ax.bar(xs, means, width, label=label)
-            ax.scatter(xs, worst, marker="_", color=bars[0].get_facecolor(), s=80, zorder=3)
+            means = [data["by_k"][k]["summary"][label].get(mean_key, float("nan")) for k in ks]
+            worst = [data["by_k"][k]["summary"][label].get(worst_key, float("nan")) for k in ks]
+            color = cmap(i % 20)
+            ax.bar(xs, means, width, label=label, color=color, edgecolor="black" if "icm" in label else None)
+            ax.scatter(xs, worst, marker="_", color="black", s=60, zorder=3)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"K = {k}" for k in ks])
-        ax.set_ylabel("gap closure G (bar: mean, tick: worst task)")
-        ax.set_title(f"{suite}: fused adapters vs each task's own adapter (G = 1) and the base (G = 0)")
-        ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.1)
-        ax.legend(ncol=4, fontsize=7, loc="lower left")
+        metric = "accuracy" if "accuracy" in mean_key else "loss"
+        ax.set_ylabel(f"gap closure G on {metric}\n(bar: mean, tick: worst task)")
+        ax.set_title(f"{suite}: fused vs each task's own adapter (G = 1) and the base (G = 0)")
+        ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.3)
+        ax.legend(ncol=5, fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _summary_table(summary: dict[str, Any], mean_key: str, worst_key: str, title: str) -> list[str]:
+    lines = [f"\n{title}", "| method | mean G | worst G | mean loss |", "|---|---|---|---|"]
+    for label, values in summary.items():
+        if mean_key in values:
+            lines.append(
+                f"| {label} | {values[mean_key]:.2f} | {values[worst_key]:.2f} | {values['mean_loss']:.3f} |"
+            )
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     for suite, data in results["suites"].items():
+        mean_key, worst_key = _keys(data)
         ks = list(data["by_k"])
-        lines.append(f"\n{suite}: mean G / worst G (mean loss)")
+        metric = "accuracy" if "accuracy" in mean_key else "loss"
+        lines.append(
+            f"\n{suite}: G on {metric}, mean / worst over {results['sets_per_k']} task sets (mean loss)"
+        )
         lines.append("| method | " + " | ".join(f"K = {k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 1) + "|")
         for label in data["by_k"][ks[0]]["summary"]:
             cells = []
             for k in ks:
-                s = data["by_k"][k]["summary"][label]
-                cells.append(f"{s['mean_gap']:.2f} / {s['worst_gap']:.2f} ({s['mean_loss']:.3f})")
+                v = data["by_k"][k]["summary"].get(label, {})
+                cells.append(
+                    f"{v[mean_key]:.2f} / {v[worst_key]:.2f} ({v['mean_loss']:.3f})"
+                    if mean_key in v
+                    else "n/a"
+                )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for k in ks:
+            for part in ("seen", "unseen"):
+                summary = data["by_k"][k].get(f"summary_{part}_sets")
+                if summary and data.get("unseen"):
+                    lines += _summary_table(
+                        summary,
+                        mean_key,
+                        worst_key,
+                        f"{suite} K={k}, sets with {part} tasks only"
+                        if part == "seen"
+                        else f"{suite} K={k}, sets containing unseen tasks {data['unseen']}",
+                    )
+        if "unseen_task_gaps" in data:
+            lines.append(f"\n{suite}: per unseen task, mean G over the sets holding it")
+            for label, gaps in data["unseen_task_gaps"].items():
+                lines.append(f"  {label:24s} " + "  ".join(f"{t} {g:+.2f}" for t, g in gaps.items()))
+        if "fewshot" in data:
+            lines += _summary_table(
+                data["fewshot"]["summary"],
+                mean_key,
+                worst_key,
+                f"{suite}: few-shot k = {data['fewshot']['k']}, K = 4",
+            )
+        if "longtail" in data:
+            lt = data["longtail"]
+            lines += _summary_table(
+                lt["summary"],
+                mean_key,
+                worst_key,
+                f"{suite}: long-tailed catalog, K = 4 (adapters per task {lt['adapters_per_task']})",
+            )
+            lines.append(f"  tail tasks {lt['tail_tasks']}:")
+            for label, gaps in lt["tail_task_gaps"].items():
+                lines.append(f"  {label:24s} " + "  ".join(f"{t} {g:+.2f}" for t, g in gaps.items()))
     return "\n".join(lines)
+
+
+# Few-shot examples every few-shot row (lorahub, tuned/fitted weights, icm refinement) sees per
+# task, and icm's refinement steps: the encoder's MiniLM backward pass is ~10x the char Llama's.
+SUPPORT_K = {"encoder": 16, "generative": None}
+REFINE_STEPS = {"encoder": 50, "generative": 100}
+FEWSHOT_ROWS = ("lorahub", "task_arithmetic-tuned", "task_arithmetic-fitted", "icm+refine+span")
+
+
+def suite_icm_rows(name: str) -> list[MethodRow]:
+    rows = []
+    for row in ICM_ROWS:
+        params = dict(row.params)
+        if "refine_steps" in params:
+            params["refine_steps"] = REFINE_STEPS[name]
+        rows.append(replace(row, params=params))
+    return rows
+
+
+def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) -> dict[str, Any]:
+    suite = lab["suites"][name]
+    harness = SuiteHarness.build(lab, name, max_eval=args.max_eval)
+    support_k = SUPPORT_K.get(name)
+    out: dict[str, Any] = {
+        "tasks": harness.tasks,
+        "own_adapters": harness.own_ids,
+        "base": harness.base_metrics,
+        "own": harness.own_metrics,
+        "support_k": support_k,
+        "primary_gap": "gap_accuracy" if "accuracy" in next(iter(harness.own_metrics.values())) else "gap",
+        "by_k": {},
+    }
+    context: dict[str, Any] = {}
+    unseen: list[str] = []
+    icm_rows: list[MethodRow] = []
+    if not args.no_icm:
+        from engine.meta.artifact import FVAEArtifact
+
+        unseen = unseen_tasks(name, harness.tasks, args.seed)
+        fvae_dir, config = trained_fvae(suite, name, exclude=unseen, seed=args.seed, log=log)
+        context["fvae"] = FVAEArtifact.load(fvae_dir)
+        icm_rows = suite_icm_rows(name)
+        out["fvae"] = {
+            "path": str(fvae_dir),
+            "config": config,
+            "metrics": context["fvae"].meta.get("metrics"),
+        }
+    out["unseen"] = unseen
+    everything = []
+    for k in [k for k in args.ks if k <= len(harness.tasks)]:
+        subsets = task_sets(harness.tasks, k, args.sets, args.seed)
+        entries = evaluate_sets(harness, rows + icm_rows, subsets, args.seed, log, context, support_k, unseen)
+        everything += entries
+        by_k = {"sets": entries, "summary": summarize(entries)}
+        for label, chosen in (
+            ("seen", [e for e in entries if not e["unseen"]]),
+            ("unseen", [e for e in entries if e["unseen"]]),
+        ):
+            if chosen:
+                by_k[f"summary_{label}_sets"] = summarize(chosen)
+        out["by_k"][str(k)] = by_k
+    if unseen:
+        out["unseen_task_gaps"] = per_task_gaps(everything, unseen, out["primary_gap"])
+    if icm_rows and args.fewshot_k:
+        fewshot_rows = [r for r in rows + icm_rows if r.label in FEWSHOT_ROWS]
+        subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+        entries = evaluate_sets(
+            harness, fewshot_rows, subsets, args.seed, log, context, args.fewshot_k, unseen
+        )
+        out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
+    if icm_rows and args.longtail_steps and "longtail" in suite["catalogs"]:
+        out["longtail"] = run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log)
+    return out
+
+
+def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:
+    """icm with an F-VAE meta-trained on the long-tailed catalog: tail tasks' gap closure."""
+    from engine.meta.artifact import FVAEArtifact
+
+    overrides = {"train": {"steps": args.longtail_steps}}
+    fvae_dir, config = trained_fvae(suite, name, "longtail", unseen, args.seed, overrides, log)
+    context = {"fvae": FVAEArtifact.load(fvae_dir)}
+    counts = {t: len(ids) for t, ids in suite["catalogs"]["longtail"]["adapters"].items()}
+    chosen = [
+        r for r in rows + icm_rows if r.label in ("lorahub", "task_arithmetic-fitted") or r.method == "icm"
+    ]
+    subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+    entries = evaluate_sets(harness, chosen, subsets, args.seed, log, context, support_k, unseen)
+    seen_counts = {t: c for t, c in counts.items() if t not in unseen}
+    tail = sorted(seen_counts, key=lambda t: seen_counts[t])[: max(1, len(seen_counts) // 3)]
+    return {
+        "adapters_per_task": counts,
+        "tail_tasks": tail,
+        "fvae": {"path": str(fvae_dir), "config": config},
+        "sets": entries,
+        "summary": summarize(entries),
+        "tail_task_gaps": per_task_gaps(
+            entries, tail, "gap_accuracy" if "accuracy" in next(iter(harness.own_metrics.values())) else "gap"
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -147,16 +331,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sets", type=int, default=3, help="task sets per K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-eval", type=int, default=None, help="held-out examples per task")
-    parser.add_argument("--methods", default=None, help="comma-separated row labels (default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated baseline row labels (default: all)")
+    parser.add_argument("--no-icm", action="store_true", help="baselines only (no F-VAE training)")
+    parser.add_argument("--fewshot-k", type=int, default=8, help="few-shot scenario's k (0: skip)")
+    parser.add_argument(
+        "--longtail-steps",
+        type=int,
+        default=0,
+        help="meta-training steps on the long-tailed catalog (0: skip)",
+    )
     parser.add_argument("--name", default="fusion_quality")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
     args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    args.ks = [int(k) for k in args.k.split(",")]
 
     lab = load_lab(args.lab)
     rows = list(BASELINES)
     if args.methods:
         wanted = args.methods.split(",")
         rows = [r for r in rows if r.label in wanted]
-    ks = [int(k) for k in args.k.split(",")]
     started = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "fusion_quality",
@@ -164,16 +358,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "sets_per_k": args.sets,
         "max_eval": args.max_eval,
-        "rows": [r.__dict__ for r in rows],
+        "rows": [r.__dict__ for r in rows] + ([] if args.no_icm else [r.__dict__ for r in ICM_ROWS]),
         "environment": environment(),
         "suites": {},
     }
     for suite in args.suites.split(","):
-        harness = SuiteHarness.build(lab, suite, max_eval=args.max_eval)
-        results["suites"][suite] = evaluate_suite(harness, rows, ks, args.sets, args.seed, print)
+        results["suites"][suite] = run_suite(lab, suite, args, rows, print)
+        write_json(args.name, results, out_dir)  # partial results survive an interrupted run
     results["seconds"] = time.perf_counter() - started
-    write_json(args.name, results)
-    plot(results, RESULTS / f"{args.name}.png")
+    write_json(args.name, results, out_dir)
+    plot(results, out_dir / f"{args.name}.png")
     print(table(results))
     return results
 

@@ -86,23 +86,31 @@ class SuiteHarness:
         per_task = {}
         for t in tasks:
             fused = self.host.metrics(factors, self.eval_examples[t], head=self.heads[t])
-            gap = gap_closure(self.base_metrics[t]["loss"], self.own_metrics[t]["loss"], fused["loss"])
-            per_task[t] = {"fused": fused, "gap": gap}
-        gaps = [v["gap"] for v in per_task.values() if v["gap"] is not None]
-        return {
+            base, own = self.base_metrics[t], self.own_metrics[t]
+            per_task[t] = {"fused": fused, "gap": gap_closure(base["loss"], own["loss"], fused["loss"])}
+            if "accuracy" in fused:  # classification: also close the gap in accuracy (higher is better)
+                per_task[t]["gap_accuracy"] = gap_closure(
+                    -base["accuracy"], -own["accuracy"], -fused["accuracy"]
+                )
+        result = {
             "tasks": per_task,
-            "mean_gap": sum(gaps) / len(gaps) if gaps else None,
-            "worst_gap": min(gaps) if gaps else None,
             "mean_loss": sum(v["fused"]["loss"] for v in per_task.values()) / len(per_task),
         }
+        for key, suffix in (("gap", ""), ("gap_accuracy", "_accuracy")):
+            gaps = [v[key] for v in per_task.values() if v.get(key) is not None]
+            result[f"mean_gap{suffix}"] = sum(gaps) / len(gaps) if gaps else None
+            result[f"worst_gap{suffix}"] = min(gaps) if gaps else None
+        return result
 
     def reference_rows(self, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
         """The ``base`` and ``own`` rows of a task set (G = 0 and 1 by definition)."""
         mean = lambda m: sum(m[t]["loss"] for t in tasks) / len(tasks)  # noqa: E731
-        return {
-            "base": {"mean_gap": 0.0, "worst_gap": 0.0, "mean_loss": mean(self.base_metrics)},
-            "own": {"mean_gap": 1.0, "worst_gap": 1.0, "mean_loss": mean(self.own_metrics)},
-        }
+        rows = {}
+        for label, metrics, gap in (("base", self.base_metrics, 0.0), ("own", self.own_metrics, 1.0)):
+            rows[label] = {"mean_gap": gap, "worst_gap": gap, "mean_loss": mean(metrics)}
+            if "accuracy" in metrics[tasks[0]]:
+                rows[label].update(mean_gap_accuracy=gap, worst_gap_accuracy=gap)
+        return rows
 
 
 def _base_head(suite: dict[str, Any], task: str) -> dict[str, torch.Tensor] | None:

@@ -45,7 +45,19 @@ BASELINES: tuple[MethodRow, ...] = (
     MethodRow("dare_ties", "dare_ties", weights="one", params={"density": 0.5}),
     MethodRow("magnitude_prune", "magnitude_prune", params={"density": 0.5}),
     MethodRow("lorahub", "lorahub", few_shot=True),
+    MethodRow("task_arithmetic-fitted", "task_arithmetic", weights="one", few_shot=True),
 )
+
+# ICM-Fusion rows (need a meta-trained F-VAE). ``icm`` is the paper's method as specified: latent
+# task-vector arithmetic, decode; the others add this project's few-shot steps (DESIGN.md §2.6).
+REFINE = {"refine_steps": 100, "refine_lr": 0.05}
+ICM_ROWS: tuple[MethodRow, ...] = (
+    MethodRow("icm", "icm"),
+    MethodRow("icm-mean-noproject", "icm", params={"combine": "mean", "project": False}),
+    MethodRow("icm+refine", "icm", params=REFINE, few_shot=True),
+    MethodRow("icm+refine+span", "icm", params={**REFINE, "refine_span": True}, few_shot=True),
+)
+FITTED_STEPS = 100
 
 
 def run_row(
@@ -61,9 +73,12 @@ def run_row(
     weights = row.weights_for(len(adapters))
     if row.label == "task_arithmetic-tuned":
         return _tuned_task_arithmetic(adapters, tasks, weights, seed, objective())
-    if row.few_shot and "loss_fn" not in context and row.method == "lorahub":
-        scorer = objective()
-        context["loss_fn"] = scorer.adapter_loss
+    if row.label == "task_arithmetic-fitted":
+        return _fitted_task_arithmetic(adapters, tasks, objective())
+    if row.few_shot and row.method == "lorahub":
+        context["loss_fn"] = objective().adapter_loss
+    if row.few_shot and row.method == "icm":
+        context["objective"] = objective()
     result = fuse_adapters(
         list(adapters), row.method, weights, row.params, seed=seed, tasks=list(tasks), context=context
     )
@@ -78,3 +93,37 @@ def _tuned_task_arithmetic(adapters, tasks, weights, seed, objective: FewShotObj
         if best is None or loss < best[0]:
             best = (loss, lam, fused)
     return best[2], {"lam": best[1], "support_loss": best[0]}
+
+
+def _fitted_task_arithmetic(adapters, tasks, objective: FewShotObjective):
+    """``sum_t beta_t dW_t`` with ``beta`` fitted by Adam on the support loss (AdaMerging-like at
+    task level; the same optimiser, steps and step size as icm's refinement, so the comparison
+    isolates what the F-VAE adds)."""
+    import torch
+
+    from engine.tasks.functional import adapter_factors
+
+    layout = objective.host.layout
+    factors = [adapter_factors(a, layout) for a in adapters]
+    beta = torch.full((len(adapters),), 1.0 / len(adapters), requires_grad=True)
+    optimizer = torch.optim.Adam([beta], lr=REFINE["refine_lr"])
+    best = (float("inf"), None)
+    for step in range(FITTED_STEPS + 1):
+        combined = [
+            (
+                torch.cat([f[m][0] for f in factors]),
+                torch.cat([f[m][1] * beta[t] for t, f in enumerate(factors)], 1),
+            )
+            for m in range(len(layout.modules))
+        ]
+        loss = objective.loss(combined, tasks)
+        if float(loss.detach()) < best[0]:
+            best = (float(loss.detach()), beta.detach().clone())
+        if step == FITTED_STEPS:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights = [float(b) for b in best[1]]
+    fused = fuse_adapters(list(adapters), "cat", weights).adapter
+    return fused, {"weights": weights, "support_loss": best[0]}

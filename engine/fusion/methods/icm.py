@@ -18,13 +18,14 @@ from typing import Literal
 import pydantic
 import torch
 
-from engine.adapters.codec import from_flat, to_canonical, to_flat, to_lora
+from engine.adapters.codec import from_flat, to_canonical, to_flat, to_lora, unflatten
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
 from engine.fvae.latent import fuse_latents
 from engine.meta.taskvec import project
+from engine.tasks.functional import adapter_factors
 
 
 class IcmParams(pydantic.BaseModel):
@@ -44,6 +45,12 @@ class IcmParams(pydantic.BaseModel):
         1e-3, ge=0, description="L2 pull of the refined code towards the fused one (per latent unit)"
     )
     refine_weights: bool = pydantic.Field(True, description="refine the fusion weights alpha too")
+    refine_condition: bool = pydantic.Field(False, description="refine the fused task vector too")
+    refine_span: bool = pydantic.Field(
+        False,
+        description="add the input adapters' exact deltas with refined weights (output rank grows by "
+        "the inputs' ranks unless `rank` truncates)",
+    )
 
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
@@ -74,16 +81,28 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
     details: dict = {}
+    span = None
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
-        fused, details = refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params)
+        inputs_factors = [adapter_factors(a, layout) for a in inputs.adapters] if params.refine_span else None
+        fused, span, details = refine_latent(
+            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors
+        )
     mask = torch.stack([c.mask for c in canon]).any(dim=0)
     lora = to_lora(from_flat(fused, layout, mask), trim=True)
     modules = {}
     for name, module in lora.modules.items():
-        A, B = (
-            (module.A, module.B) if params.rank is None else truncate_lowrank(module.A, module.B, params.rank)
-        )
+        A, B = module.A, module.B
+        if span is not None:  # exact sum: decoded delta + sum_t beta_t dW_t (ranks concatenate)
+            parts = [
+                (adapter.modules[name], float(beta))
+                for adapter, beta in zip(inputs.adapters, span, strict=True)
+                if name in adapter.modules
+            ]
+            A = torch.cat([A] + [m.A.float() for m, _ in parts])
+            B = torch.cat([B] + [m.B.float() * (m.scaling * beta) for m, beta in parts], dim=1)
+        if params.rank is not None:
+            A, B = truncate_lowrank(A, B, params.rank)
         modules[name] = LoraModule(A=A, B=B, scaling=1.0)
     adapter = fused_adapter(inputs, modules)
     if details:
@@ -111,43 +130,67 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
     return objective
 
 
-def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params):
+def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors=None):
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
-    the fused code, minimising the fused adapter's support loss over all tasks plus an L2 pull
-    towards the unrefined code. The decoder is frozen, so the adapter stays on the F-VAE's
-    manifold (which is what keeps a few shots from overfitting). Returns the best adapter seen
-    (lowest support loss) and a record of the search.
+    the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
+    adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
+    is frozen, so the adapter stays on the F-VAE's manifold, which is what keeps a few shots from
+    overfitting.
 
-    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``; returns ``[N]`` in weight space.
+    With ``inputs_factors`` (``refine_span``), the fused adapter is the decoded one plus
+    ``sum_t beta_t dW_t`` over the input adapters' exact deltas, ``beta`` starting at 0 and refined
+    too: the search covers the generator's manifold and the span of the inputs.
+
+    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``. Returns the best decoded adapter
+    seen (lowest support loss) ``[N]`` in weight space, its ``beta [K]`` (or None), and a record.
     """
     model.requires_grad_(False)
     weights = alpha.clone().requires_grad_(params.refine_weights)
     residual = torch.zeros(mu.shape[1], requires_grad=True)
+    cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
+    beta = torch.zeros(mu.shape[0], requires_grad=inputs_factors is not None)
     trainable = [residual] + ([weights] if params.refine_weights else [])
+    trainable += [cond_residual] if params.refine_condition else []
+    trainable += [beta] if inputs_factors is not None else []
     optimizer = torch.optim.Adam(trainable, lr=params.refine_lr)
-    best = (float("inf"), None, -1)
+    best = (float("inf"), None, None, -1)
     history = []
     for step in range(params.refine_steps + 1):
         z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
-        z_f = z_f + residual
+        z_f, v_f = z_f + residual, v_f + cond_residual
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
-        support = objective.loss(fused, tasks)
+        candidate = (
+            fused
+            if inputs_factors is None
+            else _with_span(fused, objective.host.layout, inputs_factors, beta)
+        )
+        support = objective.loss(candidate, tasks)
         value = float(support.detach())
         if value < best[0]:
-            best = (value, fused.detach().clone(), step)
+            best = (value, fused.detach().clone(), beta.detach().clone(), step)
         history.append(value)
         if step == params.refine_steps:
             break
-        loss = support + params.refine_reg * residual.pow(2).sum()
+        loss = support + params.refine_reg * (residual.pow(2).sum() + cond_residual.pow(2).sum())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    details = {
-        "refine": {
-            "support_loss_start": history[0],
-            "support_loss_best": best[0],
-            "best_step": best[2],
-            "weights": [float(w) for w in weights.detach()],
-        }
+    record = {
+        "support_loss_start": history[0],
+        "support_loss_best": best[0],
+        "best_step": best[3],
+        "weights": [float(w) for w in weights.detach()],
     }
-    return best[1], details
+    if inputs_factors is not None:
+        record["span_weights"] = [float(b) for b in best[2]]
+    return best[1], (best[2] if inputs_factors is not None else None), {"refine": record}
+
+
+def _with_span(fused: torch.Tensor, layout, inputs_factors, beta: torch.Tensor):
+    """Per-module factors of ``decoded + sum_t beta_t dW_t`` (ranks concatenated; differentiable)."""
+    factors = []
+    for m, (A, B) in enumerate(unflatten(fused, layout)):
+        A_parts = [A] + [f[m][0] for f in inputs_factors]
+        B_parts = [B] + [f[m][1] * beta[t] for t, f in enumerate(inputs_factors)]
+        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
+    return factors
