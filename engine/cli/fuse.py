@@ -53,6 +53,12 @@ def register(commands) -> None:
     p.add_argument(
         "--model", metavar="FVAE_DIR", help="trained F-VAE (output of `icmf train`), for --method icm"
     )
+    p.add_argument(
+        "--shots",
+        type=int,
+        metavar="K",
+        help="few-shot examples per task for lorahub and icm refinement (default: the task's support split)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--overwrite", action="store_true")
@@ -69,13 +75,16 @@ def fuse(args) -> int:
         from engine.meta.artifact import FVAEArtifact
 
         context["fvae"] = FVAEArtifact.load(args.model)
+    params = dict(args.param)
+    if args.method == "lorahub" or (args.method == "icm" and params.get("refine_steps")):
+        context.update(_few_shot_context(catalog, args, context.get("fvae")))
     result = fuse_from_catalog(
         catalog,
         args.method,
         adapter_ids=args.adapters,
         tasks=args.tasks,
         weights=args.weights,
-        params=dict(args.param),
+        params=params,
         seed=args.seed,
         context=context,
     )
@@ -86,3 +95,20 @@ def fuse(args) -> int:
         f"fused [{inputs}] with {args.method} -> {path} (rank {'/'.join(map(str, ranks))})", markup=False
     )
     return 0
+
+
+def _few_shot_context(catalog, args, artifact) -> dict:
+    """The few-shot objective over the fused tasks' support examples (task definitions in the catalog)."""
+    from engine.tasks.fewshot import FewShotObjective
+
+    if args.tasks:
+        tasks = list(args.tasks)
+        layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
+    else:
+        entries = [catalog.get(i) for i in args.adapters]
+        tasks = list(dict.fromkeys(e["task"] for e in entries))
+        layout = catalog.layout(entries[0]["layout_id"])
+    if artifact is not None:
+        layout = artifact.layout
+    objective = FewShotObjective.from_catalog(catalog, tasks, layout, k=args.shots)
+    return {"objective": objective, "loss_fn": objective.adapter_loss}

@@ -181,3 +181,28 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
     assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_best"], rel=1e-4)
     with pytest.raises(ValueError, match="needs few-shot examples"):
         fuse_adapters(adapters, "icm", params={"refine_steps": 2}, context={"fvae": artifact}, **common)
+
+
+def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_path):
+    from engine.cli.main import main
+
+    catalog = lab_catalog.catalog
+    common = ["fuse", "--catalog", catalog.uri, "--tasks", "copy,reverse", "--shots", "4", "--seed", "1"]
+    assert main([*common, "--method", "lorahub", "--param", "budget=6", "--out", str(tmp_path / "hub")]) == 0
+    details = json.loads((tmp_path / "hub" / "icmf_provenance.json").read_text())["details"]
+    assert len(details["weights"]) == 2
+    artifact_dir = tiny_artifact(catalog.layout()).save(str(tmp_path / "fvae"))
+    args = [
+        "--method",
+        "icm",
+        "--model",
+        artifact_dir,
+        "--param",
+        "refine_steps=3",
+        "--param",
+        "refine_span=true",
+    ]
+    assert main([*common, *args, "--out", str(tmp_path / "icm")]) == 0
+    record = json.loads((tmp_path / "icm" / "icmf_provenance.json").read_text())["details"]["refine"]
+    assert record["support_loss_best"] <= record["support_loss_start"] and len(record["span_weights"]) == 2
+    load_adapter(tmp_path / "icm")  # a stock, loadable adapter
