@@ -102,6 +102,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, ray_session):
     ]
     code, out, _ = run(capsys, *argv)
     assert code == 0 and "demo finished" in out
-    for method in ("task_arithmetic", "ties", "icm"):
+    for method in ("task_arithmetic", "ties", "lorahub", "icm", "icm+refine+span"):
         assert method in out and (tmp_path / "demo" / "fused" / method / "adapter_model.safetensors").exists()
+    assert (tmp_path / "demo" / "fusion_quality.png").stat().st_size > 0
     assert (tmp_path / "demo" / "catalog" / "manifest" / "v00000004.parquet").exists()
