@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 from engine.errors import CatalogError
 
 
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, root path)`` for a catalog URI or local path."""
+    uri = os.fspath(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
@@ -129,3 +130,23 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
     except OSError:
         pass
+
+
+def upload_dir(
+    local_dir: str | os.PathLike, uri: str, overwrite: bool = False, last: str | None = None
+) -> str:
+    """Copy the files directly in ``local_dir`` to the directory ``uri`` (a local path or an object
+    store prefix); ``last`` (e.g. the file readers look for first) is written after the others,
+    so a reader that finds it finds the rest whole. Returns the destination path.
+
+    Raises:
+        CatalogError: ``uri`` already holds files and ``overwrite`` is false.
+    """
+    fs, root = resolve_uri(uri)
+    if list_names(fs, root) and not overwrite:
+        raise CatalogError(f"{uri} already exists; choose a new location or pass overwrite")
+    names = sorted(os.listdir(local_dir), key=lambda name: (name == last, name))
+    for name in names:
+        with open(os.path.join(local_dir, name), "rb") as handle:
+            write_bytes_atomic(fs, join(root, name), handle.read())
+    return root

@@ -60,7 +60,9 @@ def register(commands) -> None:
         help="few-shot examples per task for lorahub and icm refinement (default: the task's support split)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument(
+        "--out", required=True, help="output adapter directory: a local path or s3://, gs://, ... URI"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=fuse)
 

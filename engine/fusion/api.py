@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,7 @@ from engine import __version__
 from engine.adapters.io import save_adapter
 from engine.adapters.lora import LoraAdapter
 from engine.catalog.catalog import Catalog
+from engine.catalog.fs import upload_dir
 from engine.fusion.registry import FusionConfigError, FusionInputs, get_method
 
 PROVENANCE_FILE = "icmf_provenance.json"
@@ -28,10 +30,17 @@ class FusionResult:
     adapter: LoraAdapter
     provenance: dict[str, Any]
 
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write a stock PEFT adapter directory plus ``icmf_provenance.json``, atomically.
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path | str:
+        """Write a stock PEFT adapter directory plus ``icmf_provenance.json``, atomically; ``out_dir``
+        may be an object-store URI (``s3://...``): job outputs must outlive the worker's disk.
         Non-finite values are refused (nothing is written)."""
         sidecar = json.dumps(self.provenance, indent=2, sort_keys=True).encode()
+        if "://" in str(out_dir):  # object store: stage locally, then upload (config last)
+            with tempfile.TemporaryDirectory(prefix="icmf-fused-") as staging:
+                local = save_adapter(
+                    self.adapter, Path(staging) / "adapter", extra_files={PROVENANCE_FILE: sidecar}
+                )
+                return upload_dir(local, str(out_dir), overwrite=overwrite, last="adapter_config.json")
         return save_adapter(
             self.adapter, out_dir, overwrite=overwrite, extra_files={PROVENANCE_FILE: sidecar}
         )
