@@ -223,8 +223,9 @@ def table(results: dict[str, Any]) -> str:
 
 # Few-shot examples every few-shot row (lorahub, tuned/fitted weights, icm refinement) sees per
 # task, and icm's refinement steps: the encoder's MiniLM backward pass is ~10x the char Llama's.
-SUPPORT_K = {"encoder": 16, "generative": None}
-REFINE_STEPS = {"encoder": 50, "generative": 100}
+SUPPORT_K = {"encoder": None, "generative": None}
+REFINE_STEPS = {"encoder": 30, "generative": 100}
+CEILING = "joint-lora (ceiling)"
 FEWSHOT_ROWS = ("lorahub", "task_arithmetic-tuned", "task_arithmetic-fitted", "icm+refine+span")
 
 
@@ -238,8 +239,19 @@ def suite_icm_rows(name: str) -> list[MethodRow]:
     return rows
 
 
+def suite_rows(rows: list[MethodRow], name: str) -> list[MethodRow]:
+    """The fitted-weights ablation takes as many steps as icm's refinement on this suite."""
+    return [
+        replace(r, params={**r.params, "steps": REFINE_STEPS[name]})
+        if r.label == "task_arithmetic-fitted"
+        else r
+        for r in rows
+    ]
+
+
 def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) -> dict[str, Any]:
     suite = lab["suites"][name]
+    rows = suite_rows(rows, name)
     harness = SuiteHarness.build(lab, name, max_eval=args.max_eval)
     support_k = SUPPORT_K.get(name)
     out: dict[str, Any] = {
@@ -271,6 +283,8 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     for k in [k for k in args.ks if k <= len(harness.tasks)]:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
         entries = evaluate_sets(harness, rows + icm_rows, subsets, args.seed, log, context, support_k, unseen)
+        if suite["kind"] == "causal-lm" and not args.no_ceiling:
+            add_ceiling(harness, suite, entries, args.seed, log)
         everything += entries
         by_k = {"sets": entries, "summary": summarize(entries)}
         for label, chosen in (
@@ -289,9 +303,23 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             harness, fewshot_rows, subsets, args.seed, log, context, args.fewshot_k, unseen
         )
         out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
-    if icm_rows and args.longtail_steps and "longtail" in suite["catalogs"]:
+    if icm_rows and args.longtail_steps and name in args.longtail_suites.split(","):
         out["longtail"] = run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log)
     return out
+
+
+def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict], seed: int, log) -> None:
+    """Score each set's joint full-data LoRA (the ceiling reference row)."""
+    from benchmarks.quality.ceiling import joint_lora
+
+    for entry in entries:
+        start = time.perf_counter()
+        scored = harness.score(joint_lora(suite, entry["tasks"], seed), entry["tasks"])
+        scored["train_seconds"] = time.perf_counter() - start
+        entry["methods"][CEILING] = scored
+        log(
+            f"{harness.name} K={len(entry['tasks'])} {entry['tasks']}: {CEILING:24s} G={_fmt(scored['mean_gap'])}"
+        )
 
 
 def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:
@@ -340,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0,
         help="meta-training steps on the long-tailed catalog (0: skip)",
     )
+    parser.add_argument("--longtail-suites", default="generative", help="suites of the long-tail scenario")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
     args = parser.parse_args(argv)

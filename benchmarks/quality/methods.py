@@ -45,7 +45,7 @@ BASELINES: tuple[MethodRow, ...] = (
     MethodRow("dare_ties", "dare_ties", weights="one", params={"density": 0.5}),
     MethodRow("magnitude_prune", "magnitude_prune", params={"density": 0.5}),
     MethodRow("lorahub", "lorahub", few_shot=True),
-    MethodRow("task_arithmetic-fitted", "task_arithmetic", weights="one", few_shot=True),
+    MethodRow("task_arithmetic-fitted", "task_arithmetic", weights="one", few_shot=True),  # module-wise
 )
 
 # ICM-Fusion rows (need a meta-trained F-VAE). ``icm`` is the paper's method as specified: latent
@@ -55,7 +55,12 @@ ICM_ROWS: tuple[MethodRow, ...] = (
     MethodRow("icm", "icm"),
     MethodRow("icm-mean-noproject", "icm", params={"combine": "mean", "project": False}),
     MethodRow("icm+refine", "icm", params=REFINE, few_shot=True),
-    MethodRow("icm+refine+span", "icm", params={**REFINE, "refine_span": True}, few_shot=True),
+    MethodRow(
+        "icm+refine+span",
+        "icm",
+        params={**REFINE, "refine_span": True, "span_granularity": "module"},
+        few_shot=True,
+    ),
 )
 FITTED_STEPS = 100
 
@@ -74,7 +79,7 @@ def run_row(
     if row.label == "task_arithmetic-tuned":
         return _tuned_task_arithmetic(adapters, tasks, weights, seed, objective())
     if row.label == "task_arithmetic-fitted":
-        return _fitted_task_arithmetic(adapters, tasks, objective())
+        return _fitted_task_arithmetic(adapters, tasks, objective(), row.params.get("steps", FITTED_STEPS))
     if row.few_shot and row.method == "lorahub":
         context["loss_fn"] = objective().adapter_loss
     if row.few_shot and row.method == "icm":
@@ -95,35 +100,48 @@ def _tuned_task_arithmetic(adapters, tasks, weights, seed, objective: FewShotObj
     return best[2], {"lam": best[1], "support_loss": best[0]}
 
 
-def _fitted_task_arithmetic(adapters, tasks, objective: FewShotObjective):
-    """``sum_t beta_t dW_t`` with ``beta`` fitted by Adam on the support loss (AdaMerging-like at
-    task level; the same optimiser, steps and step size as icm's refinement, so the comparison
-    isolates what the F-VAE adds)."""
+def _fitted_task_arithmetic(adapters, tasks, objective: FewShotObjective, steps: int):
+    """``sum_t beta_{t,m} dW_{t,m}`` with per-task, per-module weights fitted by Adam on the support
+    loss (AdaMerging-like), the step picked on held-out shots — the same optimiser, step size,
+    steps, granularity and hold-out as icm's span refinement, so the comparison isolates what
+    the F-VAE adds."""
     import torch
 
+    from engine.adapters.lora import LoraModule
+    from engine.fusion.modulewise import fused_adapter
+    from engine.fusion.registry import FusionInputs
     from engine.tasks.functional import adapter_factors
 
     layout = objective.host.layout
     factors = [adapter_factors(a, layout) for a in adapters]
-    beta = torch.full((len(adapters),), 1.0 / len(adapters), requires_grad=True)
+    beta = torch.full((len(adapters), layout.num_modules), 1.0 / len(adapters), requires_grad=True)
     optimizer = torch.optim.Adam([beta], lr=REFINE["refine_lr"])
-    best = (float("inf"), None)
-    for step in range(FITTED_STEPS + 1):
+    fit, check = objective.split(0.75, seed=0)
+    best = (float("inf"), None, -1)
+    for step in range(steps + 1):
         combined = [
             (
                 torch.cat([f[m][0] for f in factors]),
-                torch.cat([f[m][1] * beta[t] for t, f in enumerate(factors)], 1),
+                torch.cat([f[m][1] * beta[t, m] for t, f in enumerate(factors)], 1),
             )
-            for m in range(len(layout.modules))
+            for m in range(layout.num_modules)
         ]
-        loss = objective.loss(combined, tasks)
-        if float(loss.detach()) < best[0]:
-            best = (float(loss.detach()), beta.detach().clone())
-        if step == FITTED_STEPS:
+        loss = fit.loss(combined, tasks)
+        with torch.no_grad():
+            held_out = float(check.loss(combined, tasks))
+        if held_out < best[0]:
+            best = (held_out, beta.detach().clone(), step)
+        if step == steps:
             break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    weights = [float(b) for b in best[1]]
-    fused = fuse_adapters(list(adapters), "cat", weights).adapter
-    return fused, {"weights": weights, "support_loss": best[0]}
+    modules = {}
+    for name in sorted({n for a in adapters for n in a.modules}):
+        m = layout.index[name]
+        parts = [(a.modules[name], float(best[1][t, m])) for t, a in enumerate(adapters) if name in a.modules]
+        A = torch.cat([p.A.float() for p, _ in parts])
+        B = torch.cat([p.B.float() * (p.scaling * w) for p, w in parts], dim=1)
+        modules[name] = LoraModule(A=A, B=B, scaling=1.0)
+    fused = fused_adapter(FusionInputs(list(adapters), [1.0] * len(adapters), list(tasks), 0, {}), modules)
+    return fused, {"weights": best[1].tolist(), "holdout_loss": best[0], "best_step": best[2]}

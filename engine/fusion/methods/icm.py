@@ -45,7 +45,13 @@ class IcmParams(pydantic.BaseModel):
         1e-3, ge=0, description="L2 pull of the refined code towards the fused one (per latent unit)"
     )
     refine_weights: bool = pydantic.Field(True, description="refine the fusion weights alpha too")
+    refine_holdout: float = pydantic.Field(
+        0.25, ge=0, lt=1, description="fraction of each task's shots kept to choose the refinement step"
+    )
     refine_condition: bool = pydantic.Field(False, description="refine the fused task vector too")
+    span_granularity: Literal["task", "module"] = pydantic.Field(
+        "task", description="refine_span weights: one per input adapter, or one per adapter and module"
+    )
     refine_span: bool = pydantic.Field(
         False,
         description="add the input adapters' exact deltas with refined weights (output rank grows by "
@@ -94,9 +100,10 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     for name, module in lora.modules.items():
         A, B = module.A, module.B
         if span is not None:  # exact sum: decoded delta + sum_t beta_t dW_t (ranks concatenate)
+            column = layout.index[name]
             parts = [
-                (adapter.modules[name], float(beta))
-                for adapter, beta in zip(inputs.adapters, span, strict=True)
+                (adapter.modules[name], float(span[t, column]))
+                for t, adapter in enumerate(inputs.adapters)
                 if name in adapter.modules
             ]
             A = torch.cat([A] + [m.A.float() for m, _ in parts])
@@ -141,20 +148,31 @@ def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, 
     ``sum_t beta_t dW_t`` over the input adapters' exact deltas, ``beta`` starting at 0 and refined
     too: the search covers the generator's manifold and the span of the inputs.
 
+    With ``refine_holdout`` > 0 the shots are split: the fit part drives Adam, the held-out part
+    picks the step (early stopping; step 0 = no refinement), so few shots cannot make it worse
+    than the unrefined fusion on data it was not fitted to.
+
     Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``. Returns the best decoded adapter
-    seen (lowest support loss) ``[N]`` in weight space, its ``beta [K]`` (or None), and a record.
+    seen (lowest held-out loss) ``[N]`` in weight space, its ``beta [K, M]`` (or None), and a record.
     """
     model.requires_grad_(False)
     weights = alpha.clone().requires_grad_(params.refine_weights)
     residual = torch.zeros(mu.shape[1], requires_grad=True)
     cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
-    beta = torch.zeros(mu.shape[0], requires_grad=inputs_factors is not None)
+    modules = objective.host.layout.num_modules
+    shape = (mu.shape[0], modules) if params.span_granularity == "module" else (mu.shape[0], 1)
+    beta = torch.zeros(shape, requires_grad=inputs_factors is not None)
     trainable = [residual] + ([weights] if params.refine_weights else [])
     trainable += [cond_residual] if params.refine_condition else []
     trainable += [beta] if inputs_factors is not None else []
     optimizer = torch.optim.Adam(trainable, lr=params.refine_lr)
+    # Fit on part of the shots, pick the step on the rest: with few shots the fit loss keeps falling
+    # long after held-out quality has turned (overfitting); step 0 is the unrefined fusion.
+    fit, check = (
+        objective.split(1 - params.refine_holdout, seed=0) if params.refine_holdout else (objective,) * 2
+    )
     best = (float("inf"), None, None, -1)
-    history = []
+    history, checks = [], []
     for step in range(params.refine_steps + 1):
         z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
         z_f, v_f = z_f + residual, v_f + cond_residual
@@ -164,11 +182,13 @@ def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, 
             if inputs_factors is None
             else _with_span(fused, objective.host.layout, inputs_factors, beta)
         )
-        support = objective.loss(candidate, tasks)
-        value = float(support.detach())
+        support = fit.loss(candidate, tasks)
+        with torch.no_grad():
+            value = float(check.loss(candidate, tasks)) if check is not fit else float(support.detach())
         if value < best[0]:
-            best = (value, fused.detach().clone(), beta.detach().clone(), step)
-        history.append(value)
+            best = (value, fused.detach().clone(), beta.detach().expand(-1, modules).clone(), step)
+        history.append(float(support.detach()))
+        checks.append(value)
         if step == params.refine_steps:
             break
         loss = support + params.refine_reg * (residual.pow(2).sum() + cond_residual.pow(2).sum())
@@ -177,12 +197,16 @@ def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, 
         optimizer.step()
     record = {
         "support_loss_start": history[0],
-        "support_loss_best": best[0],
+        "support_loss_end": history[-1],
+        "holdout_loss_start": checks[0],
+        "support_loss_best": best[0],  # on the held-out shots when refine_holdout > 0
         "best_step": best[3],
         "weights": [float(w) for w in weights.detach()],
     }
     if inputs_factors is not None:
-        record["span_weights"] = [float(b) for b in best[2]]
+        record["span_weights"] = (
+            best[2].tolist() if params.span_granularity == "module" else best[2][:, 0].tolist()
+        )
     return best[1], (best[2] if inputs_factors is not None else None), {"refine": record}
 
 
@@ -191,6 +215,6 @@ def _with_span(fused: torch.Tensor, layout, inputs_factors, beta: torch.Tensor):
     factors = []
     for m, (A, B) in enumerate(unflatten(fused, layout)):
         A_parts = [A] + [f[m][0] for f in inputs_factors]
-        B_parts = [B] + [f[m][1] * beta[t] for t, f in enumerate(inputs_factors)]
+        B_parts = [B] + [f[m][1] * beta[t, min(m, beta.shape[1] - 1)] for t, f in enumerate(inputs_factors)]
         factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
     return factors
