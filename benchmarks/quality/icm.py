@@ -24,11 +24,11 @@ CACHE = RESULTS / "tmp" / "fvae"
 # fused set; encoder episodes score 8 shots per task to keep MiniLM's backward pass affordable).
 SUITE_TRAINING: dict[str, dict[str, Any]] = {
     "generative": {
-        "fvae": {"depth": 8},
-        "train": {"steps": 3000, "max_tasks": 6, "lr": 1e-3, "fusion_loss": "data"},
+        "fvae": {"depth": 8, "norm": "instance"},
+        "train": {"steps": 1500, "max_tasks": 6, "lr": 1e-3, "fusion_loss": "data"},
     },
     "encoder": {
-        "fvae": {"depth": 8},
+        "fvae": {"depth": 8, "norm": "instance"},
         "train": {"steps": 800, "max_tasks": 6, "lr": 1e-3, "fusion_loss": "data", "shots_per_task": 8},
     },
 }

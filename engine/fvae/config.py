@@ -24,6 +24,11 @@ class FVAEConfig:
         chunk_size: chunked variant: values per chunk.
         hidden: chunked variant: width of the per-chunk MLPs.
         kl_weight: ``beta`` of the KL term (reference: 0.005).
+        norm: conv stack normalisation. ``instance`` (default): per sample and channel, so a
+            fused latent decodes the same in training and at fusion time. ``batch``: the
+            reference's BatchNorm — its batch statistics make the one-sample fused decode of an
+            episode differ between training (batch statistics) and inference (running
+            statistics); measured on the lab's generative suite, K = 2: G 0.77 vs 0.16.
     """
 
     input_dim: int
@@ -36,6 +41,7 @@ class FVAEConfig:
     chunk_size: int = 1024
     hidden: int = 256
     kl_weight: float = 0.005
+    norm: Literal["instance", "batch"] = "instance"
 
     def __post_init__(self) -> None:
         faults = []
@@ -53,6 +59,8 @@ class FVAEConfig:
                 faults.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.arch not in ("conv", "chunked"):
             faults.append(f"arch must be 'conv' or 'chunked', got {self.arch!r}")
+        if self.norm not in ("instance", "batch"):
+            faults.append(f"norm must be 'instance' or 'batch', got {self.norm!r}")
         if self.kl_weight < 0:
             faults.append(f"kl_weight must be >= 0, got {self.kl_weight}")
         if faults:
@@ -69,4 +77,5 @@ class FVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FVAEConfig:
-        return cls(**data)
+        # Artifacts written before ``norm`` existed were trained with the reference's BatchNorm.
+        return cls(**{"norm": "batch", **data})

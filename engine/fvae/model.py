@@ -18,8 +18,16 @@ def _channel_plan(config: FVAEConfig) -> list[int]:
     return [min(config.max_channels, config.channels * 2 ** (i // 2)) for i in range(config.depth)]
 
 
+def _norm(config: FVAEConfig, channels: int) -> nn.Module:
+    """Per-sample channel normalisation (``GroupNorm`` with one group per channel), or the
+    reference's ``BatchNorm1d`` (see :class:`FVAEConfig` ``norm`` for why it is not the default)."""
+    if config.norm == "batch":
+        return nn.BatchNorm1d(channels)
+    return nn.GroupNorm(channels, channels)
+
+
 class ConvFVAE(nn.Module):
-    """Reference architecture: ``depth`` x (Conv1d stride 2 + BatchNorm + LeakyReLU), mirrored by
+    """Reference architecture: ``depth`` x (Conv1d stride 2 + norm + LeakyReLU), mirrored by
     ConvTranspose1d in the decoder; the condition joins at the bottleneck."""
 
     def __init__(self, config: FVAEConfig):
@@ -30,7 +38,7 @@ class ConvFVAE(nn.Module):
         for c_out in plan:
             layers += [
                 nn.Conv1d(c_in, c_out, 4, stride=2, padding=1),
-                nn.BatchNorm1d(c_out),
+                _norm(config, c_out),
                 nn.LeakyReLU(0.2),
             ]
             c_in = c_out
@@ -45,7 +53,7 @@ class ConvFVAE(nn.Module):
             c_out = reversed_plan[i + 1] if i + 1 < len(reversed_plan) else plan[0]
             layers += [
                 nn.ConvTranspose1d(c, c_out, 4, stride=2, padding=1),
-                nn.BatchNorm1d(c_out),
+                _norm(config, c_out),
                 nn.LeakyReLU(0.2),
             ]
         self.decoder = nn.Sequential(*layers, nn.Conv1d(plan[0], 1, 3, padding=1))

@@ -28,6 +28,7 @@ class FVAESection(_Strict):
     chunk_size: int = pydantic.Field(1024, gt=0)
     hidden: int = pydantic.Field(256, gt=0)
     kl_weight: float = pydantic.Field(0.005, ge=0)
+    norm: Literal["instance", "batch"] = "instance"
 
 
 class TaskVectorSection(_Strict):

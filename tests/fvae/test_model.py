@@ -85,3 +85,20 @@ def test_normalizer_round_trip_and_degenerate_slots():
     torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
     restored = SlotNormalizer.from_state_dict(norm.state_dict())
     torch.testing.assert_close(restored.mean, norm.mean)
+
+
+def test_instance_norm_decodes_one_latent_the_same_in_training_and_inference():
+    """The fused latent is decoded alone: BatchNorm's batch statistics make that decode differ
+    between meta-training (train mode) and fusion (eval mode); the default norm does not."""
+    for norm, same in (("instance", True), ("batch", False)):
+        torch.manual_seed(0)
+        model = FVAE(FVAEConfig(input_dim=64, cond_dim=4, depth=3, channels=4, latent_dim=8, norm=norm))
+        model.train()
+        model(torch.randn(6, 64), torch.randn(6, 4))  # a training step's batch updates running stats
+        z, v = torch.randn(1, 8), torch.randn(1, 4)
+        with torch.no_grad():
+            train_mode = model.decode(z, v)
+            model.eval()
+            eval_mode = model.decode(z, v)
+        assert torch.allclose(train_mode, eval_mode, atol=1e-5) is same
+    assert FVAEConfig.from_dict({"input_dim": 8, "cond_dim": 2}).norm == "batch"  # artifacts predating `norm`
