@@ -90,10 +90,21 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="icmfc-", dir="/tmp")
         try:
             self._start_nodes(timeout_s)
-        except BaseException:
+        except BaseException as exc:
+            logs = self._log_tails()
             self.stop()
+            if isinstance(exc, (TimeoutError, RuntimeError)):
+                raise type(exc)(f"{exc}\n{logs}") from None
             raise
         return self
+
+    def _log_tails(self, lines: int = 15) -> str:
+        """The end of each `ray start` log (they are deleted with the temp dir)."""
+        tails = []
+        for log in sorted(Path(self.temp_dir).glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(tails)
 
     def _start_nodes(self, timeout_s: float) -> None:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -172,15 +183,30 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM each `ray start --block` (it stops its own raylet, GCS, dashboard, workers), then
-        SIGKILL whatever is left in its process group; workers first, head last."""
+        SIGKILL whatever is left of it: its process group, and its descendants that left the group
+        (Ray workers call setsid). Workers first, head last; nothing else is touched."""
+        import psutil
+
+        descendants = []
+        for proc in self.procs:
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 15
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(proc, signal.SIGKILL)
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.procs.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
