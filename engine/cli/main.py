@@ -13,6 +13,7 @@ from engine.cli import fuse as fuse_cmd
 from engine.cli import jobs as jobs_cmd
 from engine.cli import serve as serve_cmd
 from engine.cli import task as task_cmd
+from engine.cli import taskvec as taskvec_cmd
 from engine.cli import train as train_cmd
 from engine.errors import IcmfError
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_cmd.register(commands)
     demo_cmd.register(commands)
     task_cmd.register(commands)
+    taskvec_cmd.register(commands)
     eval_cmd.register(commands)
     fuse_cmd.register(commands)
     train_cmd.register(commands)

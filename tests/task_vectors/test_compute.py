@@ -105,11 +105,15 @@ def test_errors_name_the_cause(tv_catalog, tmp_path):
         )
 
 
-def test_adapter_not_fitting_the_model(tv_catalog):
+def test_adapter_not_fitting_the_model(tv_catalog, tmp_path):
+    import shutil
+
+    from engine.catalog import Catalog
     from engine.tasks import TaskDefinition, save_task
 
-    cat = tv_catalog.catalog
+    shutil.copytree(tv_catalog.root / "catalog", tmp_path / "cat")  # the session catalog stays as is
+    cat = Catalog(tmp_path / "cat")
     save_task(cat, TaskDefinition(name="odd", model=tv_catalog.spec, examples=str(tv_catalog.files["copy"]),
-                                  split={"eval": 4, "support": 8, "seed": 0}), overwrite=True)  # fmt: skip
+                                  split={"eval": 4, "support": 8, "seed": 0}))  # fmt: skip
     with pytest.raises(TaskError, match=r"cannot be applied to this base model|does not fit this base model"):
         compute_task_vectors(cat, ["odd"], k=K, use_ray=False)
