@@ -322,10 +322,10 @@ def compute_task_vectors(
     catalog = catalog if isinstance(catalog, Catalog) else Catalog(catalog)
     if len(set(tasks)) != len(tasks):
         raise TaskError(f"tasks named twice: {sorted({t for t in tasks if list(tasks).count(t) > 1})}")
+    if use_ray and catalog.uri.startswith("memory://"):  # fail before any work is planned
+        raise CatalogError("a memory:// catalog is not visible to Ray workers; use use_ray=False (--local)")
     plans = plan_task_vectors(catalog, tasks, k, with_adapter, examples, seed, adapters, model)
     if use_ray:
-        if catalog.uri.startswith("memory://"):
-            raise CatalogError("a memory:// catalog is not visible to Ray workers; use use_ray=False")
         results = run_on_ray(catalog, plans, concurrency, num_cpus, num_gpus, batch_size)
     else:
         results = run_in_process(catalog, plans, batch_size)

@@ -117,3 +117,16 @@ def test_adapter_not_fitting_the_model(tv_catalog, tmp_path):
                                   split={"eval": 4, "support": 8, "seed": 0}))  # fmt: skip
     with pytest.raises(TaskError, match=r"cannot be applied to this base model|does not fit this base model"):
         compute_task_vectors(cat, ["odd"], k=K, use_ray=False)
+
+
+def test_memory_catalog_computes_in_process_but_not_on_ray(tv_catalog):
+    from engine.catalog import Catalog
+
+    cat = Catalog("memory://tv-compute")
+    with pytest.raises(CatalogError, match=r"memory:// catalog is not visible to Ray workers"):
+        compute_task_vectors(
+            cat, ["fresh"], k=2, examples=str(tv_catalog.files["copy"]), model=tv_catalog.spec
+        )
+    out = compute_task_vectors(cat, ["fresh"], k=2, examples=str(tv_catalog.files["copy"]), model=tv_catalog.spec,
+                               with_adapter=False, use_ray=False)  # fmt: skip
+    assert out["fresh"].k == 2 and out["fresh"].dim == 64
