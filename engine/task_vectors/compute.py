@@ -72,6 +72,11 @@ def _examples_for(
     from engine.tasks.store import load_task, task_names
 
     definition = load_task(catalog, task) if task in task_names(catalog) else None
+    if definition is not None and model is not None and spec_hash(model) != spec_hash(definition.model):
+        raise TaskError(
+            f"task {task!r} is defined in catalog {catalog.uri} with another model spec than the one "
+            "given; drop --model (the definition's spec is used) or compute under a new task name"
+        )
     spec = definition.model if definition is not None else model
     if spec is None:
         hint = "give --examples FILE and --model SPEC" if source is None else "give --model SPEC"

@@ -99,6 +99,8 @@ def test_errors_name_the_cause(tv_catalog, tmp_path):
         compute_task_vectors(cat, ["copy"], k=K, adapters=odd, use_ray=False)
     with pytest.raises(CatalogError, match="no adapter 'nope-1'"):
         compute_task_vectors(cat, ["copy"], k=K, adapters="nope-1", use_ray=False)
+    with pytest.raises(TaskError, match="with another model spec than the one given"):
+        compute_task_vectors(cat, ["copy"], k=K, model=tv_catalog.bert, use_ray=False)
     with pytest.raises(TaskError, match="one examples file for 2 tasks"):
         compute_task_vectors(
             cat, ["copy", "reverse"], k=K, examples=str(tv_catalog.files["copy"]), use_ray=False
