@@ -1,0 +1,122 @@
+"""The serving config: the ``args`` of the Serve application in a Serve config YAML.
+
+``serve run serve/configs/lab.yaml`` hands these ``args`` to :func:`serve.app.build_app`;
+``icmf serve`` reads the same file. Every fault (bad fields and missing files) is reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from engine.errors import IcmfError
+
+
+class ServeConfigError(IcmfError, ValueError):
+    """The serving config is invalid; the message lists every fault."""
+
+
+class Limits(pydantic.BaseModel):
+    """Per-request bounds (a request over any of them gets a 4xx, never reaches the model)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    max_body_bytes: int = pydantic.Field(65536, gt=0, description="request body size")
+    max_prompt_chars: int = pydantic.Field(512, gt=0)
+    max_tokens: int = pydantic.Field(64, gt=0, description="largest max_tokens a request may ask")
+    max_model_chars: int = pydantic.Field(4096, gt=0, description="size of the 'model' field (specs)")
+
+
+class ServeConfig(pydantic.BaseModel):
+    """What one serving application hosts and how.
+
+    Attributes:
+        catalog: catalog URI; the only place adapter ids resolve.
+        base_model: the base model directory (``save_pretrained``), loaded once per replica.
+        tokenizer: a lab char tokenizer JSON file (``tokenizer_kind: char``) or a transformers
+            tokenizer directory (``hf``).
+        base_aliases: extra names of the bare base in the ``model`` field (besides ``base``).
+        fvae: an F-VAE artifact directory (``icmf train`` output); enables ``icm`` fusion specs.
+        cache_size: adapters (stored or fused) kept loaded per replica.
+        negative_ttl_s: how long a failed load is remembered.
+        batching: ``mixed`` (one forward, per-sample ``adapter_names``) or ``grouped`` (one
+            forward per adapter within a batch).
+        auth_token: bearer token clients must send; ``auth_token_env`` names an environment
+            variable that holds it instead (the env var wins when both are set).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    catalog: str
+    base_model: str
+    tokenizer: str
+    tokenizer_kind: Literal["char", "hf"] = "char"
+    base_aliases: list[str] = pydantic.Field(default_factory=list)
+    fvae: str | None = None
+    cache_size: int = pydantic.Field(8, ge=1, le=4096)
+    negative_ttl_s: float = pydantic.Field(5.0, ge=0)
+    batching: Literal["mixed", "grouped"] = "mixed"
+    max_batch_size: int = pydantic.Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = pydantic.Field(0.005, ge=0, le=1)
+    num_replicas: int = pydantic.Field(1, ge=1)
+    num_cpus: float = pydantic.Field(1.0, gt=0, description="CPUs per model replica")
+    torch_threads: int = pydantic.Field(1, ge=1)
+    limits: Limits = pydantic.Field(default_factory=Limits)
+    auth_token: str | None = None
+    auth_token_env: str | None = "ICMF_SERVE_TOKEN"
+
+    def resolved_token(self) -> str | None:
+        """The bearer token in force, or ``None`` when auth is off."""
+        if self.auth_token_env and os.environ.get(self.auth_token_env):
+            return os.environ[self.auth_token_env]
+        return self.auth_token or None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], check_paths: bool = True) -> ServeConfig:
+        """Validate ``args``, listing every fault (fields, then missing local files) together.
+
+        Raises:
+            ServeConfigError: with one line per fault.
+        """
+        try:
+            config = cls.model_validate(args or {})
+        except pydantic.ValidationError as exc:
+            faults = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            raise ServeConfigError("invalid serve config:\n  " + "\n  ".join(faults)) from None
+        faults = config.missing_paths() if check_paths else []
+        if faults:
+            raise ServeConfigError("invalid serve config:\n  " + "\n  ".join(faults))
+        return config
+
+    def missing_paths(self) -> list[str]:
+        """Faults for local paths that do not exist (URIs such as ``s3://`` are not checked)."""
+        faults = []
+        for name in ("catalog", "base_model", "tokenizer", "fvae"):
+            value = getattr(self, name)
+            if value and "://" not in value and not Path(value).exists():
+                faults.append(f"{name}: {value} does not exist")
+        return faults
+
+
+def load_serve_file(path: str | Path) -> tuple[dict[str, Any], ServeConfig]:
+    """Read a Serve config YAML: ``(its http_options, the first application's validated args)``.
+
+    Relative paths in the args are resolved against the current directory (as ``serve run``
+    would see them).
+
+    Raises:
+        ServeConfigError: unreadable file, no application, or invalid args (all faults listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"{path}: no such serve config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ServeConfigError(f"{path}: not valid YAML: {exc}") from None
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not apps or not isinstance(apps, list):
+        raise ServeConfigError(f"{path}: needs an 'applications' list (Serve config format)")
+    return dict(data.get("http_options") or {}), ServeConfig.from_args(apps[0].get("args") or {})

@@ -1,0 +1,146 @@
+"""What a request's ``model`` field names: the bare base, a catalog adapter, or a fusion spec.
+
+A fusion spec is JSON (``{"method": "linear", "tasks": ["copy", "reverse"], "weights": [0.5,
+0.5]}``). It is canonicalised — inputs sorted by name with their weights, weights as floats,
+params with sorted keys — and hashed, so the same fusion written two ways gets one id
+(``fused-<16 hex>``), which is the Serve multiplexed model id. Every name is checked with the
+catalog's name rule; nothing a client sends ever becomes a file path or URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+
+from engine.catalog.schema import check_name
+
+BASE_MODEL_ID = "base"
+FUSED_PREFIX = "fused-"
+MAX_SPEC_INPUTS = 16
+
+
+class SpecError(ValueError):
+    """A malformed ``model`` field (HTTP 400 or 422)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+class FusionSpec(pydantic.BaseModel):
+    """A fusion request: catalog ``adapters`` or ``tasks`` (one adapter per task), fused by
+    ``method`` with one weight per input (default uniform)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    method: str = pydantic.Field(min_length=1, max_length=64)
+    adapters: list[str] | None = pydantic.Field(None, min_length=1, max_length=MAX_SPEC_INPUTS)
+    tasks: list[str] | None = pydantic.Field(None, min_length=1, max_length=MAX_SPEC_INPUTS)
+    weights: list[float] | None = None
+    params: dict[str, Any] = pydantic.Field(default_factory=dict)
+    seed: int = 0
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> FusionSpec:
+        faults = []
+        if (self.adapters is None) == (self.tasks is None):
+            faults.append("give exactly one of 'adapters' or 'tasks'")
+        names = self.adapters or self.tasks or []
+        for name in names:
+            try:
+                check_name("adapter id" if self.adapters else "task", name)
+            except ValueError as exc:
+                faults.append(str(exc))
+        if len(set(names)) != len(names):
+            faults.append("inputs must be distinct")
+        if self.weights is not None:
+            if len(self.weights) != len(names):
+                faults.append(f"got {len(self.weights)} weight(s) for {len(names)} input(s)")
+            if not all(math.isfinite(w) for w in self.weights):
+                faults.append("weights must be finite numbers")
+        try:
+            check_name("method", self.method)
+        except ValueError as exc:
+            faults.append(str(exc))
+        if faults:
+            raise ValueError("; ".join(faults))
+        return self
+
+    @property
+    def kind(self) -> Literal["adapters", "tasks"]:
+        return "adapters" if self.adapters is not None else "tasks"
+
+    def canonical(self) -> dict[str, Any]:
+        """The spec with inputs sorted by name (weights follow) and uniform weights made explicit."""
+        names = list(self.adapters or self.tasks or [])
+        weights = self.weights if self.weights is not None else [1.0 / len(names)] * len(names)
+        pairs = sorted(zip(names, (float(w) for w in weights), strict=True))
+        return {
+            "method": self.method.lower(),
+            self.kind: [n for n, _ in pairs],
+            "weights": [w for _, w in pairs],
+            "params": self.params,
+            "seed": self.seed,
+        }
+
+    def model_id(self) -> str:
+        """``fused-<sha256[:16]>`` of the canonical JSON."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return FUSED_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved ``model`` field.
+
+    Attributes:
+        kind: ``base``, ``adapter`` (catalog id) or ``fusion``.
+        model_id: the multiplexed model id (``base``, the catalog id, or ``fused-<hash>``).
+        spec: the canonical fusion spec (``fusion`` only).
+    """
+
+    kind: Literal["base", "adapter", "fusion"]
+    model_id: str
+    spec: dict[str, Any] | None = None
+
+
+def parse_model_field(model: str, base_aliases: tuple[str, ...] = (), max_chars: int = 4096) -> Target:
+    """Resolve an OpenAI ``model`` string (syntax only; existence is checked by the caller).
+
+    Raises:
+        SpecError: 400 for unparseable JSON or an oversized field, 422 for a well-formed but
+            invalid spec or name.
+    """
+    if not isinstance(model, str) or not model:
+        raise SpecError("'model' must be a non-empty string", 400)
+    if len(model) > max_chars:
+        raise SpecError(f"'model' is {len(model)} characters; at most {max_chars}", 400)
+    if model == BASE_MODEL_ID or model in base_aliases:
+        return Target("base", BASE_MODEL_ID)
+    if model.lstrip().startswith("{"):
+        return fusion_target(_parse_json(model))
+    try:
+        check_name("adapter id", model)
+    except ValueError as exc:
+        raise SpecError(str(exc), 422) from None
+    return Target("adapter", model)
+
+
+def fusion_target(raw: Any) -> Target:
+    try:
+        spec = FusionSpec.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"invalid fusion spec: {reasons}", 422) from None
+    return Target("fusion", spec.model_id(), spec.canonical())
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"'model' looks like a fusion spec but is not valid JSON: {exc}", 400) from None
