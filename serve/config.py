@@ -100,7 +100,7 @@ class ServeConfig(pydantic.BaseModel):
         return faults
 
 
-def load_serve_file(path: str | Path) -> tuple[dict[str, Any], ServeConfig]:
+def load_serve_file(path: str | Path, check_paths: bool = True) -> tuple[dict[str, Any], ServeConfig]:
     """Read a Serve config YAML: ``(its http_options, the first application's validated args)``.
 
     Relative paths in the args are resolved against the current directory (as ``serve run``
@@ -119,4 +119,4 @@ def load_serve_file(path: str | Path) -> tuple[dict[str, Any], ServeConfig]:
     apps = data.get("applications") if isinstance(data, dict) else None
     if not apps or not isinstance(apps, list):
         raise ServeConfigError(f"{path}: needs an 'applications' list (Serve config format)")
-    return dict(data.get("http_options") or {}), ServeConfig.from_args(apps[0].get("args") or {})
+    return dict(data.get("http_options") or {}), ServeConfig.from_args(apps[0].get("args") or {}, check_paths)

@@ -1,0 +1,87 @@
+"""Fusion spec canonicalisation and the ``model`` field's rules (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve.config import ServeConfig, ServeConfigError, load_serve_file
+from serve.spec import SpecError, parse_model_field
+
+
+def spec(**fields) -> str:
+    return json.dumps(fields)
+
+
+def test_same_fusion_written_two_ways_gets_one_id():
+    a = parse_model_field(spec(method="linear", tasks=["copy", "reverse"], weights=[0.3, 0.7]))
+    b = parse_model_field(spec(weights=[0.7, 0.3], tasks=["reverse", "copy"], method="LINEAR"))
+    assert a.kind == "fusion" and a.model_id == b.model_id and a.model_id.startswith("fused-")
+    assert a.spec["tasks"] == ["copy", "reverse"] and a.spec["weights"] == [0.3, 0.7]
+
+
+def test_uniform_weights_are_explicit_and_different_specs_differ():
+    uniform = parse_model_field(spec(method="linear", tasks=["a", "b"]))
+    explicit = parse_model_field(spec(method="linear", tasks=["a", "b"], weights=[0.5, 0.5]))
+    other = parse_model_field(spec(method="ties", tasks=["a", "b"]))
+    assert uniform.model_id == explicit.model_id != other.model_id
+
+
+def test_base_adapter_and_aliases():
+    assert parse_model_field("base").kind == "base"
+    assert parse_model_field("lab/tiny", base_aliases=("lab/tiny",)).kind == "base"
+    target = parse_model_field("copy-0123abcd")
+    assert (target.kind, target.model_id) == ("adapter", "copy-0123abcd")
+
+
+@pytest.mark.parametrize(
+    "model, status",
+    [
+        ("../../etc/passwd", 422),
+        ("/abs/path", 422),
+        ("s3://bucket/adapter", 422),
+        ("http://evil/adapter", 422),
+        ("", 400),
+        ("{not json", 400),
+        (spec(method="linear"), 422),  # neither adapters nor tasks
+        (spec(method="linear", tasks=["a"], adapters=["b"]), 422),
+        (spec(method="linear", tasks=["../x"]), 422),
+        (spec(method="linear", tasks=["a", "a"]), 422),
+        (spec(method="linear", tasks=["a", "b"], weights=[1.0]), 422),
+        (spec(method="linear", tasks=["a"], extra=1), 422),
+        (spec(method="../m", tasks=["a"]), 422),
+        ("x" * 5000, 400),
+    ],
+)
+def test_malformed_model_fields_are_refused_with_a_status(model, status):
+    with pytest.raises(SpecError) as info:
+        parse_model_field(model)
+    assert info.value.status == status
+
+
+def test_config_lists_every_fault_at_once(tmp_path):
+    with pytest.raises(ServeConfigError) as info:
+        ServeConfig.from_args({"catalog": str(tmp_path / "none"), "cache_size": 0, "batching": "x"})
+    message = str(info.value)
+    for fault in ("base_model", "tokenizer", "cache_size", "batching"):
+        assert fault in message
+    with pytest.raises(ServeConfigError) as info:
+        ServeConfig.from_args({"catalog": "/no/cat", "base_model": "/no/base", "tokenizer": "/no/tok"})
+    assert all(f"{name}: /no/" in str(info.value) for name in ("catalog", "base_model", "tokenizer"))
+
+
+def test_token_from_env_wins(monkeypatch, tmp_path):
+    config = ServeConfig.from_args(
+        {"catalog": "c", "base_model": "b", "tokenizer": "t", "auth_token": "cfg"}, check_paths=False
+    )
+    assert config.resolved_token() == "cfg"
+    monkeypatch.setenv("ICMF_SERVE_TOKEN", "env")
+    assert config.resolved_token() == "env"
+
+
+def test_example_config_file_parses(monkeypatch):
+    path = Path(__file__).parents[2] / "serve" / "configs" / "lab.yaml"
+    http, config = load_serve_file(path, check_paths=False)
+    assert http["host"] == "127.0.0.1" and config.batching == "mixed" and config.auth_token is None
