@@ -195,7 +195,7 @@ class LocalCluster:
                 pass
         for proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 8
         for proc in reversed(self.procs):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -5,6 +5,7 @@ ingest PEFT adapters into a catalog on S3, meta-train the F-VAE on 2 Ray Train w
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -12,6 +13,8 @@ import yaml
 
 from engine.catalog import fs as cfs
 from engine.cli.main import main
+from engine.jobs import JobsClient
+from engine.jobs.client import STOPPED_EXIT
 from engine.meta.artifact import FVAEArtifact
 from tests.clusters.local_cluster import LocalCluster, free_port
 from tests.conftest import make_adapter
@@ -157,3 +160,19 @@ def test_failed_job_exit_status_and_logs(cluster, tmp_path, monkeypatch, capsys)
     assert status["status"] == "FAILED" and status["exit_status"] == 1
     assert main(["jobs", "logs", job_id, "--address", cluster.address]) == 0
     assert "no such config file" in capsys.readouterr().out
+
+
+def test_stop_a_running_job(cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    (tmp_path / "wd").mkdir()
+    argv = ["submit", "--address", cluster.address, "--working-dir", str(tmp_path / "wd")]
+    long_running = ["icmf", "catalog", "synth", "--catalog", str(tmp_path / "big"), "--n", "1000000"]
+    assert main([*argv, "--", *long_running]) == 0  # without --wait: returns once submitted
+    job_id = capsys.readouterr().out.strip()
+    client = JobsClient(cluster.address)
+    deadline = time.monotonic() + 120
+    while client.status(job_id)["status"] != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert main(["jobs", "stop", job_id, "--address", cluster.address, "--wait"]) == 0
+    assert f"job {job_id} STOPPED" in capsys.readouterr().out
+    assert main(["jobs", "status", job_id, "--address", cluster.address]) == STOPPED_EXIT
