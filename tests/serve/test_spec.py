@@ -85,3 +85,17 @@ def test_example_config_file_parses(monkeypatch):
     path = Path(__file__).parents[2] / "serve" / "configs" / "lab.yaml"
     http, config = load_serve_file(path, check_paths=False)
     assert http["host"] == "127.0.0.1" and config.batching == "mixed" and config.auth_token is None
+
+
+def test_icmf_serve_check_validates_the_file(tmp_path, capsys):
+    from engine.cli.main import main
+
+    assert main(["serve", str(Path(__file__).parents[2] / "serve" / "configs" / "lab.yaml"), "--check"]) in (
+        0,
+        1,
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - args: {catalog: /nowhere, cache_size: -1}\n")
+    assert main(["serve", str(bad), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert all(word in err for word in ("cache_size", "base_model", "tokenizer"))
