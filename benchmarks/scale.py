@@ -280,10 +280,10 @@ def plot(summary: dict[str, Any], workers: list[int], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     keys = [
         ("stream: driver", "stream_driver_rss_mib"),
-        ("stream: largest Ray Data worker", "stream_worker_rss_mib"),
+        ("stream: largest\nRay Data worker", "stream_worker_rss_mib"),
         ("train: driver", "train_driver_rss_mib"),
-        ("train: largest Train worker", "train_worker_rss_mib"),
-        ("train: largest Ray Data worker", "train_data_worker_rss_mib"),
+        ("train: largest\nTrain worker", "train_worker_rss_mib"),
+        ("train: largest\nRay Data worker", "train_data_worker_rss_mib"),
     ]
     x, width = np.arange(len(keys)), 0.8 / len(table)
     for i, row in enumerate(table):
@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--keep-catalogs", action="store_true")
     parser.add_argument("--child-timeout", type=float, default=900)
+    parser.add_argument("--replot", action="store_true", help="redraw scale.png from scale.json")
     parser.add_argument("--child", choices=["stream", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--catalog", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -338,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.child_out).write_text(json.dumps(run(args)))
         return 0
 
+    if args.replot:
+        saved = json.loads((args.out_dir / "scale.json").read_text())
+        plot(saved["summary"], saved["config"]["workers_list"], args.out_dir / "scale.png")
+        return 0
     args.work_dir.mkdir(parents=True, exist_ok=True)
     load_at_start, started = os.getloadavg(), time.perf_counter()
     print(f"scale: sizes {args.sizes}, layout {args.layout}, workers {args.workers_list}", flush=True)
