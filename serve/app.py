@@ -55,6 +55,7 @@ class CompletionRequest(pydantic.BaseModel):
     stream: bool = False
     n: int = pydantic.Field(1, ge=1, le=1, description="one completion per request")
     echo: bool = False
+    ignore_eos: bool = pydantic.Field(False, description="vLLM's extension: generate exactly max_tokens")
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -164,7 +165,12 @@ class Router:
         except ApiError as exc:
             self.metrics.count(exc.status)
             return error_response(exc.status, str(exc))
-        payload = {"prompt_ids": prompt_ids, "max_tokens": body.max_tokens, "spec": target.spec}
+        payload = {
+            "prompt_ids": prompt_ids,
+            "max_tokens": body.max_tokens,
+            "ignore_eos": body.ignore_eos,
+            "spec": target.spec,
+        }
         handle = self.model.options(multiplexed_model_id=target.model_id)
         if body.stream:
             return await self._stream(handle, payload, target, body)

@@ -76,7 +76,7 @@ class AdapterCache(Generic[V]):
     on_event: EventHook | None = None
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict[str, _Entry[V]] = field(default_factory=OrderedDict)
-    _loading: dict[str, asyncio.Future] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Task] = field(default_factory=dict)
     _failures: dict[str, _Failure] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,11 +127,14 @@ class AdapterCache(Generic[V]):
         if pending is not None:
             self.stats.coalesced += 1
             self._emit("coalesced", adapter_id)
-            await asyncio.shield(pending)
         else:
             self.stats.misses += 1
             self._emit("miss", adapter_id)
-            await self._load(adapter_id)
+            # Its own task: a requester that goes away (client timeout) must not cancel a load
+            # that others wait for, nor leave the weights attached but uncached.
+            pending = asyncio.ensure_future(self._load(adapter_id))
+            self._loading[adapter_id] = pending
+        await asyncio.shield(pending)
         # The entry exists now: a successful load inserts it and nothing evicts between the load
         # finishing and this line (no await in between) unless it was already unleased and
         # evicted by a later load; reload in that rare case.
@@ -146,8 +149,6 @@ class AdapterCache(Generic[V]):
         return entry.value
 
     async def _load(self, adapter_id: str) -> None:
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._loading[adapter_id] = future
         start = self.clock()
         try:
             value = await self.loader(adapter_id)
@@ -156,15 +157,12 @@ class AdapterCache(Generic[V]):
             self._emit("load_failure", adapter_id, self.clock() - start)
             if self.negative_ttl_s > 0 and isinstance(exc, Exception):
                 self._failures[adapter_id] = _Failure(exc, self.clock() + self.negative_ttl_s)
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
             raise
         finally:
             self._loading.pop(adapter_id, None)
         self.stats.loads += 1
         self._emit("load", adapter_id, self.clock() - start)
         self._entries[adapter_id] = _Entry(value)
-        future.set_result(None)
         # Evict after inserting, keeping the new entry: it is about to be leased by our caller.
         await self._evict_over_capacity(keep=adapter_id)
 

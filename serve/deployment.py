@@ -27,6 +27,8 @@ from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
 from serve.metrics import ServeMetrics
 from serve.spec import BASE_MODEL_ID
 
+ROUTING_IDS_PER_REPLICA = 256
+
 
 class LoadError(Exception):
     """An adapter could not be loaded; ``status`` is the HTTP status to report."""
@@ -41,12 +43,14 @@ def error_result(status: int, message: str) -> dict[str, Any]:
 
 
 # Helpers come before the deployment: Serve pickles the class when it is decorated.
-def _generate_grouped(host: LoraHost, prompts, adapters, budgets) -> list[list[int]]:
+def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore) -> list[list[int]]:
     """One forward pass per distinct adapter in the batch (the alternative to mixed batches)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for name in dict.fromkeys(adapters):
         idx = [i for i, a in enumerate(adapters) if a == name]
-        results = host.generate([prompts[i] for i in idx], [name] * len(idx), [budgets[i] for i in idx])
+        results = host.generate(
+            [prompts[i] for i in idx], [name] * len(idx), [budgets[i] for i in idx], [ignore[i] for i in idx]
+        )
         for i, result in zip(idx, results, strict=True):
             outputs[i] = result
     return outputs
@@ -87,7 +91,9 @@ class AdapterModel:
         self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     # ------------------------------------------------------------------ routing and loading
-    @serve.multiplexed(max_num_models_per_replica=-1)
+    # A routing hint only: Serve remembers the last ids this replica served (strings, no weights)
+    # and prefers it for them; an id our cache has evicted since is just a miss here.
+    @serve.multiplexed(max_num_models_per_replica=ROUTING_IDS_PER_REPLICA)
     async def _register(self, model_id: str) -> str:
         return model_id
 
@@ -163,7 +169,9 @@ class AdapterModel:
             yield error_result(exc.status, str(exc))
 
     async def _stream_tokens(self, adapter: str, request: dict[str, Any]):
-        steps = self.host.steps([request["prompt_ids"]], [adapter], [request["max_tokens"]])
+        steps = self.host.steps(
+            [request["prompt_ids"]], [adapter], [request["max_tokens"]], [bool(request.get("ignore_eos"))]
+        )
         while True:
             step = await self._run(next, steps, None)
             if step is None or step[0] is None:
@@ -175,10 +183,11 @@ class AdapterModel:
         adapters = [a for a, _ in items]
         prompts = [r["prompt_ids"] for _, r in items]
         budgets = [r["max_tokens"] for _, r in items]
+        ignore = [bool(r.get("ignore_eos")) for _, r in items]
         self.metrics.batch_size(len(items))
         if self.config.batching == "mixed":
-            return await self._run(self.host.generate, prompts, adapters, budgets)
-        return await self._run(_generate_grouped, self.host, prompts, adapters, budgets)
+            return await self._run(self.host.generate, prompts, adapters, budgets, ignore)
+        return await self._run(_generate_grouped, self.host, prompts, adapters, budgets, ignore)
 
     def _remember_spec(self, model_id: str, spec: dict[str, Any] | None) -> None:
         if spec is not None:

@@ -114,8 +114,12 @@ class LoraHost:
 
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, adapter: LoraAdapter) -> None:
-        """Attach ``adapter`` as ``name`` (unmerged; base weights untouched)."""
+        """Attach ``adapter`` as ``name`` (unmerged; base weights untouched), replacing any
+        adapter of that name."""
         from peft import set_peft_model_state_dict
+
+        if name in self.model.peft_config:
+            self.model.delete_adapter(name)
 
         tensors, _ = peft_state(adapter)
         with warnings.catch_warnings():
@@ -146,7 +150,11 @@ class LoraHost:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def steps(
-        self, prompts: list[list[int]], adapter_names: list[str], max_new_tokens: list[int]
+        self,
+        prompts: list[list[int]],
+        adapter_names: list[str],
+        max_new_tokens: list[int],
+        ignore_eos: list[bool] | None = None,
     ) -> Iterator[list[int | None]]:
         """Greedy decoding of a batch, one yield per step.
 
@@ -154,6 +162,7 @@ class LoraHost:
             prompts: token ids per sample (lengths may differ; left-padded internally).
             adapter_names: adapter per sample (``"__base__"`` for the bare base).
             max_new_tokens: token budget per sample.
+            ignore_eos: per sample, keep generating past ``eos`` (benchmarks: fixed lengths).
 
         Yields:
             per sample the next token id, or ``None`` once that sample has finished (``eos`` or
@@ -169,6 +178,7 @@ class LoraHost:
         done = [budget <= 0 for budget in max_new_tokens]
         produced = [0] * n
         names = list(adapter_names)
+        ignore = list(ignore_eos or [False] * n)
         while not all(done):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
             logits = self.model(
@@ -178,7 +188,7 @@ class LoraHost:
             out: list[int | None] = []
             for i in range(n):
                 token = int(nxt[i])
-                if done[i] or token == self.eos_token_id:
+                if done[i] or (token == self.eos_token_id and not ignore[i]):
                     done[i] = True
                     out.append(None)
                     continue
@@ -190,11 +200,15 @@ class LoraHost:
             mask = torch.cat([mask, torch.tensor([[0 if t is None else 1] for t in out])], dim=1)
 
     def generate(
-        self, prompts: list[list[int]], adapter_names: list[str], max_new_tokens: list[int]
+        self,
+        prompts: list[list[int]],
+        adapter_names: list[str],
+        max_new_tokens: list[int],
+        ignore_eos: list[bool] | None = None,
     ) -> list[list[int]]:
         """Greedy completions (token ids, without ``eos``) of a batch; see :meth:`steps`."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.steps(prompts, adapter_names, max_new_tokens):
+        for step in self.steps(prompts, adapter_names, max_new_tokens, ignore_eos):
             for i, token in enumerate(step):
                 if token is not None:
                     outputs[i].append(token)

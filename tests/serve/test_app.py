@@ -21,7 +21,7 @@ PROMPT = "copy:planet="
 def client(served, token=TOKEN):
     import openai
 
-    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=token, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=token, max_retries=0, timeout=180)
 
 
 def complete(served, model, prompt=PROMPT, max_tokens=8, **kwargs) -> str:

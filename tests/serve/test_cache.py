@@ -156,3 +156,20 @@ def test_new_entry_is_kept_when_everything_else_is_leased():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity"):
         make(capacity=0)
+
+
+def test_a_requester_that_goes_away_does_not_cancel_the_load():
+    async def main():
+        cache, store, _ = make()
+        store.gate = asyncio.Event()
+        first = asyncio.create_task(use(cache, "a"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(use(cache, "a"))
+        await asyncio.sleep(0)
+        first.cancel()  # e.g. the client timed out
+        store.gate.set()
+        assert await second == "weights:a"
+        assert store.loads == ["a"] and cache.cached_ids() == ["a"]
+        assert await use(cache, "a") == "weights:a" and store.loads == ["a"]
+
+    asyncio.run(main())

@@ -63,3 +63,10 @@ def test_swaps_leave_the_base_weights_bit_identical(host_and_adapters):
     assert host.base_fingerprint() == fresh
     host.remove("a0")
     assert "a0" not in host.names
+
+
+def test_ignore_eos_generates_exactly_the_budget(host_and_adapters):
+    host, _ = host_and_adapters
+    host.eos_token_id = host.generate([PROMPTS[0]], ["a0"], [1])[0][0]  # make the first token eos
+    assert host.generate([PROMPTS[0]], ["a0"], [4]) == [[]]
+    assert len(host.generate([PROMPTS[0]], ["a0"], [4], ignore_eos=[True])[0]) == 4
