@@ -224,7 +224,7 @@ def table(results: dict[str, Any]) -> str:
 # Few-shot examples every few-shot row (lorahub, tuned/fitted weights, icm refinement) sees per
 # task, and icm's refinement steps: the encoder's MiniLM backward pass is ~10x the char Llama's.
 SUPPORT_K = {"encoder": None, "generative": None}
-REFINE_STEPS = {"encoder": 30, "generative": 100}
+REFINE_STEPS = {"encoder": 20, "generative": 100}
 CEILING = "joint-lora (ceiling)"
 FEWSHOT_ROWS = ("lorahub", "task_arithmetic-tuned", "task_arithmetic-fitted", "icm+refine+span")
 
@@ -372,8 +372,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
+    parser.add_argument(
+        "--combine",
+        metavar="NAME,NAME",
+        help="instead of running: merge the suites of earlier runs' <name>.json into <--name>.json/.png",
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
+    if args.combine:
+        return combine(args.combine.split(","), args.name, out_dir)
     args.ks = [int(k) for k in args.k.split(",")]
 
     lab = load_lab(args.lab)
@@ -398,6 +405,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - started
     write_json(args.name, results, out_dir)
     plot(results, out_dir / f"{args.name}.png")
+    print(table(results))
+    return results
+
+
+def combine(names: list[str], name: str, out_dir: Path) -> dict[str, Any]:
+    """One result from runs of separate suites (e.g. run in parallel): suites merged, the rest of
+    the first run kept, each run's settings and timing recorded under ``runs``."""
+    import json
+
+    runs = [json.loads((out_dir / f"{n}.json").read_text()) for n in names]
+    results = dict(runs[0])
+    results["suites"] = {suite: data for run in runs for suite, data in run["suites"].items()}
+    results["runs"] = {
+        n: {k: v for k, v in run.items() if k != "suites"} for n, run in zip(names, runs, strict=True)
+    }
+    results["seconds"] = sum(run.get("seconds", 0.0) for run in runs)
+    write_json(name, results, out_dir)
+    plot(results, out_dir / f"{name}.png")
     print(table(results))
     return results
 

@@ -77,6 +77,7 @@ def fuse(args) -> int:
         from engine.meta.artifact import FVAEArtifact
 
         context["fvae"] = FVAEArtifact.load(args.model)
+        context["task_vectors"] = _stored_task_vectors(catalog, _fused_tasks(catalog, args))
     params = dict(args.param)
     if args.method == "lorahub" or (args.method == "icm" and params.get("refine_steps")):
         context.update(_few_shot_context(catalog, args, context.get("fvae")))
@@ -99,17 +100,30 @@ def fuse(args) -> int:
     return 0
 
 
+def _fused_tasks(catalog, args) -> list[str]:
+    if args.tasks:
+        return list(args.tasks)
+    return list(dict.fromkeys(catalog.get(i)["task"] for i in args.adapters))
+
+
+def _stored_task_vectors(catalog, tasks: list[str]) -> dict:
+    """In-context vectors stored in the catalog (``icmf taskvec``) for the tasks that have one: how
+    icm conditions on a task its F-VAE never saw."""
+    from engine.task_vectors import load_task_vectors, vector_tasks
+
+    stored = set(vector_tasks(catalog))
+    return {t: v.vector for t, v in load_task_vectors(catalog, [t for t in tasks if t in stored]).items()}
+
+
 def _few_shot_context(catalog, args, artifact) -> dict:
     """The few-shot objective over the fused tasks' support examples (task definitions in the catalog)."""
     from engine.tasks.fewshot import FewShotObjective
 
+    tasks = _fused_tasks(catalog, args)
     if args.tasks:
-        tasks = list(args.tasks)
         layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
     else:
-        entries = [catalog.get(i) for i in args.adapters]
-        tasks = list(dict.fromkeys(e["task"] for e in entries))
-        layout = catalog.layout(entries[0]["layout_id"])
+        layout = catalog.layout(catalog.get(args.adapters[0])["layout_id"])
     if artifact is not None:
         layout = artifact.layout
     objective = FewShotObjective.from_catalog(catalog, tasks, layout, k=args.shots)

@@ -114,6 +114,7 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int 
     if fvae_steps > 0:
         console.print(Rule("6. meta-train the F-VAE (Ray Train, 2 workers) and fuse all tasks"))
         register_tasks(catalog, workdir, tasks)
+        compute_demo_task_vectors(catalog, tasks)
         artifact_dir = train_demo_fvae(catalog, workdir, fvae_steps)
         quality = compare_methods(catalog, workdir, tasks, artifact_dir)
     console.print(f"demo finished in {time.perf_counter() - start:.1f}s; artifacts in {workdir}")
@@ -136,6 +137,20 @@ def register_tasks(catalog: Catalog, workdir: Path, tasks: list[str]) -> None:
         save_task(catalog, definition, overwrite=True)
 
 
+def compute_demo_task_vectors(catalog: Catalog, tasks: list[str], k: int = 16) -> None:
+    """In-context task vectors: each task's adapter on k support examples, mean last hidden state,
+    computed by a Ray Data actor pool and stored in the catalog (meta-training conditions on them)."""
+    from engine.task_vectors import compute_task_vectors, save_task_vectors
+
+    t0 = time.perf_counter()
+    vectors = compute_task_vectors(catalog, tasks, k=k)
+    save_task_vectors(catalog, vectors)
+    norms = ", ".join(f"{t} |v|={float(v.vector.norm()):.2f}" for t, v in vectors.items())
+    console.print(
+        f"task vectors (k={k}, d={next(iter(vectors.values())).dim}) in {time.perf_counter() - t0:.1f}s: {norms}"
+    )
+
+
 def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
@@ -145,7 +160,6 @@ def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
         "catalog": catalog.uri,
         "out": str(out),
         "fvae": {"depth": 8, "channels": 4, "max_channels": 32, "latent_dim": 64},
-        "task_vectors": {"dim": 32},
         "train": {
             "steps": steps,
             "checkpoint_every": steps,

@@ -32,8 +32,13 @@ class FVAESection(_Strict):
 
 
 class TaskVectorSection(_Strict):
-    source: Literal["adapter_projection"] = "adapter_projection"
-    dim: int = pydantic.Field(64, gt=0)
+    """``source``: ``context`` — each task's in-context vector stored in the catalog (``icmf taskvec``:
+    mean last-layer hidden state over k examples); ``adapter_projection`` — a seeded projection
+    of the task's mean normalised adapter to ``dim`` (no examples needed); ``auto`` — context when
+    every training task has a stored vector."""
+
+    source: Literal["auto", "context", "adapter_projection"] = "auto"
+    dim: int = pydantic.Field(64, gt=0, description="adapter_projection only: vector size")
 
 
 class TrainSection(_Strict):

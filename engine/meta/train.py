@@ -34,8 +34,10 @@ from engine.meta.taskvec import project
 RUN_FILE = "current_run.json"
 
 
-def fvae_config(cfg: MetaTrainConfig, layout: Layout) -> FVAEConfig:
-    return FVAEConfig(input_dim=layout.size, cond_dim=cfg.task_vectors.dim, **cfg.fvae.model_dump())
+def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
+    return FVAEConfig(
+        input_dim=layout.size, cond_dim=cond_dim or cfg.task_vectors.dim, **cfg.fvae.model_dump()
+    )
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -99,6 +101,45 @@ def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], see
         return query.loss(adapted, episode_tasks, shots, generator)
 
     return loss
+
+
+def context_vectors(
+    cfg: MetaTrainConfig, catalog, tasks: list[str]
+) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The tasks' stored in-context vectors (``task_vectors.source``: context, or auto when every
+    task has one), or None for adapter-derived vectors.
+
+    Raises:
+        MetaConfigError: source context with tasks lacking a vector, or vectors of other models.
+    """
+    from engine.task_vectors import load_task_vectors
+    from engine.task_vectors.store import vector_tasks
+
+    source = cfg.task_vectors.source
+    if source == "adapter_projection":
+        return None
+    missing = [t for t in tasks if t not in set(vector_tasks(catalog))]
+    if missing and source == "context":
+        raise MetaConfigError(
+            f"task_vectors.source is 'context' but task(s) {missing} have no stored vector in {cfg.catalog}; "
+            "compute them with `icmf taskvec` or use source: adapter_projection"
+        )
+    if missing:
+        return None
+    stored = load_task_vectors(catalog, tasks)
+    models = {v.model for v in stored.values()}
+    dims = {v.dim for v in stored.values()}
+    if len(models) != 1 or len(dims) != 1:
+        raise MetaConfigError(
+            f"the tasks' stored vectors come from {len(models)} models / {len(dims)} sizes; recompute them with one model"
+        )
+    info = {
+        "kind": "context",
+        "dim": dims.pop(),
+        "model": models.pop(),
+        "k": {t: v.k for t, v in stored.items()},
+    }
+    return {t: v.vector.float() for t, v in stored.items()}, info
 
 
 def resolve_fusion_loss(cfg: MetaTrainConfig, catalog, tasks: list[str]) -> str:
@@ -184,7 +225,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if config["fusion_loss"] == "data":
         data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
     device = ray.train.torch.get_device()
-    model = FVAE(fvae_config(cfg, layout)).to(device)
+    model = FVAE(fvae_config(cfg, layout, config.get("cond_dim"))).to(device)
     normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start = _load_checkpoint(model, optimizer)
@@ -278,7 +319,12 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             f"no training tasks: catalog {cfg.catalog} has {sorted(catalog.tasks())}, config keeps none"
         )
     fusion_loss = resolve_fusion_loss(cfg, catalog, tasks)
-    vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
+    in_context = context_vectors(cfg, catalog, tasks)
+    if in_context is not None:
+        vectors, vector_source = in_context
+    else:
+        vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
+        vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
     name, resuming = _run_name(cfg.out, resume)
     trainer = TorchTrainer(
         train_loop,
@@ -289,6 +335,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "std": normalizer.std.numpy(),
             "threads": max(1, int(cpus)),
             "task_vectors": vectors,
+            "cond_dim": int(vector_source["dim"]),
             "fusion_loss": fusion_loss,
         },
         scaling_config=ScalingConfig(
@@ -310,7 +357,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
         state = torch.load(Path(directory) / "state.pt", weights_only=True)
         extra = torch.load(Path(directory) / "extra.pt", weights_only=True)
         metrics = json.loads((Path(directory) / "metrics.json").read_text())
-    model = FVAE(fvae_config(cfg, layout))
+    model = FVAE(fvae_config(cfg, layout, int(vector_source["dim"])))
     model.load_state_dict(state["model"])
     artifact = FVAEArtifact(
         model=model.eval(),
@@ -327,11 +374,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "gauge": bool((catalog.settings() or {}).get("gauge", True)),
             "config": cfg.model_dump(),
             "metrics": metrics,
-            "task_vector_source": {
-                "kind": cfg.task_vectors.source,
-                "dim": cfg.task_vectors.dim,
-                "seed": cfg.train.seed,
-            },
+            "task_vector_source": vector_source,
             "pool_sizes": extra["pool_sizes"],
             "fusion_loss": fusion_loss,
             "tasks": tasks,

@@ -67,3 +67,29 @@ def test_task_selection_faults_are_listed_together(tmp_path):
         load_config({"catalog": "c", "out": "o", "train": {"inner_steps": -1}})
     config = load_config({"catalog": "c", "out": "o", "exclude_tasks": ["b"]})
     assert config.task_filter(["a", "b", "c"]) == ["a", "c"]
+
+
+def test_in_context_task_vectors_are_used_when_every_task_has_one(lab_catalog, tmp_path):
+    from engine.meta.train import context_vectors
+    from engine.task_vectors import compute_task_vectors, save_task_vectors
+
+    catalog = lab_catalog.catalog
+    assert (
+        context_vectors(cfg(catalog.uri, tmp_path), catalog, ["copy", "reverse"]) is None
+    )  # none stored yet
+    with pytest.raises(MetaConfigError, match="no stored vector"):
+        strict = load_config({"catalog": catalog.uri, "out": "o", "task_vectors": {"source": "context"}})
+        context_vectors(strict, catalog, ["copy", "reverse"])
+    stored = compute_task_vectors(catalog, ["copy", "reverse"], k=4, use_ray=False)
+    save_task_vectors(catalog, stored)
+    try:
+        vectors, info = context_vectors(cfg(catalog.uri, tmp_path), catalog, ["copy", "reverse"])
+        assert info["kind"] == "context" and info["dim"] == stored["copy"].dim
+        assert torch.equal(vectors["copy"], stored["copy"].vector.float())
+        projection = load_config(
+            {"catalog": catalog.uri, "out": "o", "task_vectors": {"source": "adapter_projection"}}
+        )
+        assert context_vectors(projection, catalog, ["copy"]) is None
+    finally:
+        for task in ("copy", "reverse"):  # the session's catalog is shared with other tests
+            catalog.fs.delete_file(f"{catalog.root}/task_vectors/{task}.json")

@@ -218,3 +218,26 @@ def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_pa
     record = json.loads((tmp_path / "icm" / "icmf_provenance.json").read_text())["details"]["refine"]
     assert record["support_loss_best"] <= record["support_loss_start"] and len(record["span_weights"]) == 2
     load_adapter(tmp_path / "icm")  # a stock, loadable adapter
+
+
+def test_icm_conditions_unseen_tasks_on_given_in_context_vectors(lab_catalog):
+    catalog = lab_catalog.catalog
+    artifact = tiny_artifact(catalog.layout())
+    artifact.meta["task_vector_source"] = {"kind": "context", "dim": 8}
+    artifact.task_vectors = {"copy": torch.randn(8)}  # 'reverse' was never seen
+    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    common = dict(tasks=["copy", "reverse"], seed=0)
+    with pytest.raises(ValueError, match=r"no task vector.*icmf taskvec"):
+        fuse_adapters(adapters, "icm", context={"fvae": artifact}, **common)
+    with pytest.raises(ValueError, match="has 3 values"):
+        fuse_adapters(
+            adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": torch.ones(3)}}, **common
+        )
+    one = fuse_adapters(
+        adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": torch.ones(8)}}, **common
+    )
+    two = fuse_adapters(
+        adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": -torch.ones(8)}}, **common
+    )
+    name = next(iter(one.adapter.modules))
+    assert not torch.allclose(one.adapter.modules[name].B, two.adapter.modules[name].B)  # the vector matters

@@ -67,19 +67,11 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         raise FusionConfigError("icm needs a trained F-VAE: pass --model DIR (the output of `icmf train`)")
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
     gauge = bool(artifact.meta.get("gauge", True))
-    source = artifact.meta.get("task_vector_source", {})
     canon = [to_canonical(a, layout, gauge=gauge) for a in inputs.adapters]
     x = torch.stack([to_flat(c) for c in canon])  # [K, N]
     xn = normalizer.normalize(x)
     tasks = inputs.tasks or [f"input{i}" for i in range(len(canon))]
-    cond = torch.stack(
-        [
-            artifact.task_vectors[t]
-            if params.task_vectors == "trained" and t in artifact.task_vectors
-            else project(xn[i], int(source.get("dim", model.config.cond_dim)), int(source.get("seed", 0)))
-            for i, t in enumerate(tasks)
-        ]
-    )
+    cond = torch.stack([_task_vector(t, xn[i], artifact, inputs, params) for i, t in enumerate(tasks)])
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
     with torch.no_grad():
         model.eval()
@@ -115,6 +107,32 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     if details:
         adapter.config["icmf_details"] = details
     return adapter
+
+
+def _task_vector(
+    task: str, xn: torch.Tensor, artifact, inputs: FusionInputs, params: IcmParams
+) -> torch.Tensor:
+    """The condition of one input: the vector meta-training used for the task; else one given in
+    ``context["task_vectors"]`` (e.g. computed now from k in-context examples of an unseen task);
+    else, for an F-VAE trained on adapter-derived vectors, the projection of the adapter itself."""
+    source = artifact.meta.get("task_vector_source", {})
+    cond_dim = artifact.model.config.cond_dim
+    given = inputs.context.get("task_vectors") or {}
+    if params.task_vectors == "trained" and task in artifact.task_vectors:
+        return artifact.task_vectors[task]
+    if task in given:
+        vector = torch.as_tensor(given[task], dtype=torch.float32).flatten()
+        if vector.numel() != cond_dim:
+            raise FusionConfigError(
+                f"task vector of {task!r} has {vector.numel()} values; this F-VAE is conditioned on {cond_dim}"
+            )
+        return vector
+    if source.get("kind", "adapter_projection") == "adapter_projection":
+        return project(xn, int(source.get("dim", cond_dim)), int(source.get("seed", 0)))
+    raise FusionConfigError(
+        f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
+        "from k examples with `icmf taskvec --task ...` (or pass context['task_vectors'])"
+    )
 
 
 def _objective(inputs: FusionInputs, layout, tasks: list[str]):
