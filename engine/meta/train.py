@@ -288,7 +288,11 @@ def _run_name(out: str, resume: bool) -> tuple[str, bool]:
 
 def _storage_path(out: str) -> str:
     fs, root = cfs.resolve_uri(out)
-    return cfs.join(root, "runs") if cfs.is_local(fs) else out.rstrip("/") + "/runs"
+    if cfs.is_local(fs):
+        return cfs.join(root, "runs")
+    # "/runs" goes into the path, before any "?region=...&endpoint_override=..." query.
+    path, sep, query = out.partition("?")
+    return path.rstrip("/") + "/runs" + sep + query
 
 
 def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None = None) -> str:

@@ -93,3 +93,14 @@ def test_in_context_task_vectors_are_used_when_every_task_has_one(lab_catalog, t
     finally:
         for task in ("copy", "reverse"):  # the session's catalog is shared with other tests
             catalog.fs.delete_file(f"{catalog.root}/task_vectors/{task}.json")
+
+
+def test_run_storage_keeps_an_object_store_query_after_the_path():
+    from engine.meta.train import _storage_path
+
+    out = "s3://bucket/fvae?region=us-east-1&endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (
+        _storage_path(out)
+        == "s3://bucket/fvae/runs?region=us-east-1&endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert _storage_path("s3://bucket/fvae/?region=x") == "s3://bucket/fvae/runs?region=x"
