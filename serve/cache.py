@@ -7,7 +7,8 @@ torch), so its tests run in milliseconds:
 
 * a load that fails never evicts anything: eviction happens only after a successful load;
 * a failure is remembered for ``negative_ttl_s`` (negative cache) and re-raised without retrying;
-* concurrent requests for the same missing id share one load;
+* concurrent requests for the same missing id share one load, and the loaded entry arrives
+  already leased to all of them (so another load finishing first cannot evict it before they run);
 * an entry leased by an in-flight request is never evicted (entries are immutable: ids are content
   addressed, so an entry is never changed either). When every entry is leased the cache may hold
   more than ``capacity`` until leases end; it shrinks back on release.
@@ -50,6 +51,12 @@ class _Entry(Generic[V]):
 
 
 @dataclass
+class _Pending:
+    task: asyncio.Future
+    waiters: int = 0  # requests the entry is leased to when the load succeeds
+
+
+@dataclass
 class _Failure:
     error: BaseException
     until: float
@@ -76,7 +83,7 @@ class AdapterCache(Generic[V]):
     on_event: EventHook | None = None
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict[str, _Entry[V]] = field(default_factory=OrderedDict)
-    _loading: dict[str, asyncio.Task] = field(default_factory=dict)
+    _loading: dict[str, _Pending] = field(default_factory=dict)
     _failures: dict[str, _Failure] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,16 +139,21 @@ class AdapterCache(Generic[V]):
             self._emit("miss", adapter_id)
             # Its own task: a requester that goes away (client timeout) must not cancel a load
             # that others wait for, nor leave the weights attached but uncached.
-            pending = asyncio.ensure_future(self._load(adapter_id))
+            pending = _Pending(asyncio.ensure_future(self._load(adapter_id)))
             self._loading[adapter_id] = pending
-        await asyncio.shield(pending)
-        # The entry exists now: a successful load inserts it and nothing evicts between the load
-        # finishing and this line (no await in between) unless it was already unleased and
-        # evicted by a later load; reload in that rare case.
-        entry = self._entries.get(adapter_id)
-        if entry is None:
-            return await self._acquire(adapter_id)
-        return self._pin(adapter_id, entry)
+        pending.waiters += 1
+        try:
+            await asyncio.shield(pending.task)
+        except asyncio.CancelledError:
+            if _succeeded(pending.task):
+                await self._release(adapter_id)  # the entry was leased to us: give it back
+            else:
+                pending.waiters -= 1
+            raise
+        # The load inserted the entry leased to every waiter: nothing could evict it since.
+        entry = self._entries[adapter_id]
+        self._entries.move_to_end(adapter_id)
+        return entry.value
 
     def _pin(self, adapter_id: str, entry: _Entry[V]) -> V:
         entry.leases += 1
@@ -159,12 +171,13 @@ class AdapterCache(Generic[V]):
                 self._failures[adapter_id] = _Failure(exc, self.clock() + self.negative_ttl_s)
             raise
         finally:
-            self._loading.pop(adapter_id, None)
+            pending = self._loading.pop(adapter_id)
         self.stats.loads += 1
         self._emit("load", adapter_id, self.clock() - start)
-        self._entries[adapter_id] = _Entry(value)
-        # Evict after inserting, keeping the new entry: it is about to be leased by our caller.
-        await self._evict_over_capacity(keep=adapter_id)
+        # Leased to its waiters in the same step as inserted: evictions (ours below, or another
+        # load's that is awaiting its unloader) skip it until they have used it.
+        self._entries[adapter_id] = _Entry(value, leases=pending.waiters)
+        await self._evict_over_capacity()
 
     async def _release(self, adapter_id: str) -> None:
         entry = self._entries.get(adapter_id)
@@ -172,9 +185,9 @@ class AdapterCache(Generic[V]):
             entry.leases -= 1
         await self._evict_over_capacity()
 
-    async def _evict_over_capacity(self, keep: str | None = None) -> None:
+    async def _evict_over_capacity(self) -> None:
         while len(self._entries) > self.capacity:
-            victim = next((k for k, e in self._entries.items() if not e.leases and k != keep), None)
+            victim = next((k for k, e in self._entries.items() if not e.leases), None)
             if victim is None:
                 return  # everything is leased: shrink when leases end
             entry = self._entries.pop(victim)
@@ -185,6 +198,10 @@ class AdapterCache(Generic[V]):
     def _emit(self, event: str, adapter_id: str, seconds: float | None = None) -> None:
         if self.on_event is not None:
             self.on_event(event, adapter_id, seconds)
+
+
+def _succeeded(task: asyncio.Future) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def describe(cache: AdapterCache[Any]) -> dict[str, Any]:

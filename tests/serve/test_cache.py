@@ -173,3 +173,42 @@ def test_a_requester_that_goes_away_does_not_cancel_the_load():
         assert await use(cache, "a") == "weights:a" and store.loads == ["a"]
 
     asyncio.run(main())
+
+
+def test_a_fresh_load_is_not_evicted_before_its_waiters_get_it():
+    """Loads finishing while another load's eviction awaits its unloader must not evict each
+    other's fresh, not-yet-pinned entries (a livelock under load: every waiter reloads)."""
+
+    async def main():
+        cache, store, _ = make(capacity=1)
+
+        async def slow_unload(adapter_id, _value):
+            store.unloads.append(adapter_id)
+            await asyncio.sleep(0.001)  # the model thread's unload takes time
+
+        cache.unloader = slow_unload
+        ids = [f"a{i}" for i in range(8)]
+        values = await asyncio.wait_for(asyncio.gather(*(use(cache, i) for i in ids * 3)), timeout=5)
+        assert values == [f"weights:{i}" for i in ids * 3]
+        # all three requests of an id share its one load; no entry is reloaded for its own waiters
+        assert store.loads == ids and cache.stats.coalesced == 2 * len(ids)
+        assert len(cache.cached_ids()) == 1
+
+    asyncio.run(main())
+
+
+def test_a_waiter_cancelled_after_the_load_finished_gives_its_lease_back():
+    async def main():
+        cache, store, _ = make(capacity=1)
+        store.gate = asyncio.Event()
+        waiter = asyncio.create_task(use(cache, "a"))
+        await asyncio.sleep(0)
+        store.gate.set()
+        await asyncio.sleep(0)  # the load task finishes; the waiter has not resumed yet
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert cache.in_flight() == {}
+        assert await use(cache, "b") == "weights:b" and cache.cached_ids() == ["b"]
+
+    asyncio.run(main())
