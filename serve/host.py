@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from engine.adapters.lora import LoraAdapter
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _PLACEHOLDER = "_icmf_placeholder"  # PeftModel needs one adapter to exist; it is never used
+_UNKNOWN = "\0unknown"  # no adapter has this name: the next selection always applies
 
 
 class CharTokenizer:
@@ -106,11 +108,15 @@ class LoraHost:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
+        # transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field)
+        accepted = inspect.signature(base.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         placeholder = LoraConfig(r=1, target_modules=_first_linear_names(base), init_lora_weights=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER).eval()
         self.names: set[str] = set()
+        self._selected: str | None = _UNKNOWN  # what _select last set up
 
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, adapter: LoraAdapter) -> None:
@@ -120,6 +126,7 @@ class LoraHost:
 
         if name in self.model.peft_config:
             self.model.delete_adapter(name)
+        self._selected = _UNKNOWN  # adding or deleting may move PEFT's active adapter
 
         tensors, _ = peft_state(adapter)
         with warnings.catch_warnings():
@@ -134,8 +141,9 @@ class LoraHost:
 
     def remove(self, name: str) -> None:
         if name in self.names:
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(name)  # PEFT picks another active adapter if it was
             self.names.discard(name)
+            self._selected = _UNKNOWN
 
     def base_fingerprint(self) -> str:
         """sha256 over every non-LoRA parameter and buffer (the base's weights)."""
@@ -148,6 +156,37 @@ class LoraHost:
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ generation
+    def _forward(self, names: list[str], **inputs):
+        """One forward with per-sample adapters ``names``.
+
+        A batch that uses one adapter (or only the base) runs PEFT's plain path: that adapter
+        active, or the adapter layers disabled. PEFT's per-sample ``adapter_names`` path registers
+        hooks on every LoRA layer and splits the batch per adapter on every call, which costs more
+        than the LoRA arithmetic on small models; only batches that really mix adapters take it.
+        The selection is made before each forward, not once per generation: streams interleave
+        their steps with other batches on the model thread.
+        """
+        distinct = set(names)
+        if len(distinct) > 1:
+            self._select(None)
+            return self.model(**inputs, adapter_names=names)
+        self._select(distinct.pop())
+        return self.model(**inputs)
+
+    def _select(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (``"__base__"``: none; ``None``: all enabled for a
+        mixed batch). PEFT's switches loop over every layer and adapter, so skip repeats."""
+        if name == self._selected:
+            return
+        lora = self.model.base_model
+        if name == BASE_ADAPTER:
+            lora.disable_adapter_layers()
+        else:
+            lora.enable_adapter_layers()
+            if name is not None:
+                lora.set_adapter(name, inference_mode=True)
+        self._selected = name
+
     @torch.inference_mode()
     def steps(
         self,
@@ -156,7 +195,7 @@ class LoraHost:
         max_new_tokens: list[int],
         ignore_eos: list[bool] | None = None,
     ) -> Iterator[list[int | None]]:
-        """Greedy decoding of a batch, one yield per step.
+        """Greedy decoding of a batch with a KV cache, one yield per step.
 
         Args:
             prompts: token ids per sample (lengths may differ; left-padded internally).
@@ -179,12 +218,20 @@ class LoraHost:
         produced = [0] * n
         names = list(adapter_names)
         ignore = list(ignore_eos or [False] * n)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
+        cache = None
         while not all(done):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=names
-            ).logits[:, -1]  # [n, V]
-            nxt = logits.argmax(-1)  # [n]
+            output = self._forward(
+                names,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **({self._cache_arg: cache} if cache is not None else {}),
+            )
+            cache = getattr(output, self._cache_arg)
+            nxt = output.logits[:, -1].argmax(-1)  # [n]
             out: list[int | None] = []
             for i in range(n):
                 token = int(nxt[i])
@@ -196,7 +243,9 @@ class LoraHost:
                 done[i] = produced[i] >= max_new_tokens[i]
                 out.append(token)
             yield out
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            # Only the new token goes in next; finished samples feed a masked-out token.
+            ids = nxt[:, None]  # [n, 1]
+            positions = positions[:, -1:] + 1  # [n, 1]
             mask = torch.cat([mask, torch.tensor([[0 if t is None else 1] for t in out])], dim=1)
 
     def generate(

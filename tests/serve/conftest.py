@@ -92,9 +92,13 @@ def serve_args(suite: dict, catalog) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(ray_session, serve_lab):
-    """The application running on 127.0.0.1:PORT; Serve is shut down afterwards."""
+    """The application running on 127.0.0.1:PORT; Serve is shut down after the module.
+
+    Module scope, not session: the replicas hold the session cluster's CPUs, and later tests
+    (Ray Data, Ray Train) would wait for them forever.
+    """
     from ray import serve
 
     from serve.app import build_app
@@ -106,3 +110,11 @@ def served(ray_session, serve_lab):
     print(f"serve app up in {time.perf_counter() - start:.1f}s")
     yield {"url": f"http://127.0.0.1:{PORT}", "suite": suite, "catalog": catalog}
     serve.shutdown()
+    _wait_for_free_cpus(ray_session)
+
+
+def _wait_for_free_cpus(ray, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, f"Serve left CPUs taken: {ray.available_resources()}"
+        time.sleep(0.5)

@@ -70,3 +70,41 @@ def test_ignore_eos_generates_exactly_the_budget(host_and_adapters):
     host.eos_token_id = host.generate([PROMPTS[0]], ["a0"], [1])[0][0]  # make the first token eos
     assert host.generate([PROMPTS[0]], ["a0"], [4]) == [[]]
     assert len(host.generate([PROMPTS[0]], ["a0"], [4], ignore_eos=[True])[0]) == 4
+
+
+def _greedy_without_cache(host, prompt, name, budget):
+    """Reference decoding: the whole sequence through PEFT's per-sample path at every step."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(budget):
+            logits = host.model(input_ids=torch.tensor([ids]), adapter_names=[name]).logits
+            token = int(logits[0, -1].argmax())
+            if token == host.eos_token_id:
+                break
+            ids.append(token)
+    return ids[len(prompt) :]
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence(host_and_adapters):
+    host, _ = host_and_adapters
+    names = ["a0", BASE_ADAPTER, "a1"]
+    # references first: generate() may leave the adapter layers disabled for a base-only batch
+    expected = {n: [_greedy_without_cache(host, p, n, 6) for p in PROMPTS] for n in names}
+    mixed = [expected[n][i] for i, n in enumerate(names)]
+    assert host.generate(PROMPTS, names, [6] * 3) == mixed  # mixed batch, left padding
+    for name in names:  # batches of one adapter take PEFT's plain path
+        assert host.generate(PROMPTS, [name] * 3, [6] * 3) == expected[name]
+    assert host.generate(PROMPTS, names, [6] * 3) == mixed  # and back to a mixed batch
+
+
+def test_interleaved_streams_keep_their_own_adapter(host_and_adapters):
+    """Streams advance one step at a time between other batches on the model thread."""
+    host, _ = host_and_adapters
+    alone = {n: host.generate([PROMPTS[0]], [n], [6], [True])[0] for n in ("a0", "a1", BASE_ADAPTER)}
+    streams = {n: host.steps([PROMPTS[0]], [n], [6], [True]) for n in alone}
+    got: dict[str, list[int]] = {n: [] for n in alone}
+    for _ in range(6):
+        for name, stream in streams.items():
+            got[name].append(next(stream)[0])
+            host.generate([PROMPTS[1]], ["a1"], [1])  # another batch in between
+    assert got == alone
