@@ -6,8 +6,8 @@ by side: scenarios are sent in round-robin chunks, so background load hits them 
 request generates exactly ``max_tokens`` tokens (``ignore_eos``), so no scenario is faster only
 because its adapter stops early. Latency scenarios send one request at a time; mixed workloads
 send 8 at a time over 8 or 64 adapters with a cache smaller than the working set, to two apps
-running side by side that differ only in batching: ``mixed`` (one forward, PEFT's per-sample
-``adapter_names``) and ``grouped`` (one forward per adapter within a Serve batch).
+running side by side that differ only in batching: ``mixed`` (one forward, each sample routed to
+its adapter) and ``grouped`` (one forward per adapter within a Serve batch).
 
     python -m benchmarks.serve_latency                       # standard lab, writes results/serve_latency.*
     python -m benchmarks.serve_latency --lab DIR --fvae DIR --quick

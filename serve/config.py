@@ -42,8 +42,8 @@ class ServeConfig(pydantic.BaseModel):
         fvae: an F-VAE artifact directory (``icmf train`` output); enables ``icm`` fusion specs.
         cache_size: adapters (stored or fused) kept loaded per replica.
         negative_ttl_s: how long a failed load is remembered.
-        batching: ``mixed`` (one forward, per-sample ``adapter_names``) or ``grouped`` (one
-            forward per adapter within a batch).
+        batching: ``mixed`` (one forward per batch, each sample routed to its adapter) or
+            ``grouped`` (one forward per adapter within a batch).
         auth_token: bearer token clients must send; ``auth_token_env`` names an environment
             variable that holds it instead (the env var wins when both are set).
     """

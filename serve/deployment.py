@@ -7,7 +7,7 @@ holds. The weights themselves live in :class:`serve.cache.AdapterCache`, which h
 semantics Serve's multiplexer lacks (see that module); ``_register`` only returns the id, so
 Serve's own LRU never unloads weights.
 
-Every model operation (load, unload, forward) runs on one worker thread: PEFT's adapter dicts
+Every model operation (load, unload, forward) runs on one worker thread: the host's adapter dicts
 must not change under a running forward, and the event loop stays free for streaming.
 """
 

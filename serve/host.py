@@ -1,30 +1,33 @@
-"""The base model with LoRA adapters attached **unmerged** (pure torch + PEFT, no Ray).
+"""The base model with LoRA adapters attached **unmerged** (pure torch, no Ray).
 
-One ``PeftModel`` wraps the base once; adapters are added and deleted by name and chosen per
-sample with PEFT's ``adapter_names`` (``"__base__"`` = the bare base), so one forward serves a
-batch that mixes adapters. The base weights are never written: merging would move d/r times more
-bytes per swap and drift in half precision (DESIGN.md §6); :meth:`LoraHost.base_fingerprint`
-lets tests prove it.
+Each linear module an adapter targets is wrapped once in :class:`LoraLinear`, which keeps the
+base layer as it is and adds ``(x Aᵀ)(s·B)ᵀ`` for the adapter each sample asks for. Adapters
+are added and removed by name; a batch may mix adapters (``"__base__"`` = the bare base). The
+base weights are never written: merging would move d/r times more bytes per swap and drift in
+half precision (DESIGN.md §6); :meth:`LoraHost.base_fingerprint` lets tests prove it.
+
+Why not PEFT's ``PeftModel`` here: its per-sample ``adapter_names`` path registers hooks on every
+LoRA layer and splits the batch on every call, and ``add_adapter`` builds and initialises new
+modules per swap; on small models that costs more than the LoRA arithmetic (measured in
+``benchmarks/serve_latency``). Multi-LoRA servers (vLLM, LoRAX) route per sample the same way.
+Adapters are read with the engine's PEFT loaders and outputs are tested against stock PEFT.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
-import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from engine.adapters.io import peft_state
 from engine.adapters.lora import LoraAdapter
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
-_PLACEHOLDER = "_icmf_placeholder"  # PeftModel needs one adapter to exist; it is never used
-_UNKNOWN = "\0unknown"  # no adapter has this name: the next selection always applies
+BASE_ADAPTER = "__base__"  # the bare base in a batch's adapter names (PEFT's spelling too)
 
 
 class CharTokenizer:
@@ -85,107 +88,178 @@ def load_causal_lm(path: str | Path):
     return model.eval()
 
 
-def peft_config_of(adapter: LoraAdapter):
-    """A ``LoraConfig`` equal to the one :func:`engine.adapters.io.save_adapter` would write."""
-    from peft import LoraConfig
+@dataclass
+class _Route:
+    """Which adapter each sample of the next forward uses, computed once for all layers.
 
-    _, config = peft_state(adapter)
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    return LoraConfig(**{k: v for k, v in config.items() if k in fields and k != "peft_type"})
+    ``single``: the one adapter of a batch that uses one; else ``groups``: (name, sample rows).
+    """
+
+    single: str | None = None
+    groups: tuple[tuple[str, torch.Tensor], ...] = ()
+
+
+class LoraLinear(nn.Module):
+    """``base_layer(x)`` plus, per sample, the LoRA delta of that sample's adapter.
+
+    Args:
+        base_layer: the wrapped ``nn.Linear`` (kept as is; its weights are never written).
+        route: a one-element list holding the current :class:`_Route` (shared by every layer of
+            a host, so routing a batch is one assignment, not one per layer).
+    """
+
+    def __init__(self, base_layer: nn.Linear, route: list[_Route | None]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A [r, in], sB [out, r])
+        self._route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[n, T, in]`` -> ``[n, T, out]``."""
+        y = self.base_layer(x)
+        route = self._route[0]
+        if route is None:
+            return y
+        if route.single is not None:
+            factors = self.factors.get(route.single)
+            if factors is None:  # this adapter does not target this module
+                return y
+            a, b = factors
+            return y + (x @ a.T) @ b.T
+        for name, rows in route.groups:
+            factors = self.factors.get(name)
+            if factors is not None:
+                a, b = factors
+                y = y.index_add(0, rows, (x[rows] @ a.T) @ b.T)
+        return y
 
 
 class LoraHost:
     """A base causal LM hosting named LoRA adapters.
 
     Args:
-        base: a ``PreTrainedModel`` (e.g. from :func:`load_causal_lm`); wrapped, never modified.
+        base: a ``PreTrainedModel`` (e.g. from :func:`load_causal_lm`); its targeted linear
+            modules are wrapped in :class:`LoraLinear` as adapters arrive, its weights never written.
         eos_token_id / pad_token_id: generation stops at ``eos``; prompts are left-padded with ``pad``.
     """
 
     def __init__(self, base, eos_token_id: int, pad_token_id: int):
-        from peft import LoraConfig, get_peft_model
-
+        self.model = base
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
         # transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output field)
         accepted = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        placeholder = LoraConfig(r=1, target_modules=_first_linear_names(base), init_lora_weights=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.model = get_peft_model(base, placeholder, adapter_name=_PLACEHOLDER).eval()
+        self._route: list[_Route | None] = [None]
+        self._device = next(base.parameters()).device
+        self._layers: dict[str, LoraLinear] = {}  # module name -> its wrapper
         self.names: set[str] = set()
-        self._selected: str | None = _UNKNOWN  # what _select last set up
 
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, adapter: LoraAdapter) -> None:
         """Attach ``adapter`` as ``name`` (unmerged; base weights untouched), replacing any
-        adapter of that name."""
-        from peft import set_peft_model_state_dict
+        adapter of that name. All or nothing: a misfit adapter raises and changes nothing.
 
-        if name in self.model.peft_config:
-            self.model.delete_adapter(name)
-        self._selected = _UNKNOWN  # adding or deleting may move PEFT's active adapter
-
-        tensors, _ = peft_state(adapter)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.model.add_adapter(name, peft_config_of(adapter))
-            result = set_peft_model_state_dict(self.model, tensors, adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            self.model.delete_adapter(name)
-            raise ValueError(f"adapter {name!r} does not fit the base model: {unexpected[:3]}")
+        Raises:
+            ValueError: ``name`` is reserved, the adapter carries ``modules_to_save`` weights, or
+                a module is not a linear layer of this base model or has other dimensions.
+        """
+        if name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} names the bare base model, not an adapter")
+        if adapter.extras:
+            raise ValueError(
+                f"adapter {name!r} carries modules_to_save weights ({sorted(adapter.extras)[:3]}); "
+                "only LoRA factors can be swapped per request"
+            )
+        targets = {
+            module_name: self._linear(name, module_name, module)
+            for module_name, module in adapter.modules.items()
+        }
+        self.remove(name)
+        for module_name, linear in targets.items():
+            layer = self._layers.get(module_name) or self._wrap(module_name, linear)
+            module = adapter.modules[module_name]
+            weight = linear.weight
+            a = module.A.to(device=weight.device, dtype=weight.dtype).contiguous()
+            b = (module.B.double() * module.scaling).to(device=weight.device, dtype=weight.dtype).contiguous()
+            layer.factors[name] = (a, b)
         self.names.add(name)
 
+    def _linear(self, name: str, module_name: str, module) -> nn.Linear:
+        """The base model's linear layer ``module_name``, checked against the adapter's shapes."""
+        if module_name in self._layers:
+            linear = self._layers[module_name].base_layer
+        else:
+            try:
+                linear = self.model.get_submodule(module_name)
+            except AttributeError:
+                raise ValueError(
+                    f"adapter {name!r} targets {module_name!r}, which the base model lacks"
+                ) from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"adapter {name!r} targets {module_name!r}, a {type(linear).__name__}; "
+                "only LoRA on linear layers is served"
+            )
+        if (module.d_in, module.d_out) != (linear.in_features, linear.out_features):
+            raise ValueError(
+                f"adapter {name!r} does not fit the base model at {module_name!r}: "
+                f"LoRA maps {module.d_in}->{module.d_out}, the layer {linear.in_features}->{linear.out_features}"
+            )
+        return linear
+
+    def _wrap(self, module_name: str, linear: nn.Linear) -> LoraLinear:
+        parent_name, _, child = module_name.rpartition(".")
+        layer = LoraLinear(linear, self._route)
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
+        self._layers[module_name] = layer
+        return layer
+
     def remove(self, name: str) -> None:
-        if name in self.names:
-            self.model.delete_adapter(name)  # PEFT picks another active adapter if it was
-            self.names.discard(name)
-            self._selected = _UNKNOWN
+        """Detach ``name`` (a no-op if it is not attached); the wrappers stay, empty."""
+        for layer in self._layers.values():
+            layer.factors.pop(name, None)
+        self.names.discard(name)
 
     def base_fingerprint(self) -> str:
-        """sha256 over every non-LoRA parameter and buffer (the base's weights)."""
+        """sha256 over every parameter and buffer of the base model (LoRA factors are neither)."""
         digest = hashlib.sha256()
         for key, tensor in sorted(self.model.state_dict().items()):
-            if "lora_" not in key:
-                # A module that gets its first adapter is wrapped (``x.weight`` -> ``x.base_layer.weight``).
-                digest.update(key.replace(".base_layer", "").encode())
-                digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            # A wrapped module's weights live one level down (``x.weight`` -> ``x.base_layer.weight``).
+            digest.update(key.replace(".base_layer", "").encode())
+            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ generation
-    def _forward(self, names: list[str], **inputs):
-        """One forward with per-sample adapters ``names``.
+    def forward(self, adapter_names: list[str], **inputs):
+        """One forward of the base model with per-sample adapters (``"__base__"``: none).
 
-        A batch that uses one adapter (or only the base) runs PEFT's plain path: that adapter
-        active, or the adapter layers disabled. PEFT's per-sample ``adapter_names`` path registers
-        hooks on every LoRA layer and splits the batch per adapter on every call, which costs more
-        than the LoRA arithmetic on small models; only batches that really mix adapters take it.
-        The selection is made before each forward, not once per generation: streams interleave
-        their steps with other batches on the model thread.
+        ``inputs`` are the model's own keyword arguments (``input_ids``, ``attention_mask``, ...).
+        The route is set for each forward, not once per generation: streams interleave their
+        steps with other batches on the model thread.
         """
-        distinct = set(names)
-        if len(distinct) > 1:
-            self._select(None)
-            return self.model(**inputs, adapter_names=names)
-        self._select(distinct.pop())
-        return self.model(**inputs)
+        self._route[0] = self._routing(adapter_names)
+        try:
+            return self.model(**inputs)
+        finally:
+            self._route[0] = None
 
-    def _select(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (``"__base__"``: none; ``None``: all enabled for a
-        mixed batch). PEFT's switches loop over every layer and adapter, so skip repeats."""
-        if name == self._selected:
-            return
-        lora = self.model.base_model
-        if name == BASE_ADAPTER:
-            lora.disable_adapter_layers()
-        else:
-            lora.enable_adapter_layers()
-            if name is not None:
-                lora.set_adapter(name, inference_mode=True)
-        self._selected = name
+    def _routing(self, names: list[str]) -> _Route | None:
+        unknown = set(names) - self.names - {BASE_ADAPTER}
+        if unknown:
+            raise KeyError(f"adapter(s) not attached: {sorted(unknown)}")
+        distinct = list(dict.fromkeys(names))
+        if distinct == [BASE_ADAPTER]:
+            return None
+        if len(distinct) == 1:
+            return _Route(single=distinct[0])
+        groups = tuple(
+            (name, torch.tensor([i for i, n in enumerate(names) if n == name], device=self._device))
+            for name in distinct
+            if name != BASE_ADAPTER
+        )
+        return _Route(groups=groups)
 
     @torch.inference_mode()
     def steps(
@@ -221,7 +295,7 @@ class LoraHost:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         cache = None
         while not all(done):
-            output = self._forward(
+            output = self.forward(
                 names,
                 input_ids=ids,
                 attention_mask=mask,
@@ -262,11 +336,3 @@ class LoraHost:
                 if token is not None:
                     outputs[i].append(token)
         return outputs
-
-
-def _first_linear_names(model) -> list[str]:
-    """The leaf name of one ``nn.Linear`` in ``model`` (the placeholder adapter's target)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            return [name.rsplit(".", 1)[-1]]
-    raise ValueError("the base model has no linear layer to attach LoRA adapters to")

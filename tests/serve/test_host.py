@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.adapters.io import load_adapter
+from engine.adapters.lora import LoraAdapter
 from serve.host import BASE_ADAPTER, LoraHost
 from tests.conftest import tiny_llama
 
@@ -41,7 +42,7 @@ def test_adapter_equals_stock_peft_forward(host_and_adapters, adapter_factory):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
-        got = host.model(input_ids=ids, adapter_names=["a0"]).logits
+        got = host.forward(["a0"], input_ids=ids).logits
     torch.testing.assert_close(got, expected)
 
 
@@ -73,11 +74,11 @@ def test_ignore_eos_generates_exactly_the_budget(host_and_adapters):
 
 
 def _greedy_without_cache(host, prompt, name, budget):
-    """Reference decoding: the whole sequence through PEFT's per-sample path at every step."""
+    """Reference decoding: the whole sequence, no KV cache, one sample at a time."""
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(budget):
-            logits = host.model(input_ids=torch.tensor([ids]), adapter_names=[name]).logits
+            logits = host.forward([name], input_ids=torch.tensor([ids])).logits
             token = int(logits[0, -1].argmax())
             if token == host.eos_token_id:
                 break
@@ -88,11 +89,10 @@ def _greedy_without_cache(host, prompt, name, budget):
 def test_cached_decoding_equals_recomputing_the_whole_sequence(host_and_adapters):
     host, _ = host_and_adapters
     names = ["a0", BASE_ADAPTER, "a1"]
-    # references first: generate() may leave the adapter layers disabled for a base-only batch
     expected = {n: [_greedy_without_cache(host, p, n, 6) for p in PROMPTS] for n in names}
     mixed = [expected[n][i] for i, n in enumerate(names)]
     assert host.generate(PROMPTS, names, [6] * 3) == mixed  # mixed batch, left padding
-    for name in names:  # batches of one adapter take PEFT's plain path
+    for name in names:  # batches of one adapter take the single-adapter route
         assert host.generate(PROMPTS, [name] * 3, [6] * 3) == expected[name]
     assert host.generate(PROMPTS, names, [6] * 3) == mixed  # and back to a mixed batch
 
@@ -108,3 +108,55 @@ def test_interleaved_streams_keep_their_own_adapter(host_and_adapters):
             got[name].append(next(stream)[0])
             host.generate([PROMPTS[1]], ["a1"], [1])  # another batch in between
     assert got == alone
+
+
+def test_mixed_ranks_and_targets_equal_stock_peft_per_sample(adapter_factory):
+    from peft import PeftModel
+
+    specs = [
+        {"seed": 3, "r": 2, "alpha": 32, "target_modules": ("o_proj", "gate_proj")},
+        {"seed": 4, "r": 8, "alpha": 16, "use_rslora": True},
+    ]
+    paths = [adapter_factory(**spec) for spec in specs]
+    host = LoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
+    for i, path in enumerate(paths):
+        host.add(f"m{i}", load_adapter(path))
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0], PROMPTS[0]])
+    with torch.inference_mode():
+        got = host.forward(["m0", BASE_ADAPTER, "m1"], input_ids=ids).logits
+        expected = [PeftModel.from_pretrained(tiny_llama(), str(p)).eval() for p in paths]
+        torch.testing.assert_close(got[0], expected[0](input_ids=ids[:1]).logits[0])
+        torch.testing.assert_close(got[1], tiny_llama()(input_ids=ids[:1]).logits[0])
+        torch.testing.assert_close(got[2], expected[1](input_ids=ids[:1]).logits[0])
+
+
+def test_a_misfit_adapter_is_rejected_and_changes_nothing(host_and_adapters, adapter_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    host, _ = host_and_adapters
+    before = host.generate(PROMPTS, ["a0", "a1", BASE_ADAPTER], [4] * 3)
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    misfit = load_adapter(adapter_factory(seed=5, base=wider))
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        host.add("a0", misfit)  # would replace a0: must keep the old one
+    stray = LoraAdapter(modules={"model.nope.q_proj": next(iter(misfit.modules.values()))}, config={})
+    with pytest.raises(ValueError, match="lacks"):
+        host.add("x", stray)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        adapter = load_adapter(adapter_factory(seed=7))
+        adapter.extras = {"lm_head.weight": torch.zeros(64, 32)}
+        host.add("y", adapter)
+    with pytest.raises(KeyError, match="not attached"):
+        host.generate([PROMPTS[0]], ["x"], [2])
+    assert host.names == {"a0", "a1"}
+    assert host.generate(PROMPTS, ["a0", "a1", BASE_ADAPTER], [4] * 3) == before
