@@ -9,10 +9,14 @@ remove from one the component along the other), combine with weights ``alpha`` a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch.nn import functional as F
+
+from engine.adapters.codec import unflatten
+from engine.adapters.layout import Layout
 
 Combine = Literal["weighted", "mean", "sum", "slerp"]
 
@@ -95,3 +99,61 @@ def fuse_latents(
     if normalise:
         v_f = F.normalize(v_f, dim=0) * scale
     return z_f, v_f
+
+
+def residual_weights(
+    alpha: torch.Tensor | None, k: int, combine: Combine, like: torch.Tensor
+) -> torch.Tensor:
+    """The weight of each input's reconstruction residual in :func:`anchored_factors`: the weight
+    its latent got in the fused code (``weighted``: ``alpha``; ``sum``: 1; ``mean``/``slerp``: ``1/K``)."""
+    if combine == "weighted" and alpha is not None:
+        return alpha
+    value = 1.0 if combine == "sum" else 1.0 / k
+    return torch.full((k,), value, dtype=like.dtype, device=like.device)
+
+
+def anchored_factors(
+    fused: torch.Tensor,
+    decoded: torch.Tensor,
+    inputs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    masks: torch.Tensor,
+    weights: torch.Tensor,
+    layout: Layout,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode the fused code *relative to the inputs*: per module, the delta
+    ``D(z_f) + sum_t w_t (dW_t - D(mu_t))`` as exact low-rank factors (ranks concatenated).
+
+    The decoder's reconstruction error of each input is added back, so what the fused adapter
+    takes from the F-VAE is the *displacement* the latent arithmetic makes, never the decoder's
+    absolute output: fusing one adapter returns it exactly, a decoder that ignores its code (a
+    collapsed posterior) yields ``sum_t w_t dW_t`` (task arithmetic) plus a ``(1 - sum w)``
+    multiple of its constant instead of that constant, and in meta-training the fusion loss can
+    no longer be met by a decoder that memorises one adapter for the episodes' support examples
+    whatever the inputs are.
+
+    Args:
+        fused: ``[N]`` decoded, de-normalised fused adapter ``D(z_f, v_f)``.
+        decoded: ``[K, N]`` decoded, de-normalised inputs ``D(mu_t, v_t)``.
+        inputs: per input, its exact per-module factors ``(A [r, d_in], B [d_out, r])`` in layout
+            order (any ranks; e.g. :func:`engine.adapters.codec.unflatten` of its canonical vector).
+        masks: ``[K, M]`` bool: the modules each input targets (elsewhere it adds no residual).
+        weights: ``[K]`` each residual's weight (:func:`residual_weights`).
+        layout: the layout of ``fused`` and ``decoded``.
+
+    Returns:
+        Per layout module ``(A, B)``; differentiable in every argument's tensors.
+    """
+    fused_f = unflatten(fused, layout)
+    decoded_f = [unflatten(decoded[t], layout) for t in range(decoded.shape[0])]
+    factors = []
+    for m, (A, B) in enumerate(fused_f):
+        A_parts, B_parts = [A], [B]
+        for t, own in enumerate(inputs):
+            if not bool(masks[t, m]):
+                continue
+            A_t, B_t = own[m]
+            A_d, B_d = decoded_f[t][m]
+            A_parts += [A_t.to(A.dtype), A_d]
+            B_parts += [B_t.to(B.dtype) * weights[t], -B_d * weights[t]]
+        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
+    return factors

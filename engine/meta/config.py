@@ -50,6 +50,12 @@ class TrainSection(_Strict):
     fusion_weight: float = pydantic.Field(1.0, ge=0)
     combine: Literal["weighted", "mean", "sum", "slerp"] = "weighted"
     project: bool = True
+    anchor: bool = pydantic.Field(
+        True,
+        description="score the episode's fused adapter anchored on its inputs (D(z_f) + sum_t w_t "
+        "(dW_t - D(mu_t)), as icm fuses); false: the decoder's absolute output, which the fusion loss "
+        "can satisfy by memorising one adapter for the support examples whatever the inputs",
+    )
     checkpoint_every: int = pydantic.Field(100, gt=0)
     report_every: int = pydantic.Field(10, gt=0)
     seed: int = 0

@@ -17,12 +17,16 @@ __all__ = ["subspace_proxy_loss", "unflatten"]
 
 
 def subspace_proxy_loss(
-    fused: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, layout: Layout
+    fused: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
+    targets: torch.Tensor,
+    masks: torch.Tensor,
+    layout: Layout,
 ) -> torch.Tensor:
     """Mean relative error of the fused delta on each task's input subspace.
 
     Args:
-        fused: ``[N]`` fused adapter (de-normalised, real weight space).
+        fused: ``[N]`` fused adapter (de-normalised, real weight space), or its per-module
+            factors ``(A [r, d_in], B [d_out, r])`` of any rank.
         targets: ``[K, N]`` the tasks' own adapters.
         masks: ``[K, M]`` bool, modules each task's adapter targets.
         layout: the layout of all vectors.
@@ -31,7 +35,7 @@ def subspace_proxy_loss(
         Scalar: mean over (task, present module) of
         ``||B_f A_f A_t^T - B_t A_t A_t^T||^2 / ||B_t A_t A_t^T||^2``.
     """
-    fused_factors = unflatten(fused, layout)
+    fused_factors = unflatten(fused, layout) if isinstance(fused, torch.Tensor) else fused
     terms = []
     for k in range(targets.shape[0]):
         for m, (A_t, B_t) in enumerate(unflatten(targets[k], layout)):
@@ -43,5 +47,5 @@ def subspace_proxy_loss(
             residual = B_f @ (A_f @ A_t.T) - target
             terms.append((residual**2).sum() / (target**2).sum().clamp_min(1e-12))
     if not terms:
-        return fused.new_zeros(())
+        return targets.new_zeros(())
     return torch.stack(terms).mean()

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
-from engine.fvae.latent import Combine, fuse_latents
+from engine.fvae.latent import Combine, anchored_factors, fuse_latents, residual_weights
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.losses import subspace_proxy_loss
 
-# (fused adapter vector [N] in weight space, tasks of the episode) -> scalar loss
-DataLoss = Callable[[torch.Tensor, tuple[str, ...]], torch.Tensor]
+# (fused adapter in weight space: flat [N] or per-module factors, tasks of the episode) -> scalar loss
+DataLoss = Callable[[torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]], tuple[str, ...]], torch.Tensor]
 
 
 @dataclass
@@ -37,11 +38,14 @@ class EpisodeBatch:
 
 @dataclass(frozen=True)
 class EpisodeSettings:
-    """Loss switches (each one an ablation): ``fusion_weight`` 0 trains reconstruction only."""
+    """Loss switches (each one an ablation): ``fusion_weight`` 0 trains reconstruction only;
+    ``anchor`` scores the fused adapter anchored on the episode's inputs, as ``icm`` fuses
+    (:func:`engine.fvae.latent.anchored_factors`), instead of the decoder's absolute output."""
 
     fusion_weight: float = 1.0
     combine: Combine = "weighted"
     project: bool = True
+    anchor: bool = True
 
 
 def slot_mask(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -75,6 +79,13 @@ def episode_loss(
     if settings.fusion_weight > 0:
         z_f, v_f = fuse_latents(out["mu"], batch.cond, combine=settings.combine, project=settings.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
+        if settings.anchor:
+            # Without the anchor the decoder can meet the data loss by emitting one adapter fitted to
+            # the episodes' support examples whatever its code says (it then fuses nothing).
+            decoded = normalizer.denormalize(model.decode(out["mu"], batch.cond))
+            inputs = [unflatten(x, layout) for x in batch.x]
+            weights = residual_weights(None, batch.x.shape[0], settings.combine, fused)
+            fused = anchored_factors(fused, decoded, inputs, batch.mask, weights, layout)
         if data_loss is not None:
             fusion = data_loss(fused, batch.tasks)
         else:

@@ -92,13 +92,16 @@ def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], see
     generator = torch.Generator().manual_seed(seed)
     shots = cfg.train.shots_per_task
 
-    def loss(fused: torch.Tensor, episode_tasks: tuple[str, ...]) -> torch.Tensor:
-        adapted = fused
+    def loss(fused, episode_tasks: tuple[str, ...]) -> torch.Tensor:
+        # ``fused``: a flat [N] vector or per-module factors (anchored fusion); adapted alike.
+        flat = isinstance(fused, torch.Tensor)
+        adapted = [fused] if flat else [t for pair in fused for t in pair]
+        pack = (lambda ts: ts[0]) if flat else (lambda ts: list(zip(ts[::2], ts[1::2], strict=True)))
         for _ in range(cfg.train.inner_steps):
-            leaf = adapted.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(support.loss(leaf, episode_tasks, shots, generator), leaf)
-            adapted = adapted - cfg.train.inner_lr * grad
-        return query.loss(adapted, episode_tasks, shots, generator)
+            leaves = [t.detach().requires_grad_(True) for t in adapted]
+            grads = torch.autograd.grad(support.loss(pack(leaves), episode_tasks, shots, generator), leaves)
+            adapted = [t - cfg.train.inner_lr * g for t, g in zip(adapted, grads, strict=True)]
+        return query.loss(pack(adapted), episode_tasks, shots, generator)
 
     return loss
 
@@ -229,7 +232,9 @@ def train_loop(config: dict[str, Any]) -> None:
     normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start = _load_checkpoint(model, optimizer)
-    settings = EpisodeSettings(cfg.train.fusion_weight, cfg.train.combine, cfg.train.project)
+    settings = EpisodeSettings(
+        cfg.train.fusion_weight, cfg.train.combine, cfg.train.project, cfg.train.anchor
+    )
     rng = np.random.default_rng([cfg.train.seed, rank, start])
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0

@@ -193,3 +193,60 @@ def test_lorahub_finds_weights_that_lower_the_few_shot_loss():
     assert max(abs(f - t) for f, t in zip(found, [0.8, 0.0, -0.4], strict=True)) < 0.15
     with pytest.raises(FusionConfigError, match="few-shot"):
         fuse_adapters(adapters, "lorahub")
+
+
+class _ConstantDecoder(torch.nn.Module):
+    """A collapsed F-VAE: its decoder emits one fixed vector whatever the code and condition."""
+
+    def __init__(self, config, output: torch.Tensor):
+        super().__init__()
+        self.config, self.output = config, output
+
+    def encode(self, x, cond):
+        return x[:, : self.config.latent_dim], torch.zeros(x.shape[0], self.config.latent_dim)
+
+    def decode(self, z, cond):
+        return self.output.expand(z.shape[0], -1) + 0 * z.sum()
+
+
+def _artifact(layout, model=None):
+    from engine.fvae.config import FVAEConfig
+    from engine.fvae.model import FVAE
+    from engine.fvae.normalize import SlotNormalizer
+    from engine.meta.artifact import FVAEArtifact
+
+    torch.manual_seed(0)
+    config = FVAEConfig(input_dim=layout.size, cond_dim=4, depth=3, channels=2, max_channels=4, latent_dim=8)
+    model = model(config) if model else FVAE(config)
+    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": 4, "seed": 0}}
+    return FVAEArtifact(model.eval(), SlotNormalizer.identity(layout.size), layout, {}, meta)
+
+
+def test_icm_is_anchored_on_its_inputs():
+    """A single adapter fuses to itself, and a decoder that ignores its code (posterior collapse:
+    the lab's encoder suite) yields task arithmetic instead of its constant, memorised output."""
+    from engine.adapters.layout import Layout
+
+    adapters = [random_adapter({"q": 2, "v": 3}, 0), random_adapter({"q": 3}, 1)]
+    layout = Layout.from_adapters(adapters, base_model="m")
+    constant = torch.randn(layout.size, generator=torch.Generator().manual_seed(9))
+    untrained, collapsed = _artifact(layout), _artifact(layout, lambda c: _ConstantDecoder(c, constant))
+    for name in ("q", "v"):
+        one = fuse_adapters(adapters[:1], "icm", [1.0], context={"fvae": untrained}).adapter
+        assert rel(one.modules[name].delta(), adapters[0].modules[name].delta()) < 1e-5
+    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context={"fvae": collapsed}).adapter
+    ta = fuse_adapters(adapters, "task_arithmetic", [0.5, 0.5]).adapter
+    for name in ("q", "v"):
+        expected = ta.modules[name].delta() + (0.5 if name == "v" else 0.0) * _constant_delta(
+            constant, layout, name
+        )  # only the input targeting "v" cancels half of the constant there
+        assert rel(fused.modules[name].delta(), expected) < 1e-5
+    absolute = fuse_adapters(adapters, "icm", [0.5, 0.5], {"anchor": False}, context={"fvae": collapsed})
+    assert rel(absolute.adapter.modules["q"].delta(), _constant_delta(constant, layout, "q")) < 1e-5
+
+
+def _constant_delta(vector, layout, name):
+    from engine.adapters.codec import unflatten
+
+    A, B = unflatten(vector, layout)[layout.index[name]]
+    return B @ A

@@ -71,3 +71,35 @@ def test_episodes_are_task_balanced_on_a_long_tail():
 def test_empty_pool_is_a_clear_error():
     with pytest.raises(ValueError, match="pool is empty"):
         TaskPool(3).sample(2, np.random.default_rng(0))
+
+
+def test_anchored_episode_fusion_cannot_be_met_by_a_decoder_that_ignores_its_inputs():
+    """The episode's fused adapter is anchored on its inputs (as icm fuses): a decoder emitting one
+    fixed adapter whatever its code scores the inputs' task arithmetic, so the fusion loss gives it
+    nothing to memorise; unanchored, the fused adapter is that fixed output."""
+    from engine.fvae.config import FVAEConfig
+    from engine.fvae.model import FVAE
+    from engine.fvae.normalize import SlotNormalizer
+    from engine.meta.step import EpisodeBatch, EpisodeSettings, episode_loss
+
+    (v1, m1), (v2, m2) = random_vector(1), random_vector(2)
+    batch = EpisodeBatch(torch.stack([v1, v2]), torch.stack([m1, m2]), torch.randn(2, 4), ("t1", "t2"))
+    model = FVAE(FVAEConfig(input_dim=LAYOUT.size, cond_dim=4, depth=2, channels=2, latent_dim=4))
+    memorised = torch.randn(LAYOUT.size)
+    model.decode = lambda z, cond: memorised.expand(z.shape[0], -1) + 0 * z.sum()
+    seen = []
+
+    def data_loss(fused, tasks):
+        factors = unflatten(fused, LAYOUT) if isinstance(fused, torch.Tensor) else fused
+        seen.append([B @ A for A, B in factors])
+        return sum(d.sum() for d in seen[-1]) * 0
+
+    normalizer = SlotNormalizer.identity(LAYOUT.size)
+    episode_loss(model, normalizer, batch, LAYOUT, EpisodeSettings(), data_loss)
+    episode_loss(model, normalizer, batch, LAYOUT, EpisodeSettings(anchor=False), data_loss)
+    inputs = [[B @ A for A, B in unflatten(v, LAYOUT)] for v in (v1, v2)]
+    for m, (anchored, absolute) in enumerate(zip(*seen, strict=True)):
+        torch.testing.assert_close(anchored, 0.5 * (inputs[0][m] + inputs[1][m]), rtol=1e-4, atol=1e-4)
+        A, B = unflatten(memorised, LAYOUT)[m]
+        torch.testing.assert_close(absolute, B @ A)
+    assert float(subspace_proxy_loss(unflatten(v1, LAYOUT), batch.x[:1], batch.mask[:1], LAYOUT)) < 1e-10

@@ -166,12 +166,14 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
     artifact = tiny_artifact(layout)
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
     adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    # The untrained decoder's absolute output (anchor off) is what the latent residual can move
+    # most; anchored, the inputs' exact deltas dominate this toy decoder's displacement.
     common = dict(tasks=["copy", "reverse"], seed=0)
-    plain = fuse_adapters(adapters, "icm", context={"fvae": artifact}, **common)
+    plain = fuse_adapters(adapters, "icm", params={"anchor": False}, context={"fvae": artifact}, **common)
     refined = fuse_adapters(
         adapters,
         "icm",
-        params={"refine_steps": 15, "refine_lr": 0.2},
+        params={"refine_steps": 15, "refine_lr": 0.2, "anchor": False},
         context={"fvae": artifact, "objective": objective},
         **common,
     )
@@ -182,7 +184,7 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
     without_holdout = fuse_adapters(
         adapters,
         "icm",
-        params={"refine_steps": 15, "refine_lr": 0.2, "refine_holdout": 0},
+        params={"refine_steps": 15, "refine_lr": 0.2, "refine_holdout": 0, "anchor": False},
         context={"fvae": artifact, "objective": objective},
         **common,
     )
@@ -216,7 +218,8 @@ def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_pa
     ]
     assert main([*common, *args, "--out", str(tmp_path / "icm")]) == 0
     record = json.loads((tmp_path / "icm" / "icmf_provenance.json").read_text())["details"]["refine"]
-    assert record["support_loss_best"] <= record["support_loss_start"] and len(record["span_weights"]) == 2
+    # Best (held-out) loss vs the held-out loss of step 0: the chosen step is never worse.
+    assert record["support_loss_best"] <= record["holdout_loss_start"] and len(record["span_weights"]) == 2
     load_adapter(tmp_path / "icm")  # a stock, loadable adapter
 
 

@@ -5,8 +5,11 @@ Each input adapter is put in the F-VAE's layout, normalised and encoded with its
 (the one seen in meta-training, or — for a task the F-VAE never saw — the vector derived from
 its adapter, so unseen tasks need only their adapter); the latents and task vectors are combined
 (conflict projection, weights ``alpha`` = the fusion weights); the fused code is decoded,
-de-normalised and written back as a LoRA over the union of the inputs' modules, optionally
-truncated to ``rank`` exactly.
+de-normalised and — by default (``anchor``) — anchored on the inputs: each input's decoder
+reconstruction error is added back, so a single input comes back exactly and an F-VAE whose
+decoder ignores its code degrades to task arithmetic rather than to whatever the decoder emits.
+The result is written back as a LoRA over the union of the inputs' modules, optionally truncated
+to ``rank`` exactly.
 
 Needs ``context["fvae"]``: an :class:`engine.meta.artifact.FVAEArtifact` (CLI: ``--model DIR``).
 """
@@ -18,12 +21,12 @@ from typing import Literal
 import pydantic
 import torch
 
-from engine.adapters.codec import from_flat, to_canonical, to_flat, to_lora, unflatten
+from engine.adapters.codec import to_canonical, to_flat, unflatten
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
-from engine.fvae.latent import fuse_latents
+from engine.fvae.latent import anchored_factors, fuse_latents, residual_weights
 from engine.meta.taskvec import project
 from engine.tasks.functional import adapter_factors
 
@@ -52,6 +55,12 @@ class IcmParams(pydantic.BaseModel):
     span_granularity: Literal["task", "module"] = pydantic.Field(
         "task", description="refine_span weights: one per input adapter, or one per adapter and module"
     )
+    anchor: bool = pydantic.Field(
+        True,
+        description="decode relative to the inputs: D(z_f) + sum_t w_t (dW_t - D(mu_t)), so the F-VAE "
+        "contributes the latent arithmetic's displacement, not its reconstruction error (output rank "
+        "grows by the inputs' ranks plus r_max each unless `rank` truncates); false: D(z_f) alone",
+    )
     refine_span: bool = pydantic.Field(
         False,
         description="add the input adapters' exact deltas with refined weights (output rank grows by "
@@ -73,40 +82,52 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     tasks = inputs.tasks or [f"input{i}" for i in range(len(canon))]
     cond = torch.stack([_task_vector(t, xn[i], artifact, inputs, params) for i, t in enumerate(tasks)])
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
+    masks = torch.stack([c.mask for c in canon])  # [K, M]
+    inputs_factors = [adapter_factors(a, layout) for a in inputs.adapters]
     with torch.no_grad():
         model.eval()
         mu, _ = model.encode(xn, cond)
+        decoded = normalizer.denormalize(model.decode(mu, cond)) if params.anchor else None
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
+        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params)
     details: dict = {}
-    span = None
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
-        inputs_factors = [adapter_factors(a, layout) for a in inputs.adapters] if params.refine_span else None
-        fused, span, details = refine_latent(
-            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors
+        factors, details = refine_latent(
+            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks
         )
-    mask = torch.stack([c.mask for c in canon]).any(dim=0)
-    lora = to_lora(from_flat(fused, layout, mask), trim=True)
+    mask = masks.any(dim=0)
     modules = {}
-    for name, module in lora.modules.items():
-        A, B = module.A, module.B
-        if span is not None:  # exact sum: decoded delta + sum_t beta_t dW_t (ranks concatenate)
-            column = layout.index[name]
-            parts = [
-                (adapter.modules[name], float(span[t, column]))
-                for t, adapter in enumerate(inputs.adapters)
-                if name in adapter.modules
-            ]
-            A = torch.cat([A] + [m.A.float() for m, _ in parts])
-            B = torch.cat([B] + [m.B.float() * (m.scaling * beta) for m, beta in parts], dim=1)
+    for spec, (A, B) in zip(layout.modules, factors, strict=True):
+        if not bool(mask[layout.index[spec.name]]):
+            continue
+        A, B = _drop_null_components(A.detach(), B.detach())
         if params.rank is not None:
             A, B = truncate_lowrank(A, B, params.rank)
-        modules[name] = LoraModule(A=A, B=B, scaling=1.0)
+        modules[spec.name] = LoraModule(A=A, B=B, scaling=1.0)
     adapter = fused_adapter(inputs, modules)
     if details:
         adapter.config["icmf_details"] = details
     return adapter
+
+
+def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams):
+    """Per-module factors of the decoded fused adapter: anchored on the inputs (default; see
+    :func:`engine.fvae.latent.anchored_factors`) or the decoder's absolute output."""
+    if decoded is None:
+        return unflatten(fused, layout)
+    residual = residual_weights(weights, len(inputs_factors), params.combine, fused)
+    return anchored_factors(fused, decoded, inputs_factors, masks, residual, layout)
+
+
+def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove rank components that add nothing (a zero row of ``A`` or zero column of ``B``, e.g.
+    the layout's rank padding); at least one component stays."""
+    keep = (A.abs().sum(dim=1) > 0) & (B.abs().sum(dim=0) > 0)
+    if not bool(keep.any()):
+        keep[0] = True
+    return A[keep].clone(), B[:, keep].clone()
 
 
 def _task_vector(
@@ -155,34 +176,38 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
     return objective
 
 
-def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors=None):
+def refine_latent(
+    model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded=None, masks=None
+):
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
     adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
     is frozen, so the adapter stays on the F-VAE's manifold, which is what keeps a few shots from
-    overfitting.
+    overfitting. With ``decoded`` (the inputs' decoded reconstructions ``[K, N]``, ``anchor``),
+    the fused adapter is anchored on the inputs (:func:`engine.fvae.latent.anchored_factors`).
 
-    With ``inputs_factors`` (``refine_span``), the fused adapter is the decoded one plus
-    ``sum_t beta_t dW_t`` over the input adapters' exact deltas, ``beta`` starting at 0 and refined
-    too: the search covers the generator's manifold and the span of the inputs.
+    With ``refine_span``, the fused adapter is the decoded one plus ``sum_t beta_t dW_t`` over the
+    input adapters' exact deltas (``inputs_factors``), ``beta`` starting at 0 and refined too: the
+    search covers the generator's manifold and the span of the inputs.
 
     With ``refine_holdout`` > 0 the shots are split: the fit part drives Adam, the held-out part
     picks the step (early stopping; step 0 = no refinement), so few shots cannot make it worse
     than the unrefined fusion on data it was not fitted to.
 
-    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``. Returns the best decoded adapter
-    seen (lowest held-out loss) ``[N]`` in weight space, its ``beta [K, M]`` (or None), and a record.
+    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``. Returns the per-module factors of
+    the best adapter seen (lowest held-out loss), detached, and a record.
     """
     model.requires_grad_(False)
+    layout = objective.host.layout
     weights = alpha.clone().requires_grad_(params.refine_weights)
     residual = torch.zeros(mu.shape[1], requires_grad=True)
     cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
-    modules = objective.host.layout.num_modules
+    modules = layout.num_modules
     shape = (mu.shape[0], modules) if params.span_granularity == "module" else (mu.shape[0], 1)
-    beta = torch.zeros(shape, requires_grad=inputs_factors is not None)
+    beta = torch.zeros(shape, requires_grad=params.refine_span)
     trainable = [residual] + ([weights] if params.refine_weights else [])
     trainable += [cond_residual] if params.refine_condition else []
-    trainable += [beta] if inputs_factors is not None else []
+    trainable += [beta] if params.refine_span else []
     optimizer = torch.optim.Adam(trainable, lr=params.refine_lr)
     # Fit on part of the shots, pick the step on the rest: with few shots the fit loss keeps falling
     # long after held-out quality has turned (overfitting); step 0 is the unrefined fusion.
@@ -195,16 +220,15 @@ def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, 
         z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
         z_f, v_f = z_f + residual, v_f + cond_residual
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
-        candidate = (
-            fused
-            if inputs_factors is None
-            else _with_span(fused, objective.host.layout, inputs_factors, beta)
-        )
+        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params)
+        if params.refine_span:
+            candidate = _with_span(candidate, inputs_factors, beta)
         support = fit.loss(candidate, tasks)
         with torch.no_grad():
             value = float(check.loss(candidate, tasks)) if check is not fit else float(support.detach())
         if value < best[0]:
-            best = (value, fused.detach().clone(), beta.detach().expand(-1, modules).clone(), step)
+            chosen = [(A.detach().clone(), B.detach().clone()) for A, B in candidate]
+            best = (value, chosen, beta.detach().expand(-1, modules).clone(), step)
         history.append(float(support.detach()))
         checks.append(value)
         if step == params.refine_steps:
@@ -221,18 +245,18 @@ def refine_latent(model, normalizer, mu, cond, alpha, objective, tasks, params, 
         "best_step": best[3],
         "weights": [float(w) for w in weights.detach()],
     }
-    if inputs_factors is not None:
+    if params.refine_span:
         record["span_weights"] = (
             best[2].tolist() if params.span_granularity == "module" else best[2][:, 0].tolist()
         )
-    return best[1], (best[2] if inputs_factors is not None else None), {"refine": record}
+    return best[1], {"refine": record}
 
 
-def _with_span(fused: torch.Tensor, layout, inputs_factors, beta: torch.Tensor):
+def _with_span(factors, inputs_factors, beta: torch.Tensor):
     """Per-module factors of ``decoded + sum_t beta_t dW_t`` (ranks concatenated; differentiable)."""
-    factors = []
-    for m, (A, B) in enumerate(unflatten(fused, layout)):
+    out = []
+    for m, (A, B) in enumerate(factors):
         A_parts = [A] + [f[m][0] for f in inputs_factors]
         B_parts = [B] + [f[m][1] * beta[t, min(m, beta.shape[1] - 1)] for t, f in enumerate(inputs_factors)]
-        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
-    return factors
+        out.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
+    return out
