@@ -7,6 +7,9 @@ gets its vector from its adapter(s) alone. Projected in column blocks to bound m
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+
 import torch
 
 BLOCK = 1 << 16
@@ -17,10 +20,27 @@ def project(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     single = x.dim() == 1
     x = x.reshape(1, -1) if single else x
     n = x.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    out = torch.zeros(x.shape[0], dim)
-    for start in range(0, n, BLOCK):
-        width = min(BLOCK, n - start)
-        block = torch.randn(dim, width, generator=generator) / n**0.5
-        out += x[:, start : start + width].float() @ block.T
+    if dim * n <= CACHED_ELEMENTS:  # small enough to keep: serving fuses with it per request
+        out = x.float() @ _projection(dim, n, seed).T
+    else:
+        out = torch.zeros(x.shape[0], dim)
+        start = 0
+        for block in _blocks(dim, n, seed):
+            out += x[:, start : start + block.shape[1]].float() @ block.T
+            start += block.shape[1]
     return out[0] if single else out
+
+
+CACHED_ELEMENTS = 1 << 24  # 64 MiB of float32 per cached projection
+
+
+def _blocks(dim: int, n: int, seed: int) -> Iterator[torch.Tensor]:
+    """``P``'s column blocks ``[d, <=BLOCK]`` in order; the same numbers however they are consumed."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n, BLOCK):
+        yield torch.randn(dim, min(BLOCK, n - start), generator=generator) / n**0.5
+
+
+@functools.lru_cache(maxsize=4)
+def _projection(dim: int, n: int, seed: int) -> torch.Tensor:
+    return torch.cat(list(_blocks(dim, n, seed)), dim=1)  # [d, N]
