@@ -131,22 +131,9 @@ def test_mixed_ranks_and_targets_equal_stock_peft_per_sample(adapter_factory):
 
 
 def test_a_misfit_adapter_is_rejected_and_changes_nothing(host_and_adapters, adapter_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     host, _ = host_and_adapters
     before = host.generate(PROMPTS, ["a0", "a1", BASE_ADAPTER], [4] * 3)
-    torch.manual_seed(0)
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-    misfit = load_adapter(adapter_factory(seed=5, base=wider))
+    misfit = load_adapter(adapter_factory(seed=5, base=tiny_llama(hidden=48)))
     with pytest.raises(ValueError, match="does not fit the base model"):
         host.add("a0", misfit)  # would replace a0: must keep the old one
     stray = LoraAdapter(modules={"model.nope.q_proj": next(iter(misfit.modules.values()))}, config={})
