@@ -499,11 +499,19 @@ class Catalog:
         return version
 
     # ------------------------------------------------------------------ streaming and statistics
-    def dataset(self, layout_id: str | None = None, task: str | None = None, rows_per_block: int = 256):
+    def dataset(
+        self,
+        layout_id: str | None = None,
+        task: str | None = None,
+        rows_per_block: int = 256,
+        columns: Sequence[str] | None = None,
+    ):
         """A ``ray.data.Dataset`` of adapters (see :func:`engine.catalog.streaming.adapter_dataset`)."""
         from engine.catalog.streaming import adapter_dataset
 
-        return adapter_dataset(self, layout_id=layout_id, task=task, rows_per_block=rows_per_block)
+        return adapter_dataset(
+            self, layout_id=layout_id, task=task, rows_per_block=rows_per_block, columns=columns
+        )
 
     def compute_stats(self, layout_id: str | None = None) -> SlotStats:
         """Compute per-slot statistics in one streaming pass, store them, and return them."""
@@ -511,7 +519,8 @@ class Catalog:
 
         layout = self.layout(layout_id)
         version = self.version()
-        moments, count = streaming_moments(self.dataset(layout.layout_id), layout)
+        dataset = self.dataset(layout.layout_id, columns=["weights", "mask"])
+        moments, count = streaming_moments(dataset, layout)
         stats = SlotStats(layout.layout_id, version, count, moments.count, moments.mean, moments.std())
         table = pa.Table.from_arrays(
             [

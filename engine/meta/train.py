@@ -64,19 +64,16 @@ def fill_pool(
 def task_vectors(
     dataset, normalizer: SlotNormalizer, dim: int, seed: int, tasks: set[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass,
-    per-task running sums of the normalised adapters (memory: tasks x N), then the seeded projection."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
-        normalised = normalizer.normalize(torch.as_tensor(np.asarray(batch["weights"], dtype=np.float32)))
-        for task, row in zip(batch["task"], normalised, strict=True):
-            task = str(task)
-            if tasks is not None and task not in tasks:
-                continue
-            sums[task] = sums.get(task, 0) + row
-            counts[task] = counts.get(task, 0) + 1
-    return {t: project(sums[t] / counts[t], dim, seed) for t in sorted(sums)}
+    """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass of
+    per-task sums on Ray Data workers (the driver only merges ``tasks x N`` partial sums), the
+    normalised mean ``(sum / count - mean) / std``, then the seeded projection."""
+    from engine.catalog.streaming import streaming_task_sums
+
+    vectors = {}
+    for task, (total, count) in streaming_task_sums(dataset, tasks).items():
+        mean = torch.as_tensor(total / count, dtype=torch.float32)
+        vectors[task] = project(normalizer.normalize(mean[None])[0], dim, seed)
+    return vectors
 
 
 def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], seed: int) -> DataLoss:
@@ -166,12 +163,19 @@ def _average_gradients(model: torch.nn.Module) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    world = dist.get_world_size()
-    for p in model.parameters():
+    # One all-reduce of all gradients flattened together: one collective (one barrier between
+    # the workers) per step instead of one per parameter tensor.
+    params = list(model.parameters())
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def _load_checkpoint(model, optimizer) -> int:
@@ -321,7 +325,8 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
-    dataset = catalog.dataset(layout.layout_id).select_columns(["task", "weights", "mask"])
+    # ``columns``, not ``select_columns``: a fused projection would coalesce blocks to whole shards.
+    dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"])
     tasks = cfg.task_filter(sorted(catalog.tasks()))
     if not tasks:
         raise MetaConfigError(

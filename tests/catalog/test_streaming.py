@@ -134,3 +134,27 @@ def test_synthetic_catalog_is_long_tailed_and_idempotent(tmp_path):
     assert synthesize(catalog, 30, parse_layout("layers=1,d=8,r=2"), num_tasks=3, seed=1) == (version, 0)
     with pytest.raises(ValueError, match="invalid layout"):
         parse_layout("layers=two")
+
+
+def test_blocks_follow_rows_per_block_and_columns_keep_them(ray_session, synth_catalog):
+    # Ray Data would coalesce a shard's batches into one block (up to 128 MiB) without the bound.
+    ds = synth_catalog.dataset(rows_per_block=8, columns=["task", "weights"])
+    rows = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
+    assert sum(rows) == 60 and max(rows) <= 8
+    assert set(ds.take(1)[0]) == {"task", "weights"}
+    with pytest.raises(ValueError, match="subset"):
+        synth_catalog.dataset(columns=["weights", "nope"])
+
+
+def test_streaming_task_sums_match_the_manifest(ray_session, synth_catalog):
+    from engine.catalog.streaming import streaming_task_sums
+
+    ids, weights, _ = reference_matrix(synth_catalog)
+    tasks = np.array([synth_catalog.get(i)["task"] for i in ids])
+    sums = streaming_task_sums(synth_catalog.dataset(rows_per_block=16), tasks=["synth-00", "synth-02"])
+    assert sorted(sums) == ["synth-00", "synth-02"]
+    for task, (total, count) in sums.items():
+        assert count == int((tasks == task).sum())
+        np.testing.assert_allclose(
+            total, weights[tasks == task].sum(axis=0, dtype=np.float64), rtol=1e-6, atol=1e-9
+        )
