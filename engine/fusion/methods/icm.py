@@ -87,9 +87,14 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     with torch.no_grad():
         model.eval()
         mu, _ = model.encode(xn, cond)
-        decoded = normalizer.denormalize(model.decode(mu, cond)) if params.anchor else None
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
-        fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
+        codes, conds = (
+            (torch.cat([mu, z_f[None]]), torch.cat([cond, v_f[None]]))
+            if params.anchor
+            else (z_f[None], v_f[None])
+        )
+        out = normalizer.denormalize(model.decode(codes, conds))  # one pass: [K+1 or 1, N]
+        decoded, fused = (out[:-1], out[-1]) if params.anchor else (None, out[0])
         factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params)
     details: dict = {}
     if params.refine_steps:
