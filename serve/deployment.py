@@ -77,6 +77,11 @@ class AdapterModel:
             from engine.meta.artifact import FVAEArtifact
 
             self.fvae = FVAEArtifact.load(self.config.fvae)
+        # Import every fusion method now (the registry pulls in PEFT's merge utilities, seconds
+        # of imports) so the first fusion request does not pay for it.
+        from engine.fusion.registry import list_methods
+
+        list_methods()
         self.metrics = ServeMetrics()
         self.cache: AdapterCache = AdapterCache(
             loader=self._load,
