@@ -42,6 +42,8 @@ class ServeConfig(pydantic.BaseModel):
         fvae: an F-VAE artifact directory (``icmf train`` output); enables ``icm`` fusion specs.
         cache_size: adapters (stored or fused) kept loaded per replica.
         negative_ttl_s: how long a failed load is remembered.
+        read_cache_mib: catalog adapters kept in host memory after a read (MiB), so fusion specs
+            over the same inputs with new weights skip the catalog read (0 disables it).
         batching: ``mixed`` (one forward per batch, each sample routed to its adapter) or
             ``grouped`` (one forward per adapter within a batch).
         auth_token: bearer token clients must send; ``auth_token_env`` names an environment
@@ -57,6 +59,7 @@ class ServeConfig(pydantic.BaseModel):
     fvae: str | None = None
     cache_size: int = pydantic.Field(8, ge=1, le=4096)
     negative_ttl_s: float = pydantic.Field(5.0, ge=0)
+    read_cache_mib: int = pydantic.Field(256, ge=0)
     batching: Literal["mixed", "grouped"] = "mixed"
     max_batch_size: int = pydantic.Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = pydantic.Field(0.005, ge=0, le=1)

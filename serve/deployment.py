@@ -67,7 +67,7 @@ class AdapterModel:
 
         self.config = ServeConfig.from_args(config, check_paths=False)
         torch.set_num_threads(self.config.torch_threads)
-        self.catalog = Catalog(self.config.catalog)
+        self.catalog = Catalog(self.config.catalog, adapter_cache_bytes=self.config.read_cache_mib * 2**20)
         tokenizer = load_tokenizer(self.config.tokenizer, self.config.tokenizer_kind)
         self.host = LoraHost(
             load_causal_lm(self.config.base_model), tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -10,10 +10,13 @@ and refused; object stores cannot detect it, so serialise writers there (e.g. on
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -127,11 +130,19 @@ class Catalog:
         ds = catalog.dataset(task="sst2")        # ray.data.Dataset: id, task, weights [N], mask [M]
     """
 
-    def __init__(self, uri: str | Path):
+    def __init__(self, uri: str | Path, adapter_cache_bytes: int = 0):
+        """Open the catalog at ``uri`` (a path or a pyarrow/fsspec URI).
+
+        Args:
+            adapter_cache_bytes: keep up to this many bytes of recently loaded adapters in memory
+                (:meth:`load_adapter`), e.g. for a server that fuses the same inputs again and
+                again. Ids are content hashes, so a cached adapter is never stale. 0: no cache.
+        """
         self.uri = str(uri)
         self.fs, self.root = cfs.resolve_uri(self.uri)
         self._manifests: dict[int, pa.Table] = {}
         self._layouts: dict[str, Layout] = {}
+        self._adapter_cache = _ByteBoundedCache(adapter_cache_bytes)
 
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
@@ -252,7 +263,19 @@ class Catalog:
         return from_flat(weights, self.layout(entry["layout_id"]), mask)
 
     def load_adapter(self, adapter_id: str) -> LoraAdapter:
-        """A catalog adapter as a :class:`LoraAdapter` (scaling folded, same delta per module)."""
+        """A catalog adapter as a :class:`LoraAdapter` (scaling folded, same delta per module).
+
+        Each call returns its own ``LoraAdapter`` (its dicts may be changed freely); with an
+        adapter cache, the tensors are shared between calls and must not be written in place.
+        """
+        cached = self._adapter_cache.get(adapter_id)
+        if cached is not None:
+            return _shallow_copy(cached)
+        adapter = self._read_adapter(adapter_id)
+        self._adapter_cache.put(adapter_id, adapter, adapter_nbytes(adapter))
+        return _shallow_copy(adapter)
+
+    def _read_adapter(self, adapter_id: str) -> LoraAdapter:
         entry = self.get(adapter_id)
         weights, mask, extras = self.read_vector(adapter_id)
         canonical = from_flat(weights, self.layout(entry["layout_id"]), mask)
@@ -553,6 +576,55 @@ class Catalog:
             mean=column("mean"),
             std=column("std"),
         )
+
+
+def adapter_nbytes(adapter: LoraAdapter) -> int:
+    tensors = [t for m in adapter.modules.values() for t in (m.A, m.B)] + list(adapter.extras.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _shallow_copy(adapter: LoraAdapter) -> LoraAdapter:
+    return LoraAdapter(
+        modules=dict(adapter.modules),
+        config=copy.deepcopy(adapter.config),
+        extras=dict(adapter.extras),
+        source=adapter.source,
+    )
+
+
+class _ByteBoundedCache:
+    """Thread-safe LRU of values with known sizes: least recently used ones go past ``capacity``
+    bytes (a value larger than that is not kept)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: Any, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self.capacity or key in self._items:
+                return
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.capacity:
+                _, (_, size) = self._items.popitem(last=False)
+                self._bytes -= size
+
+    def __getstate__(self) -> dict[str, Any]:  # a pickled catalog (Ray tasks) starts empty
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["capacity"])
 
 
 def _group_into_shards(

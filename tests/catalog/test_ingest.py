@@ -243,3 +243,30 @@ def test_export_refuses_to_clobber(tmp_path, adapters):
     catalog.export(first, tmp_path / "out")
     with pytest.raises(AdapterError, match="already exists"):
         catalog.export(first, tmp_path / "out")
+
+
+def test_adapter_read_cache_is_bounded_and_returns_independent_copies(tmp_path, adapters):
+    import pickle
+
+    from engine.catalog.catalog import adapter_nbytes
+
+    plain = Catalog(tmp_path / "cat")
+    ids = list(plain.ingest(adapters, task="copy").added)
+    one = adapter_nbytes(plain.load_adapter(ids[0]))
+    cached = Catalog(tmp_path / "cat", adapter_cache_bytes=one)  # room for exactly one adapter
+    first = cached.load_adapter(ids[0])
+    first.config["edited"] = True  # a caller's edits stay its own
+    first.modules.clear()
+    again = cached.load_adapter(ids[0])
+    assert "edited" not in again.config and set(again.modules) == set(plain.load_adapter(ids[0]).modules)
+    assert (
+        again.modules[next(iter(again.modules))].A
+        is cached.load_adapter(ids[0]).modules[next(iter(again.modules))].A
+    )  # served from memory
+    cached.load_adapter(ids[1])  # evicts ids[0]
+    assert cached._adapter_cache.get(ids[0]) is None and cached._adapter_cache.get(ids[1]) is not None
+    for a, b in zip(
+        cached.load_adapter(ids[1]).modules.values(), plain.load_adapter(ids[1]).modules.values(), strict=True
+    ):
+        torch.testing.assert_close(a.A, b.A)
+    assert pickle.loads(pickle.dumps(cached))._adapter_cache.get(ids[1]) is None  # pickles empty
