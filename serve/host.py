@@ -228,7 +228,7 @@ class LoraHost:
         for key, tensor in sorted(self.model.state_dict().items()):
             # A wrapped module's weights live one level down (``x.weight`` -> ``x.base_layer.weight``).
             digest.update(key.replace(".base_layer", "").encode())
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ generation
