@@ -23,6 +23,10 @@ def _norm(config: FVAEConfig, channels: int) -> nn.Module:
     reference's ``BatchNorm1d`` (see :class:`FVAEConfig` ``norm`` for why it is not the default)."""
     if config.norm == "batch":
         return nn.BatchNorm1d(channels)
+    if config.norm == "none":
+        return nn.Identity()
+    if config.norm == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
     return nn.GroupNorm(channels, channels)
 
 
@@ -111,6 +115,33 @@ class ChunkedFVAE(nn.Module):
         return chunks.reshape(batch, -1)[:, : self.config.input_dim]
 
 
+class MLPFVAE(nn.Module):
+    """Dense variant (the design probe's F-VAE): ``[x; v] -> hidden -> (mu, logvar)`` and
+    ``[z; v] -> hidden -> x_hat``. Every slot has its own weights, so it can represent adapters
+    whose values have no local structure (per-slot normalised LoRA factors), which the shared conv
+    kernels cannot; parameters grow as ``2 x N x hidden`` (the chunked variant bounds them)."""
+
+    def __init__(self, config: FVAEConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.encoder = nn.Sequential(nn.Linear(config.input_dim + config.cond_dim, h), nn.LeakyReLU(0.2))
+        self.to_stats = nn.Linear(h + config.cond_dim, 2 * config.latent_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(config.latent_dim + config.cond_dim, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, config.input_dim),
+        )
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(torch.cat([x, cond], dim=1))
+        mu, logvar = self.to_stats(torch.cat([h, cond], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([z, cond], dim=1))
+
+
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, (0, length - x.shape[1])) if x.shape[1] < length else x
 
@@ -128,7 +159,7 @@ class FVAE(nn.Module):
     def __init__(self, config: FVAEConfig):
         super().__init__()
         self.config = config
-        self.net = ConvFVAE(config) if config.arch == "conv" else ChunkedFVAE(config)
+        self.net = {"conv": ConvFVAE, "chunked": ChunkedFVAE, "mlp": MLPFVAE}[config.arch](config)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, N]``, ``cond [B, d]`` -> ``(mu [B, latent], logvar [B, latent])``."""
@@ -164,7 +195,14 @@ class FVAE(nn.Module):
             weight = mask.to(err.dtype)
             recon = (err * weight).sum() / weight.sum().clamp_min(1.0)
         kl = kl_divergence(out["mu"], out["logvar"])
-        return {"loss": recon + self.config.kl_weight * kl, "recon": recon, "kl": kl}
+        beta = self.config.kl_weight
+        if self.config.recon_reduction == "sum":
+            # The reference's balance (squared error summed over a sample's elements + beta KL),
+            # divided through by the elements per sample so the objective keeps the per-element
+            # scale the fusion loss is weighed against: beta acts per latent vs per element.
+            elements = x.shape[1] if mask is None else mask.to(err.dtype).sum(1).mean().clamp_min(1.0)
+            beta = beta / elements
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
     def _check(self, x: torch.Tensor, cond: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.config.input_dim:

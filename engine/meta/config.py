@@ -20,7 +20,7 @@ class _Strict(pydantic.BaseModel):
 
 
 class FVAESection(_Strict):
-    arch: Literal["conv", "chunked"] = "conv"
+    arch: Literal["conv", "chunked", "mlp"] = "conv"
     latent_dim: int = pydantic.Field(256, gt=0)
     depth: int = pydantic.Field(12, gt=0, le=20)
     channels: int = pydantic.Field(8, gt=0)
@@ -28,7 +28,13 @@ class FVAESection(_Strict):
     chunk_size: int = pydantic.Field(1024, gt=0)
     hidden: int = pydantic.Field(256, gt=0)
     kl_weight: float = pydantic.Field(0.005, ge=0)
-    norm: Literal["instance", "batch"] = "instance"
+    norm: Literal["none", "instance", "batch", "group"] = "instance"
+    recon_reduction: Literal["mean", "sum"] = pydantic.Field(
+        "sum",
+        description="'sum': the reference's balance, squared error summed over a sample's elements "
+        "+ kl_weight x KL (divided through by the elements, so per element KL weighs kl_weight / N); "
+        "'mean': per-element mean + kl_weight x KL, which on the lab suites collapses the posterior",
+    )
 
 
 class TaskVectorSection(_Strict):

@@ -1,0 +1,182 @@
+"""Does the F-VAE reconstruct? A fast in-process diagnostic (no Ray).
+
+Builds the F-VAE and the per-slot normaliser from the engine's APIs, trains it on one lab suite's
+catalog adapters for a few hundred episodes on reconstruction + beta KL only (episodes as in
+meta-training: up to ``--batch`` adapters, one per task), and reports the relative reconstruction
+error ``||D(mu) - x||^2 / ||x||^2`` (normalised space, present slots) and the cosine to the input on
+
+* training adapters,
+* held-out adapters of the training tasks (``--holdout`` per task, never trained on),
+* adapters of the suite's unseen tasks (kept out as the quality benchmark keeps them out),
+
+plus the KL and how much the output moves when ``z`` does (``D(mu)`` vs ``D(0)``). ``pca`` rows give
+the linear reference: the best rank-``k`` linear code fitted on the training adapters.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.fvae_recon --suite encoder \
+        --set norm=none --set recon_reduction=sum
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._common import RESULTS
+from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
+from engine.catalog import Catalog
+from engine.fvae.config import FVAEConfig
+from engine.fvae.model import FVAE
+from engine.fvae.normalize import SlotNormalizer
+from engine.meta.step import slot_mask
+from engine.meta.taskvec import project
+
+LAB = RESULTS / "lab" / "standard-seed0"
+
+
+def load_suite(suite: str, holdout: int, seed: int):
+    catalog = Catalog(LAB / suite / "catalogs" / "main")
+    layout = catalog.layout()
+    stats = catalog.stats(layout.layout_id)
+    if stats is None or stats.manifest_version != catalog.version():
+        raise SystemExit(f"{catalog.uri}: statistics missing or stale; run `icmf catalog stats` first")
+    normalizer = SlotNormalizer.from_stats(stats.mean, stats.std, stats.count)
+    x, masks, tasks = [], [], []
+    for entry in catalog.entries():
+        weights, mask, _ = catalog.read_vector(entry["id"])
+        x.append(torch.from_numpy(weights.copy()))
+        masks.append(torch.from_numpy(mask))
+        tasks.append(entry["task"])
+    x, masks, tasks = torch.stack(x), torch.stack(masks), np.array(tasks)
+    unseen = unseen_tasks(suite, sorted(set(tasks)), seed)
+    rng = np.random.default_rng(seed)
+    split = np.array(["train"] * len(tasks), dtype=object)
+    for task in sorted(set(tasks)):
+        index = np.flatnonzero(tasks == task)
+        if task in unseen:
+            split[index] = "unseen"
+        else:
+            split[rng.choice(index, holdout, replace=False)] = "heldout"
+    return layout, normalizer, x, masks, tasks, split
+
+
+def evaluate(model, normalizer, layout, x, masks, cond, rows) -> dict[str, float]:
+    xn = normalizer.normalize(x[rows])
+    weight = slot_mask(masks[rows], layout).float()
+    with torch.no_grad():
+        model.eval()
+        mu, logvar = model.encode(xn, cond[rows])
+        out = model.decode(mu, cond[rows])
+        at_zero = model.decode(torch.zeros_like(mu), cond[rows])
+        kl = float((-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean())
+    err = (((out - xn) ** 2) * weight).sum(1) / ((xn**2) * weight).sum(1)
+    cos = (
+        (out * xn * weight).sum(1) / ((out**2 * weight).sum(1).sqrt() * (xn**2 * weight).sum(1).sqrt())
+    ).clamp(-1, 1)
+    moved = ((out - at_zero) ** 2 * weight).sum(1) / ((out**2) * weight).sum(1).clamp_min(1e-12)
+    return {"rel_err": float(err.mean()), "cos": float(cos.mean()), "kl": kl, "z_moves": float(moved.mean())}
+
+
+def pca_reference(normalizer, layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
+    xn = normalizer.normalize(x) * slot_mask(masks, layout).float()
+    train = xn[torch.as_tensor(split == "train")].double()
+    center = train.mean(0)
+    _, _, vt = torch.linalg.svd(train - center, full_matrices=False)
+    out = {}
+    for k in ks:
+        basis = vt[: min(k, vt.shape[0])]
+        row = {}
+        for part in ("train", "heldout", "unseen"):
+            h = xn[torch.as_tensor(split == part)].double()
+            r = (h - center) - ((h - center) @ basis.T) @ basis
+            row[part] = float(((r**2).sum(1) / (h**2).sum(1)).mean())
+        out[f"pca{min(k, vt.shape[0])}"] = row
+    return out
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITE_TRAINING), default="encoder")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=None, help="default: the suite's meta-training lr")
+    parser.add_argument("--batch", type=int, default=6, help="adapters per episode (one per task)")
+    parser.add_argument("--holdout", type=int, default=2, help="held-out adapters per training task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="FVAEConfig field=value (repeatable)")
+    parser.add_argument("--pca", action="store_true", help="also print the linear (PCA) reference")
+    parser.add_argument("--every", type=int, default=100, help="print progress every this many steps")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed)
+    # Adapter-derived task vectors from the training adapters (as meta-training derives them).
+    xn_all = normalizer.normalize(x)
+    vectors = {
+        t: project(xn_all[torch.as_tensor((tasks == t) & (split == "train"))].mean(0), 64, args.seed)
+        for t in sorted(set(tasks))
+        if ((tasks == t) & (split == "train")).any()
+    }
+    for t in sorted(set(tasks) - set(vectors)):  # unseen: the vector of their adapters' mean
+        vectors[t] = project(xn_all[torch.as_tensor(tasks == t)].mean(0), 64, args.seed)
+    cond = torch.stack([vectors[t] for t in tasks])
+
+    suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
+    suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    config = FVAEConfig(input_dim=layout.size, cond_dim=64, **suite_fvae)
+    model = FVAE(config)
+    lr = args.lr or SUITE_TRAINING[args.suite]["train"].get("lr", 2e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    train_tasks = sorted({t for t, s in zip(tasks, split, strict=True) if s == "train"})
+    by_task = {t: np.flatnonzero((tasks == t) & (split == "train")) for t in train_tasks}
+    rng = np.random.default_rng(args.seed)
+    print(
+        f"{args.suite}: N={layout.size}, {len(train_tasks)} training tasks, {int((split == 'train').sum())} "
+        f"training / {int((split == 'heldout').sum())} held-out / {int((split == 'unseen').sum())} unseen adapters; "
+        f"{json.dumps(config.to_dict())}; lr {lr}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        chosen = rng.choice(train_tasks, min(args.batch, len(train_tasks)), replace=False)
+        rows = np.array([rng.choice(by_task[t]) for t in chosen])
+        xn = normalizer.normalize(x[rows])
+        model.train()
+        out = model(xn, cond[rows])
+        terms = model.loss(out, xn, slot_mask(masks[rows], layout))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        if step % args.every == 0 or step == args.steps:
+            print(
+                f"  step {step}: recon {float(terms['recon'].detach()):.3f} kl {float(terms['kl'].detach()):.1f} "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
+    result = {"suite": args.suite, "config": config.to_dict(), "steps": args.steps, "lr": lr}
+    for part in ("train", "heldout", "unseen"):
+        rows = np.flatnonzero(split == part)
+        result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows)
+        print(f"  {part:8s} " + " ".join(f"{k} {v:.3f}" for k, v in result[part].items()))
+    if args.pca:
+        result["pca"] = pca_reference(normalizer, layout, x, masks, split)
+        for name, row in result["pca"].items():
+            print(f"  {name:8s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    print(f"  seconds {time.perf_counter() - start:.0f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
