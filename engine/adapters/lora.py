@@ -73,6 +73,11 @@ class LoraAdapter:
     def num_lora_params(self) -> int:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
+    def nbytes(self) -> int:
+        """Bytes held by the LoRA factors and the ``modules_to_save`` tensors."""
+        tensors = [t for m in self.modules.values() for t in (m.A, m.B)] + list(self.extras.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:
     """Return the first key of a PEFT ``rank_pattern``/``alpha_pattern`` matching ``module_name``.

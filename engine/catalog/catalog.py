@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -268,12 +268,17 @@ class Catalog:
         Each call returns its own ``LoraAdapter`` (its dicts may be changed freely); with an
         adapter cache, the tensors are shared between calls and must not be written in place.
         """
-        cached = self._adapter_cache.get(adapter_id)
-        if cached is not None:
-            return _shallow_copy(cached)
-        adapter = self._read_adapter(adapter_id)
-        self._adapter_cache.put(adapter_id, adapter, adapter_nbytes(adapter))
-        return _shallow_copy(adapter)
+        adapter = self._adapter_cache.get(adapter_id)
+        if adapter is None:
+            adapter = self._read_adapter(adapter_id)
+            self._adapter_cache.put(adapter_id, adapter, adapter.nbytes())
+        # The caller's own dicts and config; the (never written) tensors are shared.
+        return replace(
+            adapter,
+            modules=dict(adapter.modules),
+            config=copy.deepcopy(adapter.config),
+            extras=dict(adapter.extras),
+        )
 
     def _read_adapter(self, adapter_id: str) -> LoraAdapter:
         entry = self.get(adapter_id)
@@ -576,20 +581,6 @@ class Catalog:
             mean=column("mean"),
             std=column("std"),
         )
-
-
-def adapter_nbytes(adapter: LoraAdapter) -> int:
-    tensors = [t for m in adapter.modules.values() for t in (m.A, m.B)] + list(adapter.extras.values())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _shallow_copy(adapter: LoraAdapter) -> LoraAdapter:
-    return LoraAdapter(
-        modules=dict(adapter.modules),
-        config=copy.deepcopy(adapter.config),
-        extras=dict(adapter.extras),
-        source=adapter.source,
-    )
 
 
 class _ByteBoundedCache:

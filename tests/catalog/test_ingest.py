@@ -248,11 +248,9 @@ def test_export_refuses_to_clobber(tmp_path, adapters):
 def test_adapter_read_cache_is_bounded_and_returns_independent_copies(tmp_path, adapters):
     import pickle
 
-    from engine.catalog.catalog import adapter_nbytes
-
     plain = Catalog(tmp_path / "cat")
     ids = list(plain.ingest(adapters, task="copy").added)
-    one = adapter_nbytes(plain.load_adapter(ids[0]))
+    one = plain.load_adapter(ids[0]).nbytes()
     cached = Catalog(tmp_path / "cat", adapter_cache_bytes=one)  # room for exactly one adapter
     first = cached.load_adapter(ids[0])
     first.config["edited"] = True  # a caller's edits stay its own
