@@ -247,7 +247,11 @@ class Catalog:
 
     def read_vector(self, adapter_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
         """``(weights [N] float32, module mask [M] bool, modules_to_save tensors)`` of one adapter."""
-        entry = self.get(adapter_id)
+        return self._read_row(self.get(adapter_id))
+
+    def _read_row(self, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        """:meth:`read_vector` of a manifest row already looked up (one manifest lookup per read)."""
+        adapter_id = entry["id"]
         table = pq.read_table(
             self._path(entry["shard"]), filesystem=self.fs, filters=[("id", "=", adapter_id)]
         )
@@ -259,7 +263,7 @@ class Catalog:
 
     def load_canonical(self, adapter_id: str) -> CanonicalAdapter:
         entry = self.get(adapter_id)
-        weights, mask, _ = self.read_vector(adapter_id)
+        weights, mask, _ = self._read_row(entry)
         return from_flat(weights, self.layout(entry["layout_id"]), mask)
 
     def load_adapter(self, adapter_id: str) -> LoraAdapter:
@@ -282,7 +286,7 @@ class Catalog:
 
     def _read_adapter(self, adapter_id: str) -> LoraAdapter:
         entry = self.get(adapter_id)
-        weights, mask, extras = self.read_vector(adapter_id)
+        weights, mask, extras = self._read_row(entry)
         canonical = from_flat(weights, self.layout(entry["layout_id"]), mask)
         config = json.loads(entry["peft_config"])
         return to_lora(canonical, config=config, extras=extras, source=f"{self.uri}#{adapter_id}")
