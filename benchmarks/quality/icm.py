@@ -25,12 +25,20 @@ CACHE = RESULTS / "tmp" / "fvae"
 # the dense one does (encoder: 0.36 on training adapters, 0.90 held out after 600 recon-only
 # episodes); lr 2e-4 (the reference's; 1e-3 diverges with dense layers over ~20k inputs). K_max 6
 # covers the largest fused set; encoder episodes score 8 shots per task to keep MiniLM's backward
-# pass affordable. Every F-VAE and episode setting is written out, so the cache key changes with them.
+# pass affordable. Episodes score the tasks' train split: the support split is what refinement and
+# the few-shot baselines get at fusion time, so meta-training must not have fitted it. Every F-VAE and episode setting is written out, so the cache key changes with them.
 _FVAE = {"arch": "mlp", "hidden": 256, "norm": "none", "recon_reduction": "sum", "kl_weight": 0.005}
 SUITE_TRAINING: dict[str, dict[str, Any]] = {
     "generative": {
         "fvae": dict(_FVAE),
-        "train": {"steps": 1500, "max_tasks": 6, "lr": 2e-4, "fusion_loss": "data", "anchor": True},
+        "train": {
+            "steps": 1500,
+            "max_tasks": 6,
+            "lr": 2e-4,
+            "fusion_loss": "data",
+            "fusion_examples": "train",
+            "anchor": True,
+        },
     },
     "encoder": {
         "fvae": dict(_FVAE),
@@ -39,6 +47,7 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
             "max_tasks": 6,
             "lr": 2e-4,
             "fusion_loss": "data",
+            "fusion_examples": "train",
             "shots_per_task": 8,
             "anchor": True,
         },

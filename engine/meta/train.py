@@ -84,7 +84,9 @@ def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], see
     from engine.catalog import Catalog
     from engine.tasks.fewshot import FewShotObjective
 
-    objective = FewShotObjective.from_catalog(Catalog(cfg.catalog), tasks, layout, k=cfg.train.support_k)
+    objective = FewShotObjective.from_catalog(
+        Catalog(cfg.catalog), tasks, layout, k=cfg.train.support_k, split=cfg.train.fusion_examples
+    )
     support, query = objective.split(0.5, seed) if cfg.train.inner_steps else (None, objective)
     generator = torch.Generator().manual_seed(seed)
     shots = cfg.train.shots_per_task

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -82,14 +82,21 @@ class FewShotObjective:
 
     @classmethod
     def from_catalog(
-        cls, catalog: Catalog, tasks: Sequence[str], layout: Layout, k: int | None = None
+        cls,
+        catalog: Catalog,
+        tasks: Sequence[str],
+        layout: Layout,
+        k: int | None = None,
+        split: Literal["support", "train"] = "support",
     ) -> FewShotObjective:
-        """Build from the tasks' definitions in ``catalog`` (their support split, first ``k``).
+        """Build from the tasks' definitions in ``catalog``: the first ``k`` examples of their
+        ``split`` (``support``: the few shots fusion may use; ``train``: meta-training's pool, so
+        the support split stays unseen until fusion).
 
         Heads come from each task's first catalog adapter (the one fusion treats as its own).
 
         Raises:
-            TaskError: a task without a definition, tasks of different models, or no support examples.
+            TaskError: a task without a definition, tasks of different models, or no examples in ``split``.
         """
         from engine.tasks.base import task_model
         from engine.tasks.examples import load_task_examples
@@ -103,10 +110,12 @@ class FewShotObjective:
             )
         examples, heads = {}, {}
         for task, definition in definitions.items():
-            support = load_task_examples(definition, catalog).support
+            rows = getattr(load_task_examples(definition, catalog), split)
+            if rows.num_rows == 0:
+                raise TaskError(f"task {task!r}: its {split} split is empty")
             if k is not None:
-                support = support.select(range(min(k, support.num_rows)))
-            examples[task] = support.to_list()
+                rows = rows.select(range(min(k, rows.num_rows)))
+            examples[task] = rows.to_list()
             entries = catalog.entries(task=task)
             heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
         model = task_model(next(iter(definitions.values())).model)
