@@ -25,7 +25,7 @@ from typing import Any
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.lab import load_lab
 from benchmarks.quality.harness import SuiteHarness
-from benchmarks.quality.icm import trained_fvae, unseen_tasks
+from benchmarks.quality.icm import context_task_vectors, trained_fvae, unseen_tasks
 from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
 
 DEFAULT_LAB = RESULTS / "lab" / "standard-seed0"
@@ -270,7 +270,13 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         from engine.meta.artifact import FVAEArtifact
 
         unseen = unseen_tasks(name, harness.tasks, args.seed)
-        fvae_dir, config = trained_fvae(suite, name, exclude=unseen, seed=args.seed, log=log)
+        overrides = None
+        if args.task_vectors == "context":
+            context["task_vectors"] = context_task_vectors(suite, harness.tasks, args.seed, log)
+            overrides = {"task_vectors": {"source": "context"}}
+        fvae_dir, config = trained_fvae(
+            suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
+        )
         context["fvae"] = FVAEArtifact.load(fvae_dir)
         icm_rows = suite_icm_rows(name)
         out["fvae"] = {
@@ -369,6 +375,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="meta-training steps on the long-tailed catalog (0: skip)",
     )
     parser.add_argument("--longtail-suites", default="generative", help="suites of the long-tail scenario")
+    parser.add_argument(
+        "--task-vectors",
+        choices=("adapter", "context"),
+        default="adapter",
+        help="icm's task vectors: 'adapter' (a projection of each task's mean adapter) or 'context' "
+        "(the paper's: mean last hidden state over k support examples, computed on Ray)",
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")

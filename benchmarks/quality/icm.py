@@ -55,8 +55,35 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
 }
 
 
+TASK_VECTOR_K = 16  # in-context examples per task vector (support split, under the task's own adapter)
+
+
+def context_task_vectors(suite: dict[str, Any], tasks: list[str], seed: int, log=print) -> dict[str, Any]:
+    """The paper's in-context task vectors of ``tasks``: each the mean last-layer hidden state over
+    ``TASK_VECTOR_K`` support examples under the task's own adapter, computed by the engine's Ray
+    Data actor pool and stored in the suite's main catalog (meta-training with ``task_vectors.source:
+    context`` reads the training tasks' ones from there). Deterministic in ``seed``.
+
+    Returns ``{task: [d] tensor}``: what fusion passes as ``context["task_vectors"]``, so a task
+    kept out of meta-training is conditioned on a vector from k of its examples, never on data the
+    F-VAE saw.
+    """
+    from engine._ray import ensure_ray
+    from engine.task_vectors import compute_task_vectors, save_task_vectors
+
+    uri = suite["catalogs"]["main"]["uri"]
+    register_tasks(suite, "main")
+    ensure_ray()
+    log(f"task vectors: {len(tasks)} tasks, k={TASK_VECTOR_K} support examples each (Ray Data)")
+    vectors = compute_task_vectors(uri, tasks, k=TASK_VECTOR_K, seed=seed)
+    save_task_vectors(uri, vectors)
+    return {task: vector.vector for task, vector in vectors.items()}
+
+
 def unseen_tasks(suite: str, tasks: list[str], seed: int, count: int = 2) -> list[str]:
-    """The tasks kept out of meta-training: a seeded choice, fixed before any result is seen."""
+    """The tasks kept out of meta-training: a seeded choice, fixed before any result is seen; at
+    most half of the tasks, so meta-training keeps some (a tiny lab has two per suite)."""
+    count = min(count, len(tasks) // 2)
     return sorted(random.Random(f"unseen-{suite}-{seed}").sample(sorted(tasks), count))
 
 
@@ -96,6 +123,9 @@ def trained_fvae(
     register_tasks(suite, variant)
     config = training_config(suite, name, variant, list(exclude or []), seed, overrides)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    # Pinned after hashing (cached F-VAEs keep their keys): the engine's default `auto` would
+    # switch to stored in-context vectors as soon as `--task-vectors context` has stored some.
+    config.setdefault("task_vectors", {"source": "adapter_projection"})
     out = CACHE / f"{name}-{variant}-{key}"
     if (out / "fvae" / "artifact.json").is_file():
         log(f"{name}: cached F-VAE {out}")
