@@ -270,10 +270,12 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         from engine.meta.artifact import FVAEArtifact
 
         unseen = unseen_tasks(name, harness.tasks, args.seed)
-        overrides = None
+        overrides: dict[str, Any] = {}
         if args.task_vectors == "context":
             context["task_vectors"] = context_task_vectors(suite, harness.tasks, args.seed, log)
-            overrides = {"task_vectors": {"source": "context"}}
+            overrides["task_vectors"] = {"source": "context"}
+        if args.meta_steps:
+            overrides["train"] = {"steps": args.meta_steps}
         fvae_dir, config = trained_fvae(
             suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
         )
@@ -381,6 +383,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="adapter",
         help="icm's task vectors: 'adapter' (a projection of each task's mean adapter) or 'context' "
         "(the paper's: mean last hidden state over k support examples, computed on Ray)",
+    )
+    parser.add_argument(
+        "--meta-steps", type=int, default=0, help="meta-training steps of the main F-VAE (0: the suite's)"
     )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
