@@ -84,7 +84,7 @@ def evaluate_sets(
 def summarize(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per method: mean over task sets of each gap / loss statistic."""
     labels = entries[0]["methods"].keys()
-    keys = [k for k in entries[0]["methods"]["base"] if k.startswith(("mean_", "worst_"))]
+    keys = [k for k in entries[0]["methods"]["base"] if k.startswith(("mean_", "worst_", "pooled_"))]
     summary = {}
     for label in labels:
         values = [e["methods"][label] for e in entries]

@@ -29,6 +29,19 @@ def test_harness_own_adapter_matches_the_lab_record(tiny_lab):
         assert harness.own_metrics[task]["loss"] == pytest.approx(recorded["loss"], rel=1e-4)
     same = harness.score(harness.own[harness.tasks[0]], harness.tasks[:1])
     assert same["mean_gap"] == pytest.approx(1.0, abs=1e-4)
+    assert same["pooled_gap"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_pooled_gap_weights_tasks_by_the_gap_they_can_close():
+    from types import SimpleNamespace
+
+    metrics = lambda a, b: {"a": {"accuracy": a}, "b": {"accuracy": b}}  # noqa: E731
+    harness = SimpleNamespace(base_metrics=metrics(0.5, 0.70), own_metrics=metrics(0.6, 0.72))
+    fused = {"a": {"fused": {"accuracy": 0.6}}, "b": {"fused": {"accuracy": 0.70}}}
+    # Per-task G is 1 and 0 (mean 0.5); the pooled one counts task a's larger closable gap.
+    pooled = SuiteHarness._pooled(harness, fused, "accuracy", lower_is_better=False)
+    assert pooled == pytest.approx(0.10 / 0.12)
+    assert SuiteHarness._pooled(harness, fused, "accuracy", lower_is_better=True) is None
 
 
 @pytest.mark.slow
