@@ -48,6 +48,7 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
             "lr": 2e-4,
             "fusion_loss": "data",
             "fusion_examples": "train",
+            "heads": "adapter",
             "shots_per_task": 8,
             "anchor": True,
         },

@@ -84,6 +84,12 @@ class TrainSection(_Strict):
         "meta-trained on the support shots has already fitted them, so they cannot pick or check "
         "anything); 'support': the few shots themselves",
     )
+    heads: Literal["adapter", "task"] = pydantic.Field(
+        "adapter",
+        description="tasks whose adapters carry heads (modules_to_save): 'adapter' scores the fused "
+        "adapter with the head of the adapter the episode fused (trained with that LoRA); 'task': "
+        "with one head per task, its first catalog adapter's",
+    )
     shots_per_task: int = pydantic.Field(16, gt=0, description="examples scored per task per episode")
     support_k: int | None = pydantic.Field(
         None, gt=0, description="use only the first k examples of the fusion_examples split"

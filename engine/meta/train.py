@@ -8,6 +8,7 @@ group from the last checkpoint (``FailureConfig``); ``resume`` continues the lat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_lo
 from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
+HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier head is a few KB)
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
@@ -43,13 +45,15 @@ def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = Non
 # ----------------------------------------------------------------------------- worker side
 def fill_pool(
     shard, capacity: int, seed: int, tasks: set[str] | None = None
-) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor, str]]]:
     """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size);
-    adapters of tasks outside ``tasks`` (when given) are skipped."""
+    adapters of tasks outside ``tasks`` (when given) are skipped. The store holds each kept
+    adapter's ``(weights [N], mask [M], catalog id)``."""
     pool = TaskPool(capacity, seed=seed)
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-        for task, weights, mask in zip(batch["task"], batch["weights"], batch["mask"], strict=True):
+        rows = zip(batch["id"], batch["task"], batch["weights"], batch["mask"], strict=True)
+        for adapter_id, task, weights, mask in rows:
             if tasks is not None and str(task) not in tasks:
                 continue
             slot = pool.add(str(task))
@@ -57,6 +61,7 @@ def fill_pool(
                 store[slot] = (
                     torch.from_numpy(np.array(weights, dtype=np.float32)),
                     torch.from_numpy(np.array(mask)),
+                    str(adapter_id),
                 )
     return pool, store
 
@@ -80,27 +85,41 @@ def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], see
     """The few-shot fusion loss of an episode: the fused adapter's query loss on every task of the
     subset through the frozen base (first-order). With ``inner_steps``, the fused adapter first
     takes that many gradient steps on a disjoint support half (gradients of the inner steps are
-    not differentiated again: first-order MAML)."""
+    not differentiated again: first-order MAML).
+
+    Tasks whose adapters carry heads (``modules_to_save``, e.g. a classifier trained with the LoRA)
+    are scored with the head of the adapter the episode fused, given its catalog id: a LoRA and
+    its head are trained together, so scoring the fused adapter with another checkpoint's head
+    (one fixed head per task) teaches the decoder to fit that head instead."""
     from engine.catalog import Catalog
     from engine.tasks.fewshot import FewShotObjective
 
+    catalog = Catalog(cfg.catalog)
     objective = FewShotObjective.from_catalog(
-        Catalog(cfg.catalog), tasks, layout, k=cfg.train.support_k, split=cfg.train.fusion_examples
+        catalog, tasks, layout, k=cfg.train.support_k, split=cfg.train.fusion_examples
     )
     support, query = objective.split(0.5, seed) if cfg.train.inner_steps else (None, objective)
     generator = torch.Generator().manual_seed(seed)
     shots = cfg.train.shots_per_task
+    per_adapter = cfg.train.heads == "adapter"
+    headed = {t for t, shot in objective.shots.items() if shot.head is not None and per_adapter}
+    adapter_head = functools.lru_cache(maxsize=HEAD_CACHE_SIZE)(
+        lambda i: dict(catalog.load_adapter(i).extras)
+    )
 
-    def loss(fused, episode_tasks: tuple[str, ...]) -> torch.Tensor:
+    def loss(fused, episode_tasks: tuple[str, ...], ids: tuple[str, ...] | None = None) -> torch.Tensor:
         # ``fused``: a flat [N] vector or per-module factors (anchored fusion); adapted alike.
+        pairs = zip(episode_tasks, ids or (), strict=False)
+        heads = {t: adapter_head(i) or None for t, i in pairs if t in headed}
         flat = isinstance(fused, torch.Tensor)
         adapted = [fused] if flat else [t for pair in fused for t in pair]
         pack = (lambda ts: ts[0]) if flat else (lambda ts: list(zip(ts[::2], ts[1::2], strict=True)))
         for _ in range(cfg.train.inner_steps):
             leaves = [t.detach().requires_grad_(True) for t in adapted]
-            grads = torch.autograd.grad(support.loss(pack(leaves), episode_tasks, shots, generator), leaves)
+            inner = support.loss(pack(leaves), episode_tasks, shots, generator, heads)
+            grads = torch.autograd.grad(inner, leaves)
             adapted = [t - cfg.train.inner_lr * g for t, g in zip(adapted, grads, strict=True)]
-        return query.loss(pack(adapted), episode_tasks, shots, generator)
+        return query.loss(pack(adapted), episode_tasks, shots, generator, heads)
 
     return loss
 
@@ -251,6 +270,7 @@ def train_loop(config: dict[str, Any]) -> None:
             mask=torch.stack([store[i][1] for i in episode.adapter_index]).to(device),
             cond=torch.stack([vectors[t] for t in episode.tasks]).to(device),
             tasks=episode.tasks,
+            ids=tuple(store[i][2] for i in episode.adapter_index),
         )
         model.train()
         losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
@@ -328,7 +348,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
     # ``columns``, not ``select_columns``: a fused projection would coalesce blocks to whole shards.
-    dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"])
+    dataset = catalog.dataset(layout.layout_id, columns=["id", "task", "weights", "mask"])
     tasks = cfg.task_filter(sorted(catalog.tasks()))
     if not tasks:
         raise MetaConfigError(

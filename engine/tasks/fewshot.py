@@ -138,19 +138,22 @@ class FewShotObjective:
         task: str,
         sample: int | None = None,
         generator: torch.Generator | None = None,
+        head: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Differentiable support loss of one task (``adapter``: flat ``[N]`` or factors).
 
         Args:
             sample: score a random subset of this many examples (episodes stay cheap).
             generator: RNG of the subset.
+            head: score with this head instead of the task's (e.g. the head trained with the
+                adapter that was fused).
         """
         shot = self.shots[task]
         batch = shot.batch
         if sample is not None and sample < shot.count:
             rows = torch.randperm(shot.count, generator=generator)[:sample]
             batch = select_rows(batch, rows)
-        return self.host.loss(adapter, batch, head=shot.head)
+        return self.host.loss(adapter, batch, head=shot.head if head is None else head)
 
     def loss(
         self,
@@ -158,10 +161,14 @@ class FewShotObjective:
         tasks: Sequence[str] | None = None,
         sample: int | None = None,
         generator: torch.Generator | None = None,
+        heads: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
-        """Differentiable mean support loss over ``tasks`` (default: all); see :meth:`task_loss`."""
+        """Differentiable mean support loss over ``tasks`` (default: all); see :meth:`task_loss`.
+        ``heads``: per task, a head to use instead of the task's own (None: keep the task's)."""
         tasks = self._tasks(tasks)
-        return torch.stack([self.task_loss(adapter, t, sample, generator) for t in tasks]).mean()
+        heads = heads or {}
+        losses = [self.task_loss(adapter, t, sample, generator, heads.get(t)) for t in tasks]
+        return torch.stack(losses).mean()
 
     def split(self, fraction: float = 0.5, seed: int = 0) -> tuple[FewShotObjective, FewShotObjective]:
         """Two objectives over disjoint halves of every task's examples (inner support, outer query),
