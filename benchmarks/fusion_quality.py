@@ -280,7 +280,9 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
         )
         context["fvae"] = FVAEArtifact.load(fvae_dir)
-        icm_rows = suite_icm_rows(name)
+        icm_rows = [
+            r for r in suite_icm_rows(name) if not args.icm_methods or r.label in args.icm_methods.split(",")
+        ]
         out["fvae"] = {
             "path": str(fvae_dir),
             "config": config,
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-eval", type=int, default=None, help="held-out examples per task")
     parser.add_argument("--methods", default=None, help="comma-separated baseline row labels (default: all)")
     parser.add_argument("--no-icm", action="store_true", help="baselines only (no F-VAE training)")
+    parser.add_argument("--icm-methods", default=None, help="comma-separated icm row labels (default: all)")
     parser.add_argument("--fewshot-k", type=int, default=8, help="few-shot scenario's k (0: skip)")
     parser.add_argument(
         "--longtail-steps",

@@ -29,7 +29,9 @@ from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.lora import LoraAdapter
 from engine.digest import update_with_tensor
 from engine.fusion.registry import FusionConfigError
+from engine.fvae.latent import relative_error
 from engine.lru import ByteBoundedLRU
+from engine.meta.step import slot_mask
 from engine.meta.taskvec import project
 from engine.tasks.functional import adapter_factors
 
@@ -68,6 +70,10 @@ class EncodedInput:
         mask: ``[M]`` bool, the modules the adapter targets.
         factors: per layout module the exact ``(A [r, d_in], s·B [d_out, r])``
             (:func:`engine.tasks.functional.adapter_factors`).
+        recon_error: the F-VAE's relative squared reconstruction error of the adapter in
+            normalised space, over the slots it occupies (:func:`engine.fvae.latent.relative_error`):
+            about the training level for an adapter like those it was trained on, about 1 for one
+            it cannot represent.
 
     Never written in place: cached entries are shared between fusions.
     """
@@ -77,6 +83,7 @@ class EncodedInput:
     decoded: torch.Tensor
     mask: torch.Tensor
     factors: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    recon_error: float = float("nan")
 
     def nbytes(self) -> int:
         tensors = [self.cond, self.mu, self.decoded, self.mask, *(t for f in self.factors for t in f)]
@@ -135,10 +142,12 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
     cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
     with torch.no_grad():
         mu, _ = model.encode(xn[None], cond)  # [1, latent]
-        decoded = normalizer.denormalize(model.decode(mu, cond))  # [1, N]
+        reconstruction = model.decode(mu, cond)  # [1, N], normalised
+        decoded = normalizer.denormalize(reconstruction)
+    error = relative_error(reconstruction[0], xn, slot_mask(canonical.mask[None], layout)[0])
     # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
     factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
-    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors)
+    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error)
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:

@@ -211,3 +211,32 @@ def test_per_input_encoding_matches_the_batched_formula():
     for spec, (A, B) in zip(LAYOUT.modules, expected, strict=True):
         assert torch.allclose(fused.modules[spec.name].A, A, rtol=1e-5, atol=1e-6)
         assert torch.allclose(fused.modules[spec.name].B, B, rtol=1e-5, atol=1e-6)
+
+
+def _dense(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    return {n: m.scaling * m.B @ m.A for n, m in adapter.modules.items()}
+
+
+def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reconstruct():
+    from engine.fvae.latent import familiarity
+
+    assert familiarity(torch.tensor([0.1, 0.4, 0.7, 1.0, 1.5]), 0.4).tolist() == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
+    artifact = _artifact()  # untrained: reconstructs nothing (relative error >= ~1)
+    spec = ([0, 1], [0.5, 0.5], {"familiarity_gate": True})
+    artifact.meta["metrics"] = {"recon": 0.3}
+    gated = fuse_adapters(
+        [ADAPTERS[0], ADAPTERS[1]], "icm", [0.5, 0.5], spec[2], tasks=TASKS[:2], context={"fvae": artifact}
+    )
+    details = gated.provenance["details"]["familiarity"]
+    assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
+    want = {n: 0.5 * _dense(ADAPTERS[0]).get(n, 0) + 0.5 * _dense(ADAPTERS[1]).get(n, 0) for n in ("q", "v")}
+    for name, delta in _dense(gated.adapter).items():
+        torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
+    # An F-VAE that reconstructs as badly in training trusts its displacement fully: no gate.
+    artifact.meta["metrics"] = {"recon": 2.0}
+    _assert_same_bits(_fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {})))
+    del artifact.meta["metrics"]
+    with pytest.raises(FusionConfigError, match="training reconstruction error"):
+        _fuse(artifact, spec)

@@ -31,7 +31,7 @@ from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY, IcmInputsCache, encode_i
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
-from engine.fvae.latent import anchored_factors, fuse_latents, residual_weights
+from engine.fvae.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 
 
 class IcmParams(pydantic.BaseModel):
@@ -69,6 +69,19 @@ class IcmParams(pydantic.BaseModel):
         description="add the input adapters' exact deltas with refined weights (output rank grows by "
         "the inputs' ranks unless `rank` truncates)",
     )
+    familiarity_gate: bool = pydantic.Field(
+        False,
+        description="anchored only: scale the F-VAE's displacement by how well it reconstructs the "
+        "inputs (1 for adapters like its training ones, 0 for ones it cannot represent, such as "
+        "adapters of tasks it never saw), so on unfamiliar inputs it falls back towards task "
+        "arithmetic instead of pulling them towards the tasks it was trained on",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _gate_needs_anchor(self) -> IcmParams:
+        if self.familiarity_gate and not self.anchor:
+            raise ValueError("familiarity_gate scales the anchored displacement: it needs anchor: true")
+        return self
 
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
@@ -96,16 +109,20 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     decoded = torch.stack([e.decoded for e in encoded]) if params.anchor else None  # [K, N]
     inputs_factors = [list(e.factors) for e in encoded]
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
+    details: dict = {}
+    gate = 1.0
+    if params.familiarity_gate:
+        gate, details["familiarity"] = _familiarity_gate(encoded, alpha, artifact)
     with torch.no_grad():
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
-        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params)
-    details: dict = {}
+        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params, gate)
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
-        factors, details = refine_latent(
-            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks
+        factors, refined = refine_latent(
+            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks, gate
         )
+        details.update(refined)
     mask = masks.any(dim=0)
     modules = {}
     for spec, (A, B) in zip(layout.modules, factors, strict=True):
@@ -131,13 +148,33 @@ def _inputs_cache(inputs: FusionInputs) -> IcmInputsCache | None:
     return cache
 
 
-def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams):
+def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams, gate=1.0):
     """Per-module factors of the decoded fused adapter: anchored on the inputs (default; see
-    :func:`engine.fvae.latent.anchored_factors`) or the decoder's absolute output."""
+    :func:`engine.fvae.latent.anchored_factors`), its displacement scaled by ``gate``, or the
+    decoder's absolute output."""
     if decoded is None:
         return unflatten(fused, layout)
     residual = residual_weights(weights, len(inputs_factors), params.combine, fused)
+    if gate != 1.0:  # gate * (D(z_f) - sum_t w_t D(mu_t)) + sum_t w_t dW_t
+        fused, decoded = fused * gate, decoded * gate
     return anchored_factors(fused, decoded, inputs_factors, masks, residual, layout)
+
+
+def _familiarity_gate(encoded, alpha: torch.Tensor, artifact) -> tuple[float, dict]:
+    """The ``familiarity_gate`` factor: the |alpha|-weighted mean familiarity of the inputs
+    (:func:`engine.fvae.latent.familiarity`) against the reconstruction error the F-VAE reached in
+    meta-training (its artifact's last reported ``recon``)."""
+    reference = (artifact.meta.get("metrics") or {}).get("recon")
+    if reference is None:
+        raise FusionConfigError(
+            "familiarity_gate needs the F-VAE's training reconstruction error (metrics.recon in its "
+            "artifact.json); this artifact has none: retrain it with `icmf train`"
+        )
+    errors = torch.tensor([e.recon_error for e in encoded])
+    known = familiarity(errors, float(reference))
+    weights = alpha.abs() / alpha.abs().sum().clamp_min(1e-12)
+    gate = float(weights @ known)
+    return gate, {"gate": gate, "recon_errors": errors.tolist(), "reference_error": float(reference)}
 
 
 def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +209,18 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
 
 
 def refine_latent(
-    model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded=None, masks=None
+    model,
+    normalizer,
+    mu,
+    cond,
+    alpha,
+    objective,
+    tasks,
+    params,
+    inputs_factors,
+    decoded=None,
+    masks=None,
+    gate: float = 1.0,
 ):
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
@@ -215,7 +263,7 @@ def refine_latent(
         z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
         z_f, v_f = z_f + residual, v_f + cond_residual
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
-        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params)
+        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params, gate)
         if params.refine_span:
             candidate = _with_span(candidate, inputs_factors, beta)
         support = fit.loss(candidate, tasks)
