@@ -161,9 +161,10 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
 
 
 def _familiarity_gate(encoded, alpha: torch.Tensor, artifact) -> tuple[float, dict]:
-    """The ``familiarity_gate`` factor: the |alpha|-weighted mean familiarity of the inputs
-    (:func:`engine.fvae.latent.familiarity`) against the reconstruction error the F-VAE reached in
-    meta-training (its artifact's last reported ``recon``)."""
+    """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
+    (:func:`engine.fvae.latent.familiarity`, against the reconstruction error the F-VAE reached in
+    meta-training: its artifact's last reported ``recon``). The lowest, not a mean: the fused code
+    ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
     reference = (artifact.meta.get("metrics") or {}).get("recon")
     if reference is None:
         raise FusionConfigError(
@@ -172,8 +173,8 @@ def _familiarity_gate(encoded, alpha: torch.Tensor, artifact) -> tuple[float, di
         )
     errors = torch.tensor([e.recon_error for e in encoded])
     known = familiarity(errors, float(reference))
-    weights = alpha.abs() / alpha.abs().sum().clamp_min(1e-12)
-    gate = float(weights @ known)
+    weighted = known[alpha != 0]
+    gate = float(weighted.min()) if weighted.numel() else 1.0
     return gate, {"gate": gate, "recon_errors": errors.tolist(), "reference_error": float(reference)}
 
 
