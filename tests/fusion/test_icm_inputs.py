@@ -236,7 +236,16 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
         torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
     # An F-VAE that reconstructs as badly in training trusts its displacement fully: no gate.
     artifact.meta["metrics"] = {"recon": 2.0}
-    _assert_same_bits(_fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {})))
+    _assert_same_bits(
+        _fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False}))
+    )
     del artifact.meta["metrics"]
     with pytest.raises(FusionConfigError, match="training reconstruction error"):
-        _fuse(artifact, spec)
+        _fuse(artifact, spec)  # asked for explicitly; by default the gate is then off
+    _assert_same_bits(
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {})),
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False})),
+    )
+    with pytest.raises(FusionConfigError, match="needs anchor"):
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": True, "anchor": False}))
+    _fuse(artifact, ([0, 1], [0.5, 0.5], {"anchor": False}))  # the default gate just does not apply

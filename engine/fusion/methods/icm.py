@@ -70,18 +70,24 @@ class IcmParams(pydantic.BaseModel):
         "the inputs' ranks unless `rank` truncates)",
     )
     familiarity_gate: bool = pydantic.Field(
-        False,
+        True,
         description="anchored only: scale the F-VAE's displacement by how well it reconstructs the "
-        "inputs (1 for adapters like its training ones, 0 for ones it cannot represent, such as "
-        "adapters of tasks it never saw), so on unfamiliar inputs it falls back towards task "
-        "arithmetic instead of pulling them towards the tasks it was trained on",
+        "least familiar input (1 for adapters like its training ones, 0 for ones it cannot represent, "
+        "such as adapters of tasks it never saw), so on unfamiliar inputs it falls back towards task "
+        "arithmetic instead of pulling them towards the tasks it was trained on (off by default "
+        "only for an F-VAE whose artifact records no training reconstruction error)",
     )
 
     @pydantic.model_validator(mode="after")
     def _gate_needs_anchor(self) -> IcmParams:
-        if self.familiarity_gate and not self.anchor:
+        explicit = "familiarity_gate" in self.model_fields_set
+        if self.familiarity_gate and not self.anchor and explicit:
             raise ValueError("familiarity_gate scales the anchored displacement: it needs anchor: true")
         return self
+
+    @property
+    def gated(self) -> bool:
+        return self.familiarity_gate and self.anchor
 
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
@@ -111,8 +117,10 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
     details: dict = {}
     gate = 1.0
-    if params.familiarity_gate:
-        gate, details["familiarity"] = _familiarity_gate(encoded, alpha, artifact)
+    if params.gated:
+        gate, details["familiarity"] = _familiarity_gate(
+            encoded, alpha, artifact, required="familiarity_gate" in params.model_fields_set
+        )
     with torch.no_grad():
         z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
@@ -160,12 +168,14 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
     return anchored_factors(fused, decoded, inputs_factors, masks, residual, layout)
 
 
-def _familiarity_gate(encoded, alpha: torch.Tensor, artifact) -> tuple[float, dict]:
+def _familiarity_gate(encoded, alpha: torch.Tensor, artifact, required: bool) -> tuple[float, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
     (:func:`engine.fvae.latent.familiarity`, against the reconstruction error the F-VAE reached in
     meta-training: its artifact's last reported ``recon``). The lowest, not a mean: the fused code
     ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
     reference = (artifact.meta.get("metrics") or {}).get("recon")
+    if reference is None and not required:  # the default on an artifact without the figure
+        return 1.0, {"gate": 1.0, "reference_error": None}
     if reference is None:
         raise FusionConfigError(
             "familiarity_gate needs the F-VAE's training reconstruction error (metrics.recon in its "
