@@ -287,12 +287,14 @@ def train_loop(config: dict[str, Any]) -> None:
     # task in every share) into its own bounded pool, so each samples episodes over all tasks;
     # episodes differ across workers by their shares and RNG seeds.
     vectors = config["task_vectors"]
+    fill_start = time.perf_counter()
     pool, store = fill_pool(
         worker_shard(config["num_shares"], rank, context.get_world_size()),
         cfg.train.capacity_per_task,
         cfg.train.seed + rank,
         set(vectors),
     )
+    fill_s = time.perf_counter() - fill_start
     data_loss = None
     if config["fusion_loss"] == "data":
         data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
@@ -341,7 +343,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"{metrics['episodes_per_s']:.1f} episodes/s",
                     flush=True,
                 )
-            extra = {"pool_sizes": {t: len(s) for t, s in pool.slots.items()}, "streamed": dict(pool.seen)}
+            extra = {
+                "pool_sizes": {t: len(s) for t, s in pool.slots.items()},
+                "streamed": dict(pool.seen),
+                "fill_s": fill_s,
+            }
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
 
@@ -461,7 +467,9 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "task_vector_source": vector_source,
             "pool_sizes": extra["pool_sizes"],
             "data_split": dict(
-                split_summary(cfg.train.data_split, shares, num_workers), rank0_streamed=extra["streamed"]
+                split_summary(cfg.train.data_split, shares, num_workers),
+                rank0_streamed=extra["streamed"],
+                rank0_fill_s=extra["fill_s"],
             ),
             "fusion_loss": fusion_loss,
             "tasks": tasks,
