@@ -343,22 +343,32 @@ def plot(summary: dict[str, Any], workers: list[int], path: Path) -> None:
     x, width = np.arange(len(keys)), 0.8 / len(table)
     for i, row in enumerate(table):
         values = [row[k] or 0 for _, k in keys]
-        bars = left.bar(x + (i - (len(table) - 1) / 2) * width, values, width, label=f"{row['n']:,} adapters")
+        offset = x + (i - (len(table) - 1) / 2) * width
+        bars = left.bar(offset, values, width, color=f"C{i}", label=f"{row['n']:,} adapters")
         left.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=2)
+        # The private part (RSS minus shared pages): what does not come from the object store.
+        private = [row.get(k.replace("_rss_", "_private_")) or 0 for _, k in keys]
+        left.bar(offset, private, width, fill=False, hatch="//", edgecolor="black", linewidth=0)
     left.set_xticks(x, [name.replace(": ", ":\n") for name, _ in keys], fontsize=8)
-    left.set_ylabel("peak RSS (MiB)")
+    left.set_ylabel("peak RSS (MiB); hatched: private part")
+    left.set_ylim(0, 1.3 * max(row[k] or 0 for row in table for _, k in keys))
     left.set_title("Peak RSS by catalog size (flat = bounded)")
-    left.legend()
+    left.legend(fontsize=8, loc="upper left")
     x, width = np.arange(len(workers)), 0.8 / len(table)
     for i, row in enumerate(table):
         values = [row[f"episodes_per_s_{w}w"] for w in workers]
         bars = right.bar(
-            x + (i - (len(table) - 1) / 2) * width, values, width, label=f"{row['n']:,} adapters"
+            x + (i - (len(table) - 1) / 2) * width,
+            values,
+            width,
+            color=f"C{i}",
+            label=f"{row['n']:,} adapters",
         )
         right.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=9, padding=2)
     right.set_xticks(x, [f"{w} Ray Train worker(s)" for w in workers])
     right.set_ylabel("episodes/s (median window)")
     right.set_title("Meta-training throughput on this machine")
+    right.set_ylim(0, 1.25 * max(row[f"episodes_per_s_{w}w"] for row in table for w in workers))
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
