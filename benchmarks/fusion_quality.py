@@ -25,7 +25,7 @@ from typing import Any
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.lab import load_lab
 from benchmarks.quality.harness import SuiteHarness
-from benchmarks.quality.icm import trained_fvae, unseen_tasks
+from benchmarks.quality.icm import context_task_vectors, trained_fvae, unseen_tasks
 from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
 
 DEFAULT_LAB = RESULTS / "lab" / "standard-seed0"
@@ -84,7 +84,7 @@ def evaluate_sets(
 def summarize(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per method: mean over task sets of each gap / loss statistic."""
     labels = entries[0]["methods"].keys()
-    keys = [k for k in entries[0]["methods"]["base"] if k.startswith(("mean_", "worst_"))]
+    keys = [k for k in entries[0]["methods"]["base"] if k.startswith(("mean_", "worst_", "pooled_"))]
     summary = {}
     for label in labels:
         values = [e["methods"][label] for e in entries]
@@ -270,9 +270,19 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         from engine.meta.artifact import FVAEArtifact
 
         unseen = unseen_tasks(name, harness.tasks, args.seed)
-        fvae_dir, config = trained_fvae(suite, name, exclude=unseen, seed=args.seed, log=log)
+        overrides: dict[str, Any] = {}
+        if args.task_vectors == "context":
+            context["task_vectors"] = context_task_vectors(suite, harness.tasks, args.seed, log)
+            overrides["task_vectors"] = {"source": "context"}
+        if args.meta_steps:
+            overrides["train"] = {"steps": args.meta_steps}
+        fvae_dir, config = trained_fvae(
+            suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
+        )
         context["fvae"] = FVAEArtifact.load(fvae_dir)
-        icm_rows = suite_icm_rows(name)
+        icm_rows = [
+            r for r in suite_icm_rows(name) if not args.icm_methods or r.label in args.icm_methods.split(",")
+        ]
         out["fvae"] = {
             "path": str(fvae_dir),
             "config": config,
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-eval", type=int, default=None, help="held-out examples per task")
     parser.add_argument("--methods", default=None, help="comma-separated baseline row labels (default: all)")
     parser.add_argument("--no-icm", action="store_true", help="baselines only (no F-VAE training)")
+    parser.add_argument("--icm-methods", default=None, help="comma-separated icm row labels (default: all)")
     parser.add_argument("--fewshot-k", type=int, default=8, help="few-shot scenario's k (0: skip)")
     parser.add_argument(
         "--longtail-steps",
@@ -369,6 +380,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="meta-training steps on the long-tailed catalog (0: skip)",
     )
     parser.add_argument("--longtail-suites", default="generative", help="suites of the long-tail scenario")
+    parser.add_argument(
+        "--task-vectors",
+        choices=("adapter", "context"),
+        default="adapter",
+        help="icm's task vectors: 'adapter' (a projection of each task's mean adapter) or 'context' "
+        "(the paper's: mean last hidden state over k support examples, computed on Ray)",
+    )
+    parser.add_argument(
+        "--meta-steps", type=int, default=0, help="meta-training steps of the main F-VAE (0: the suite's)"
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")

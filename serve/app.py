@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import CatalogError
+from engine.lru import ByteBoundedLRU
 from serve.config import ServeConfig
 from serve.deployment import AdapterModel
 from serve.host import load_tokenizer
@@ -34,6 +35,10 @@ from serve.metrics import RequestMetrics
 from serve.spec import BASE_MODEL_ID, SpecError, Target, parse_model_field
 
 MAX_KNOWN_FUSIONS = 1024
+# Catalog adapter ids already found in the catalog. A catalog only grows (ids are content hashes),
+# so a found id stays valid and its check costs no manifest LIST per request (one per request on
+# an object store); a removed one would still get its 404 from the model replica's load.
+MAX_KNOWN_IDS = 4096
 api = FastAPI(title="ICM-Fusion serving", docs_url=None, redoc_url=None)
 
 
@@ -152,6 +157,8 @@ class Router:
         self.context_size = _context_size(self.config.base_model)
         self.token = token
         self.fusions: OrderedDict[str, dict[str, Any]] = OrderedDict()  # served specs, newest last
+        self._known_ids = ByteBoundedLRU(MAX_KNOWN_IDS)  # count-bounded: each id "weighs" 1
+        self._known_tasks: set[str] = set()
         self.metrics = RequestMetrics()
 
     # ------------------------------------------------------------------ endpoints
@@ -247,6 +254,8 @@ class Router:
         return target
 
     def _check_adapter(self, adapter_id: str) -> None:
+        if self._known_ids.get(adapter_id):
+            return
         try:
             self.catalog.get(adapter_id)
         except CatalogError:
@@ -255,6 +264,7 @@ class Router:
                 f"unknown model {adapter_id!r}: not 'base', a catalog adapter or a served fusion "
                 "(see GET /v1/models)",
             ) from None
+        self._known_ids.put(adapter_id, True, 1)
 
     def _check_spec(self, spec: dict[str, Any]) -> None:
         from engine.fusion.registry import get_method
@@ -266,7 +276,10 @@ class Router:
         if spec["method"] == "icm" and not self.config.fvae:
             raise ApiError(422, "method 'icm' needs an F-VAE and this server has none (config: fvae)")
         if "tasks" in spec:
-            unknown = sorted(set(spec["tasks"]) - set(self.catalog.tasks()))
+            unknown = set(spec["tasks"]) - self._known_tasks
+            if unknown:  # tasks only ever appear: re-read the catalog's only for a new name
+                self._known_tasks = set(self.catalog.tasks())
+                unknown = sorted(unknown - self._known_tasks)
             if unknown:
                 raise ApiError(404, f"unknown task(s) {', '.join(unknown)} in fusion spec")
         else:

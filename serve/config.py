@@ -44,6 +44,11 @@ class ServeConfig(pydantic.BaseModel):
         negative_ttl_s: how long a failed load is remembered.
         read_cache_mib: catalog adapters kept in host memory after a read (MiB), so fusion specs
             over the same inputs with new weights skip the catalog read (0 disables it).
+        icm_cache_mib: per-input ``icm`` work kept per replica (MiB): each input adapter's
+            condition, F-VAE code, decoded reconstruction and factors
+            (:class:`engine.fusion.icm_inputs.IcmInputsCache`), so a cold ``icm`` spec over
+            inputs seen before pays one decode, not an encode and a decode per input (0 disables
+            it). An entry is about 2 x 4 bytes per layout slot (~150 KB for the lab's model).
         batching: ``mixed`` (one forward per batch, each sample routed to its adapter) or
             ``grouped`` (one forward per adapter within a batch).
         auth_token: bearer token clients must send; ``auth_token_env`` names an environment
@@ -60,6 +65,7 @@ class ServeConfig(pydantic.BaseModel):
     cache_size: int = pydantic.Field(8, ge=1, le=4096)
     negative_ttl_s: float = pydantic.Field(5.0, ge=0)
     read_cache_mib: int = pydantic.Field(256, ge=0)
+    icm_cache_mib: int = pydantic.Field(256, ge=0)
     batching: Literal["mixed", "grouped"] = "mixed"
     max_batch_size: int = pydantic.Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = pydantic.Field(0.005, ge=0, le=1)

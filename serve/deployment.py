@@ -73,10 +73,15 @@ class AdapterModel:
             load_causal_lm(self.config.base_model), tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         self.fvae = None
+        self.icm_inputs = None
         if self.config.fvae:
+            from engine.fusion.icm_inputs import IcmInputsCache
             from engine.meta.artifact import FVAEArtifact
 
             self.fvae = FVAEArtifact.load(self.config.fvae)
+            if self.config.icm_cache_mib:
+                self.icm_inputs = IcmInputsCache(self.config.icm_cache_mib * 2**20)
+                _ = self.fvae.fingerprint  # cache keys hash the F-VAE's weights: once, at start-up
         # Import every fusion method now (the registry pulls in PEFT's merge utilities, seconds
         # of imports) so the first fusion request does not pay for it.
         from engine.fusion.registry import list_methods
@@ -127,13 +132,20 @@ class AdapterModel:
                     weights=spec["weights"],
                     params=spec["params"],
                     seed=spec["seed"],
-                    context={"fvae": self.fvae} if self.fvae is not None else None,
+                    context=self._fusion_context(),
                 ).adapter
         except CatalogError as exc:
             raise LoadError(str(exc), 404) from None
         except ValueError as exc:  # fusion config faults, name rules
             raise LoadError(str(exc), 422) from None
         self.host.add(model_id, adapter)
+
+    def _fusion_context(self) -> dict[str, Any] | None:
+        if self.fvae is None:
+            return None
+        from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY
+
+        return {"fvae": self.fvae, CACHE_CONTEXT_KEY: self.icm_inputs}
 
     async def _unload(self, model_id: str, _value: str) -> None:
         await self._run(self.host.remove, model_id)
@@ -205,6 +217,7 @@ class AdapterModel:
         fingerprint = await self._run(self.host.base_fingerprint)
         return {
             "cache": describe(self.cache),
+            "icm_inputs_cache": self.icm_inputs.describe() if self.icm_inputs is not None else None,
             "base_fingerprint": fingerprint,
             "adapters": sorted(self.host.names),
         }

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from engine.adapters.lora import LoraAdapter
 
@@ -120,17 +121,19 @@ class LoraLinear(nn.Module):
         route = self._route[0]
         if route is None:
             return y
+        # F.linear(x, a) is x @ a.T without dispatching a transposed view first: on small models
+        # the LoRA delta costs in op dispatches, not arithmetic (same bits as the matmuls).
         if route.single is not None:
             factors = self.factors.get(route.single)
             if factors is None:  # this adapter does not target this module
                 return y
             a, b = factors
-            return y + (x @ a.T) @ b.T
+            return y + F.linear(F.linear(x, a), b)
         for name, rows in route.groups:
             factors = self.factors.get(name)
             if factors is not None:
                 a, b = factors
-                y = y.index_add(0, rows, (x[rows] @ a.T) @ b.T)
+                y = y.index_add(0, rows, F.linear(F.linear(x[rows], a), b))
         return y
 
 

@@ -54,6 +54,7 @@ REFINE = {"refine_steps": 100, "refine_lr": 0.05}
 ICM_ROWS: tuple[MethodRow, ...] = (
     MethodRow("icm", "icm"),
     MethodRow("icm-mean-noproject", "icm", params={"combine": "mean", "project": False}),
+    MethodRow("icm-ungated", "icm", params={"familiarity_gate": False}),
     MethodRow("icm+refine", "icm", params=REFINE, few_shot=True),
     MethodRow(
         "icm+refine+span",

@@ -14,9 +14,7 @@ import copy
 import hashlib
 import io
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -52,6 +50,7 @@ from engine.catalog.schema import (
 )
 from engine.catalog.stats import SlotStats
 from engine.errors import AdapterError, CatalogError, IngestError
+from engine.lru import ByteBoundedLRU
 
 # Bounds on what one weight shard / row group holds, so readers stream in bounded memory.
 SHARD_BYTES = 128 * 2**20
@@ -142,7 +141,7 @@ class Catalog:
         self.fs, self.root = cfs.resolve_uri(self.uri)
         self._manifests: dict[int, pa.Table] = {}
         self._layouts: dict[str, Layout] = {}
-        self._adapter_cache = _ByteBoundedCache(adapter_cache_bytes)
+        self._adapter_cache = ByteBoundedLRU(adapter_cache_bytes)
 
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
@@ -586,41 +585,6 @@ class Catalog:
             mean=column("mean"),
             std=column("std"),
         )
-
-
-class _ByteBoundedCache:
-    """Thread-safe LRU of values with known sizes: least recently used ones go past ``capacity``
-    bytes (a value larger than that is not kept)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Any | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0]
-
-    def put(self, key: str, value: Any, nbytes: int) -> None:
-        with self._lock:
-            if nbytes > self.capacity or key in self._items:
-                return
-            self._items[key] = (value, nbytes)
-            self._bytes += nbytes
-            while self._bytes > self.capacity:
-                _, (_, size) = self._items.popitem(last=False)
-                self._bytes -= size
-
-    def __getstate__(self) -> dict[str, Any]:  # a pickled catalog (Ray tasks) starts empty
-        return {"capacity": self.capacity}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["capacity"])
 
 
 def _group_into_shards(

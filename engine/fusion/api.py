@@ -116,18 +116,26 @@ def select_adapters(
     catalog: Catalog, adapter_ids: list[str] | None = None, tasks: list[str] | None = None
 ) -> list[str]:
     """Adapter ids to fuse: the given ids, or for each task its first-ingested adapter."""
+    return [e["id"] for e in _select_entries(catalog, adapter_ids, tasks)]
+
+
+def _select_entries(
+    catalog: Catalog, adapter_ids: list[str] | None = None, tasks: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The manifest rows of :func:`select_adapters`' choice (a task's row is looked up once, not
+    again by its id: each lookup lists the manifest versions, a LIST on object stores)."""
     if bool(adapter_ids) == bool(tasks):
         raise FusionConfigError("give either adapter ids or task names (exactly one of the two)")
     if adapter_ids:
-        return list(adapter_ids)
-    ids = []
+        return [catalog.get(i) for i in adapter_ids]
+    rows = []
     for task in tasks:
         entries = catalog.entries(task=task)
         if not entries:
             known = ", ".join(sorted(catalog.tasks())) or "none"
             raise FusionConfigError(f"task {task!r} has no adapters in {catalog.uri} (tasks: {known})")
-        ids.append(entries[0]["id"])
-    return ids
+        rows.append(entries[0])
+    return rows
 
 
 def fuse_from_catalog(
@@ -141,8 +149,8 @@ def fuse_from_catalog(
     context: dict[str, Any] | None = None,
 ) -> FusionResult:
     """Fuse catalog adapters named by id, or one adapter per task (its first-ingested one)."""
-    ids = select_adapters(catalog, adapter_ids, tasks)
-    entries = [catalog.get(i) for i in ids]
+    entries = _select_entries(catalog, adapter_ids, tasks)
+    ids = [e["id"] for e in entries]
     if len({e["layout_id"] for e in entries}) > 1:
         raise FusionConfigError(
             "the adapters belong to different base models (layouts); fuse one base model at a time"

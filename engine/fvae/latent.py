@@ -157,3 +157,20 @@ def anchored_factors(
             B_parts += [B_t.to(B.dtype) * weights[t], -B_d * weights[t]]
         factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
     return factors
+
+
+def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """``||x_hat - x||^2 / ||x||^2`` over the slots in ``mask`` (all ``[N]``; normalised space)."""
+    weight = mask.to(target.dtype)
+    total = float((target.pow(2) * weight).sum())
+    return float(((reconstruction - target).pow(2) * weight).sum()) / max(total, 1e-12)
+
+
+def familiarity(errors: torch.Tensor, reference: float) -> torch.Tensor:
+    """How much the F-VAE knows each input, from its reconstruction error: ``errors [K]`` relative
+    squared errors (:func:`relative_error`), ``reference`` the error it reached on its training
+    adapters. 1 at or below ``reference``, falling linearly to 0 at an error of 1 (the error of
+    reconstructing nothing, what it gets on adapters of tasks it never saw). Returns ``[K]``."""
+    span = max(1.0 - reference, 1e-6)
+    falling = ((1.0 - errors) / span).clamp(0.0, 1.0)
+    return torch.where(errors <= reference, torch.ones_like(errors), falling)

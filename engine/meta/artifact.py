@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from safetensors.torch import save as save_bytes
 
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
+from engine.digest import update_with_tensor
 from engine.errors import IcmfError
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
@@ -34,6 +37,30 @@ class FVAEArtifact:
     layout: Layout
     task_vectors: dict[str, torch.Tensor]
     meta: dict[str, Any]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of everything fusion reads from this artifact: the model's class, config and
+        state dict, the normaliser, the layout, the training task vectors and ``meta`` (gauge,
+        task-vector source). Computed once (megabytes of weights): an artifact is not changed
+        after it is loaded; build a new one for new weights."""
+        digest = hashlib.sha256()
+        config = getattr(self.model, "config", None)
+        header = {
+            "model": type(self.model).__qualname__,
+            "config": config.to_dict() if hasattr(config, "to_dict") else repr(config),
+            "layout": self.layout.to_dict(),
+            "meta": self.meta,
+        }
+        digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+        tensors = [
+            *(("model." + k, v) for k, v in self.model.state_dict().items()),
+            *(("normalizer." + k, v) for k, v in self.normalizer.state_dict().items()),
+            *(("task_vector." + k, v) for k, v in sorted(self.task_vectors.items())),
+        ]
+        for name, tensor in tensors:
+            update_with_tensor(digest, name, tensor)
+        return digest.hexdigest()
 
     def save(self, uri: str) -> str:
         """Write under ``<uri>/fvae``; ``artifact.json`` goes last, so a reader that finds it finds

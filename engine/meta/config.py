@@ -84,8 +84,23 @@ class TrainSection(_Strict):
         "task definitions in the catalog); 'proxy': data-free subspace proxy; 'auto': data when every "
         "training task has a definition",
     )
-    shots_per_task: int = pydantic.Field(16, gt=0, description="support examples scored per task per episode")
-    support_k: int | None = pydantic.Field(None, gt=0, description="use only the first k support examples")
+    fusion_examples: Literal["train", "support"] = pydantic.Field(
+        "train",
+        description="the tasks' split the data fusion loss scores: 'train' keeps the support split "
+        "unseen until fusion, where refinement, fitted weights and few-shot baselines use it (a decoder "
+        "meta-trained on the support shots has already fitted them, so they cannot pick or check "
+        "anything); 'support': the few shots themselves",
+    )
+    heads: Literal["adapter", "task"] = pydantic.Field(
+        "adapter",
+        description="tasks whose adapters carry heads (modules_to_save): 'adapter' scores the fused "
+        "adapter with the head of the adapter the episode fused (trained with that LoRA); 'task': "
+        "with one head per task, its first catalog adapter's",
+    )
+    shots_per_task: int = pydantic.Field(16, gt=0, description="examples scored per task per episode")
+    support_k: int | None = pydantic.Field(
+        None, gt=0, description="use only the first k examples of the fusion_examples split"
+    )
     inner_steps: int = pydantic.Field(0, ge=0, description="first-order inner adaptation steps (data loss)")
     inner_lr: float = pydantic.Field(0.01, gt=0, description="step size of the inner adaptation")
 

@@ -15,8 +15,12 @@ from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.losses import subspace_proxy_loss
 
-# (fused adapter in weight space: flat [N] or per-module factors, tasks of the episode) -> scalar loss
-DataLoss = Callable[[torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]], tuple[str, ...]], torch.Tensor]
+# (fused adapter in weight space: flat [N] or per-module factors, tasks of the episode, the catalog
+# ids of the fused adapters or None) -> scalar loss
+DataLoss = Callable[
+    [torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]], tuple[str, ...], tuple[str, ...] | None],
+    torch.Tensor,
+]
 
 
 @dataclass
@@ -28,12 +32,15 @@ class EpisodeBatch:
         mask: ``[K, M]`` bool module masks.
         cond: ``[K, d]`` task vectors.
         tasks: the K task names.
+        ids: the K adapters' catalog ids (the data loss scores each task with its adapter's own
+            head, when adapters carry heads), or None.
     """
 
     x: torch.Tensor
     mask: torch.Tensor
     cond: torch.Tensor
     tasks: tuple[str, ...]
+    ids: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def episode_loss(
             weights = residual_weights(None, batch.x.shape[0], settings.combine, fused)
             fused = anchored_factors(fused, decoded, inputs, batch.mask, weights, layout)
         if data_loss is not None:
-            fusion = data_loss(fused, batch.tasks)
+            fusion = data_loss(fused, batch.tasks, batch.ids)
         else:
             fusion = subspace_proxy_loss(fused, batch.x, batch.mask, layout)
     return {

@@ -9,6 +9,7 @@ group from the last checkpoint (``FailureConfig``); ``resume`` continues the lat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -37,6 +38,7 @@ from engine.meta.taskvec import project
 RUN_FILE = "current_run.json"
 # Columns a Train worker streams (``id`` is a few bytes next to the [N] weights).
 TRAIN_COLUMNS = ("id", "task", "weights", "mask")
+HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier head is a few KB)
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
@@ -48,26 +50,26 @@ def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = Non
 # ----------------------------------------------------------------------------- worker side
 def fill_pool(
     shard, capacity: int, seed: int, tasks: set[str] | None = None, streamed: list[str] | None = None
-) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size);
-    adapters of tasks outside ``tasks`` (when given) are skipped. ``streamed``: a list to which
-    the id of every adapter kept for its task is appended (the shard needs an ``id`` column)."""
+) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor, str]]]:
+    """Stream a dataset shard (with an ``id`` column) into a per-task reservoir (bounded memory
+    whatever the catalog size); adapters of tasks outside ``tasks`` (when given) are skipped. The
+    store holds each kept adapter's ``(weights [N], mask [M], catalog id)``. ``streamed``: a list
+    to which the id of every adapter kept for its task is appended."""
     pool = TaskPool(capacity, seed=seed)
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-        ids = batch["id"] if streamed is not None else [None] * len(batch["task"])
-        for adapter, task, weights, mask in zip(
-            ids, batch["task"], batch["weights"], batch["mask"], strict=True
-        ):
+        rows = zip(batch["id"], batch["task"], batch["weights"], batch["mask"], strict=True)
+        for adapter_id, task, weights, mask in rows:
             if tasks is not None and str(task) not in tasks:
                 continue
             if streamed is not None:
-                streamed.append(str(adapter))
+                streamed.append(str(adapter_id))
             slot = pool.add(str(task))
             if slot is not None:
                 store[slot] = (
                     torch.from_numpy(np.array(weights, dtype=np.float32)),
                     torch.from_numpy(np.array(mask)),
+                    str(adapter_id),
                 )
     return pool, store
 
@@ -91,25 +93,41 @@ def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], see
     """The few-shot fusion loss of an episode: the fused adapter's query loss on every task of the
     subset through the frozen base (first-order). With ``inner_steps``, the fused adapter first
     takes that many gradient steps on a disjoint support half (gradients of the inner steps are
-    not differentiated again: first-order MAML)."""
+    not differentiated again: first-order MAML).
+
+    Tasks whose adapters carry heads (``modules_to_save``, e.g. a classifier trained with the LoRA)
+    are scored with the head of the adapter the episode fused, given its catalog id: a LoRA and
+    its head are trained together, so scoring the fused adapter with another checkpoint's head
+    (one fixed head per task) teaches the decoder to fit that head instead."""
     from engine.catalog import Catalog
     from engine.tasks.fewshot import FewShotObjective
 
-    objective = FewShotObjective.from_catalog(Catalog(cfg.catalog), tasks, layout, k=cfg.train.support_k)
+    catalog = Catalog(cfg.catalog)
+    objective = FewShotObjective.from_catalog(
+        catalog, tasks, layout, k=cfg.train.support_k, split=cfg.train.fusion_examples
+    )
     support, query = objective.split(0.5, seed) if cfg.train.inner_steps else (None, objective)
     generator = torch.Generator().manual_seed(seed)
     shots = cfg.train.shots_per_task
+    per_adapter = cfg.train.heads == "adapter"
+    headed = {t for t, shot in objective.shots.items() if shot.head is not None and per_adapter}
+    adapter_head = functools.lru_cache(maxsize=HEAD_CACHE_SIZE)(
+        lambda i: dict(catalog.load_adapter(i).extras)
+    )
 
-    def loss(fused, episode_tasks: tuple[str, ...]) -> torch.Tensor:
+    def loss(fused, episode_tasks: tuple[str, ...], ids: tuple[str, ...] | None = None) -> torch.Tensor:
         # ``fused``: a flat [N] vector or per-module factors (anchored fusion); adapted alike.
+        pairs = zip(episode_tasks, ids or (), strict=False)
+        heads = {t: adapter_head(i) or None for t, i in pairs if t in headed}
         flat = isinstance(fused, torch.Tensor)
         adapted = [fused] if flat else [t for pair in fused for t in pair]
         pack = (lambda ts: ts[0]) if flat else (lambda ts: list(zip(ts[::2], ts[1::2], strict=True)))
         for _ in range(cfg.train.inner_steps):
             leaves = [t.detach().requires_grad_(True) for t in adapted]
-            grads = torch.autograd.grad(support.loss(pack(leaves), episode_tasks, shots, generator), leaves)
+            inner = support.loss(pack(leaves), episode_tasks, shots, generator, heads)
+            grads = torch.autograd.grad(inner, leaves)
             adapted = [t - cfg.train.inner_lr * g for t, g in zip(adapted, grads, strict=True)]
-        return query.loss(pack(adapted), episode_tasks, shots, generator)
+        return query.loss(pack(adapted), episode_tasks, shots, generator, heads)
 
     return loss
 
@@ -316,6 +334,7 @@ def train_loop(config: dict[str, Any]) -> None:
             mask=torch.stack([store[i][1] for i in episode.adapter_index]).to(device),
             cond=torch.stack([vectors[t] for t in episode.tasks]).to(device),
             tasks=episode.tasks,
+            ids=tuple(store[i][2] for i in episode.adapter_index),
         )
         model.train()
         losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -82,14 +82,21 @@ class FewShotObjective:
 
     @classmethod
     def from_catalog(
-        cls, catalog: Catalog, tasks: Sequence[str], layout: Layout, k: int | None = None
+        cls,
+        catalog: Catalog,
+        tasks: Sequence[str],
+        layout: Layout,
+        k: int | None = None,
+        split: Literal["support", "train"] = "support",
     ) -> FewShotObjective:
-        """Build from the tasks' definitions in ``catalog`` (their support split, first ``k``).
+        """Build from the tasks' definitions in ``catalog``: the first ``k`` examples of their
+        ``split`` (``support``: the few shots fusion may use; ``train``: meta-training's pool, so
+        the support split stays unseen until fusion).
 
         Heads come from each task's first catalog adapter (the one fusion treats as its own).
 
         Raises:
-            TaskError: a task without a definition, tasks of different models, or no support examples.
+            TaskError: a task without a definition, tasks of different models, or no examples in ``split``.
         """
         from engine.tasks.base import task_model
         from engine.tasks.examples import load_task_examples
@@ -103,10 +110,12 @@ class FewShotObjective:
             )
         examples, heads = {}, {}
         for task, definition in definitions.items():
-            support = load_task_examples(definition, catalog).support
+            rows = getattr(load_task_examples(definition, catalog), split)
+            if rows.num_rows == 0:
+                raise TaskError(f"task {task!r}: its {split} split is empty")
             if k is not None:
-                support = support.select(range(min(k, support.num_rows)))
-            examples[task] = support.to_list()
+                rows = rows.select(range(min(k, rows.num_rows)))
+            examples[task] = rows.to_list()
             entries = catalog.entries(task=task)
             heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
         model = task_model(next(iter(definitions.values())).model)
@@ -129,19 +138,22 @@ class FewShotObjective:
         task: str,
         sample: int | None = None,
         generator: torch.Generator | None = None,
+        head: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Differentiable support loss of one task (``adapter``: flat ``[N]`` or factors).
 
         Args:
             sample: score a random subset of this many examples (episodes stay cheap).
             generator: RNG of the subset.
+            head: score with this head instead of the task's (e.g. the head trained with the
+                adapter that was fused).
         """
         shot = self.shots[task]
         batch = shot.batch
         if sample is not None and sample < shot.count:
             rows = torch.randperm(shot.count, generator=generator)[:sample]
             batch = select_rows(batch, rows)
-        return self.host.loss(adapter, batch, head=shot.head)
+        return self.host.loss(adapter, batch, head=shot.head if head is None else head)
 
     def loss(
         self,
@@ -149,10 +161,14 @@ class FewShotObjective:
         tasks: Sequence[str] | None = None,
         sample: int | None = None,
         generator: torch.Generator | None = None,
+        heads: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
-        """Differentiable mean support loss over ``tasks`` (default: all); see :meth:`task_loss`."""
+        """Differentiable mean support loss over ``tasks`` (default: all); see :meth:`task_loss`.
+        ``heads``: per task, a head to use instead of the task's own (None: keep the task's)."""
         tasks = self._tasks(tasks)
-        return torch.stack([self.task_loss(adapter, t, sample, generator) for t in tasks]).mean()
+        heads = heads or {}
+        losses = [self.task_loss(adapter, t, sample, generator, heads.get(t)) for t in tasks]
+        return torch.stack(losses).mean()
 
     def split(self, fraction: float = 0.5, seed: int = 0) -> tuple[FewShotObjective, FewShotObjective]:
         """Two objectives over disjoint halves of every task's examples (inner support, outer query),

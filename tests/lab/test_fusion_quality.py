@@ -4,6 +4,7 @@ numbers match the lab's record, reference rows are exact, and the results are wr
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -28,6 +29,19 @@ def test_harness_own_adapter_matches_the_lab_record(tiny_lab):
         assert harness.own_metrics[task]["loss"] == pytest.approx(recorded["loss"], rel=1e-4)
     same = harness.score(harness.own[harness.tasks[0]], harness.tasks[:1])
     assert same["mean_gap"] == pytest.approx(1.0, abs=1e-4)
+    assert same["pooled_gap"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_pooled_gap_weights_tasks_by_the_gap_they_can_close():
+    from types import SimpleNamespace
+
+    metrics = lambda a, b: {"a": {"accuracy": a}, "b": {"accuracy": b}}  # noqa: E731
+    harness = SimpleNamespace(base_metrics=metrics(0.5, 0.70), own_metrics=metrics(0.6, 0.72))
+    fused = {"a": {"fused": {"accuracy": 0.6}}, "b": {"fused": {"accuracy": 0.70}}}
+    # Per-task G is 1 and 0 (mean 0.5); the pooled one counts task a's larger closable gap.
+    pooled = SuiteHarness._pooled(harness, fused, "accuracy", lower_is_better=False)
+    assert pooled == pytest.approx(0.10 / 0.12)
+    assert SuiteHarness._pooled(harness, fused, "accuracy", lower_is_better=True) is None
 
 
 @pytest.mark.slow
@@ -62,3 +76,32 @@ def test_baselines_run_and_write_results(tiny_lab, tmp_path):
         assert summary["cat"]["mean_loss"] == pytest.approx(summary["task_arithmetic"]["mean_loss"], rel=1e-4)
     assert stored["suites"]["encoder"]["primary_gap"] == "gap_accuracy"
     assert results["seed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, ray_session):
+    # The paper's recipe end to end: task vectors from k support examples (Ray Data), an F-VAE
+    # meta-trained on them (Ray Train), and the unseen tasks conditioned on vectors from their
+    # own examples at fusion time.
+    import benchmarks.fusion_quality as fusion_quality
+    import benchmarks.quality.icm as icm_module
+
+    lab_dir, _ = tiny_lab
+    monkeypatch.setattr(icm_module, "CACHE", tmp_path / "fvae")
+    monkeypatch.setattr(icm_module, "TASK_VECTOR_K", 4)
+    training = dict(icm_module.SUITE_TRAINING["generative"])
+    training["train"] = {**training["train"], "steps": 4, "max_tasks": 2, "shots_per_task": 2}
+    monkeypatch.setitem(icm_module.SUITE_TRAINING, "generative", training)
+    monkeypatch.setitem(fusion_quality.REFINE_STEPS, "generative", 2)
+    args = ["--lab", str(lab_dir), "--suites", "generative", "--k", "2", "--sets", "1", "--fewshot-k", "0"]
+    args += ["--no-ceiling", "--methods", "task_arithmetic", "--task-vectors", "context"]
+    main([*args, "--name", "fq", "--out-dir", str(tmp_path)])
+    suite = json.loads((tmp_path / "fq.json").read_text())["suites"]["generative"]
+    assert suite["fvae"]["config"]["task_vectors"] == {"source": "context"}
+    artifact = json.loads((tmp_path / "fvae").glob("*/fvae/artifact.json").__next__().read_text())
+    assert artifact["task_vector_source"]["kind"] == "context"
+    assert set(artifact["tasks"]).isdisjoint(suite["unseen"])
+    summary = suite["by_k"]["2"]["summary"]
+    assert {"icm", "icm+refine+span"} <= set(summary)
+    assert all(math.isfinite(summary[row]["mean_loss"]) for row in ("icm", "icm+refine+span"))

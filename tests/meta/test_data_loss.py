@@ -104,3 +104,41 @@ def test_run_storage_keeps_an_object_store_query_after_the_path():
         == "s3://bucket/fvae/runs?region=us-east-1&endpoint_override=127.0.0.1:9000&scheme=http"
     )
     assert _storage_path("s3://bucket/fvae/?region=x") == "s3://bucket/fvae/runs?region=x"
+
+
+def test_data_loss_scores_each_task_with_the_fused_adapters_own_head(bert_spec, tmp_path):
+    # A LoRA and its classifier head are trained together: an episode that fuses adapter b must
+    # score it with b's head, not with the head of the task's first catalog adapter.
+    from engine.tasks import TaskDefinition, save_task, task_model
+    from tests.conftest import rewrite_weights
+    from tests.tasks.conftest import save_lora, sentiment_rows, write_jsonl
+
+    catalog = Catalog(tmp_path / "cat")
+    base = task_model(bert_spec).build_base()
+    ids = []
+    for seed, scale in ((3, 1.0), (4, 25.0)):
+        path = save_lora(
+            base,
+            tmp_path / f"a{seed}",
+            seed=seed,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+        )
+        rewrite_weights(
+            path, lambda t, s=scale: {k: (v * s if "classifier" in k else v) for k, v in t.items()}
+        )
+        ids += catalog.ingest([path], task="senti", base_model="tests/bert").added
+    examples = write_jsonl(tmp_path / "senti.jsonl", sentiment_rows(40))
+    save_task(
+        catalog, TaskDefinition(name="senti", model=bert_spec, examples=str(examples), split={"eval": 8})
+    )
+    layout = catalog.layout()
+    loss = data_fusion_loss(cfg(catalog.uri, tmp_path, shots_per_task=100), layout, ["senti"], seed=0)
+    flat = to_flat(to_canonical(catalog.load_adapter(ids[1]), layout))
+    first_head, own_head = (float(loss(flat, ("senti",), (i,))) for i in ids)
+    assert first_head != pytest.approx(own_head, rel=1e-3)
+    assert float(loss(flat, ("senti",))) == pytest.approx(first_head, rel=1e-5)  # no ids: the task's head
+    fixed = data_fusion_loss(
+        cfg(catalog.uri, tmp_path, shots_per_task=100, heads="task"), layout, ["senti"], 0
+    )
+    assert float(fixed(flat, ("senti",), (ids[1],))) == pytest.approx(first_head, rel=1e-5)

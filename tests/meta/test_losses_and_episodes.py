@@ -89,7 +89,7 @@ def test_anchored_episode_fusion_cannot_be_met_by_a_decoder_that_ignores_its_inp
     model.decode = lambda z, cond: memorised.expand(z.shape[0], -1) + 0 * z.sum()
     seen = []
 
-    def data_loss(fused, tasks):
+    def data_loss(fused, tasks, ids):
         factors = unflatten(fused, LAYOUT) if isinstance(fused, torch.Tensor) else fused
         seen.append([B @ A for A, B in factors])
         return sum(d.sum() for d in seen[-1]) * 0

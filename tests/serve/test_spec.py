@@ -63,9 +63,11 @@ def test_malformed_model_fields_are_refused_with_a_status(model, status):
 
 def test_config_lists_every_fault_at_once(tmp_path):
     with pytest.raises(ServeConfigError) as info:
-        ServeConfig.from_args({"catalog": str(tmp_path / "none"), "cache_size": 0, "batching": "x"})
+        ServeConfig.from_args(
+            {"catalog": str(tmp_path / "none"), "cache_size": 0, "batching": "x", "icm_cache_mib": -1}
+        )
     message = str(info.value)
-    for fault in ("base_model", "tokenizer", "cache_size", "batching"):
+    for fault in ("base_model", "tokenizer", "cache_size", "batching", "icm_cache_mib"):
         assert fault in message
     with pytest.raises(ServeConfigError) as info:
         ServeConfig.from_args({"catalog": "/no/cat", "base_model": "/no/base", "tokenizer": "/no/tok"})
@@ -77,6 +79,7 @@ def test_token_from_env_wins(monkeypatch, tmp_path):
         {"catalog": "c", "base_model": "b", "tokenizer": "t", "auth_token": "cfg"}, check_paths=False
     )
     assert config.resolved_token() == "cfg"
+    assert config.icm_cache_mib == 256  # per-replica icm input encodings on by default
     monkeypatch.setenv("ICMF_SERVE_TOKEN", "env")
     assert config.resolved_token() == "env"
 

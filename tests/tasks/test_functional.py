@@ -125,6 +125,19 @@ def test_objective_from_catalog_split_and_sampling(lab_catalog):
         objective.loss(flat, ["sort"])
 
 
+def test_objective_from_catalog_reads_the_chosen_split(lab_catalog):
+    # Meta-training scores the train split so that fusion-time few shots (support) stay unseen.
+    catalog = lab_catalog.catalog
+    layout = catalog.layout()
+    support = FewShotObjective.from_catalog(catalog, ["copy"], layout)
+    train = FewShotObjective.from_catalog(catalog, ["copy"], layout, split="train")
+    definition = load_task(catalog, "copy")
+    splits = load_task_examples(definition, catalog)
+    assert train.shots["copy"].count == splits.train.num_rows > 0
+    rows = lambda o: {tuple(r.tolist()) for r in o.shots["copy"].batch["input_ids"]}  # noqa: E731
+    assert not rows(train) & rows(support)
+
+
 def test_predefined_split_column(lab_spec, tmp_path, lab_catalog):
     rows = [
         {"prompt": "<copy> 1 <sep>", "completion": "1", "split": s} for s in ["train", "support", "eval"] * 3

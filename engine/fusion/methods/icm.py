@@ -12,6 +12,10 @@ The result is written back as a LoRA over the union of the inputs' modules, opti
 to ``rank`` exactly.
 
 Needs ``context["fvae"]``: an :class:`engine.meta.artifact.FVAEArtifact` (CLI: ``--model DIR``).
+Optional ``context["icm_inputs_cache"]``: an :class:`engine.fusion.icm_inputs.IcmInputsCache`
+that keeps each input's encoding across fusions (a server fusing new weights over the same
+adapters then pays only for the latent combination, one decode and the anchored assembly);
+results are bit-identical with and without it.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ from typing import Literal
 import pydantic
 import torch
 
-from engine.adapters.codec import to_canonical, to_flat, unflatten
+from engine.adapters.codec import unflatten
 from engine.adapters.lora import LoraAdapter, LoraModule
+from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY, IcmInputsCache, encode_inputs
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
-from engine.fvae.latent import anchored_factors, fuse_latents, residual_weights
-from engine.meta.taskvec import project
-from engine.tasks.functional import adapter_factors
+from engine.fvae.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 
 
 class IcmParams(pydantic.BaseModel):
@@ -66,6 +69,25 @@ class IcmParams(pydantic.BaseModel):
         description="add the input adapters' exact deltas with refined weights (output rank grows by "
         "the inputs' ranks unless `rank` truncates)",
     )
+    familiarity_gate: bool = pydantic.Field(
+        True,
+        description="anchored only: scale the F-VAE's displacement by how well it reconstructs the "
+        "least familiar input (1 for adapters like its training ones, 0 for ones it cannot represent, "
+        "such as adapters of tasks it never saw), so on unfamiliar inputs it falls back towards task "
+        "arithmetic instead of pulling them towards the tasks it was trained on (off by default "
+        "only for an F-VAE whose artifact records no training reconstruction error)",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _gate_needs_anchor(self) -> IcmParams:
+        explicit = "familiarity_gate" in self.model_fields_set
+        if self.familiarity_gate and not self.anchor and explicit:
+            raise ValueError("familiarity_gate scales the anchored displacement: it needs anchor: true")
+        return self
+
+    @property
+    def gated(self) -> bool:
+        return self.familiarity_gate and self.anchor
 
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
@@ -75,33 +97,40 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     if artifact is None:
         raise FusionConfigError("icm needs a trained F-VAE: pass --model DIR (the output of `icmf train`)")
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    gauge = bool(artifact.meta.get("gauge", True))
-    canon = [to_canonical(a, layout, gauge=gauge) for a in inputs.adapters]
-    x = torch.stack([to_flat(c) for c in canon])  # [K, N]
-    xn = normalizer.normalize(x)
-    tasks = inputs.tasks or [f"input{i}" for i in range(len(canon))]
-    cond = torch.stack([_task_vector(t, xn[i], artifact, inputs, params) for i, t in enumerate(tasks)])
+    model.eval()
+    tasks = inputs.tasks or [f"input{i}" for i in range(len(inputs.adapters))]
+    # The per-input half (canonical form, condition, encode, decode of mu, exact factors) is the
+    # same whatever the other inputs and weights are: a server reuses it across specs.
+    encoded = encode_inputs(
+        artifact,
+        inputs.adapters,
+        tasks,
+        inputs.context.get("task_vectors"),
+        params.task_vectors,
+        _inputs_cache(inputs),
+    )
+    mu = torch.stack([e.mu for e in encoded])  # [K, latent]
+    cond = torch.stack([e.cond for e in encoded])  # [K, d]
+    masks = torch.stack([e.mask for e in encoded])  # [K, M]
+    decoded = torch.stack([e.decoded for e in encoded]) if params.anchor else None  # [K, N]
+    inputs_factors = [list(e.factors) for e in encoded]
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
-    masks = torch.stack([c.mask for c in canon])  # [K, M]
-    inputs_factors = [adapter_factors(a, layout) for a in inputs.adapters]
-    with torch.no_grad():
-        model.eval()
-        mu, _ = model.encode(xn, cond)
-        z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
-        codes, conds = (
-            (torch.cat([mu, z_f[None]]), torch.cat([cond, v_f[None]]))
-            if params.anchor
-            else (z_f[None], v_f[None])
-        )
-        out = normalizer.denormalize(model.decode(codes, conds))  # one pass: [K+1 or 1, N]
-        decoded, fused = (out[:-1], out[-1]) if params.anchor else (None, out[0])
-        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params)
     details: dict = {}
+    gate = 1.0
+    if params.gated:
+        gate, details["familiarity"] = _familiarity_gate(
+            encoded, alpha, artifact, required="familiarity_gate" in params.model_fields_set
+        )
+    with torch.no_grad():
+        z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
+        fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
+        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params, gate)
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
-        factors, details = refine_latent(
-            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks
+        factors, refined = refine_latent(
+            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks, gate
         )
+        details.update(refined)
     mask = masks.any(dim=0)
     modules = {}
     for spec, (A, B) in zip(layout.modules, factors, strict=True):
@@ -117,48 +146,57 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     return adapter
 
 
-def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams):
+def _inputs_cache(inputs: FusionInputs) -> IcmInputsCache | None:
+    cache = inputs.context.get(CACHE_CONTEXT_KEY)
+    if cache is not None and not isinstance(cache, IcmInputsCache):
+        raise FusionConfigError(
+            f"context[{CACHE_CONTEXT_KEY!r}] must be an engine.fusion.icm_inputs.IcmInputsCache, "
+            f"got {type(cache).__name__}"
+        )
+    return cache
+
+
+def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams, gate=1.0):
     """Per-module factors of the decoded fused adapter: anchored on the inputs (default; see
-    :func:`engine.fvae.latent.anchored_factors`) or the decoder's absolute output."""
+    :func:`engine.fvae.latent.anchored_factors`), its displacement scaled by ``gate``, or the
+    decoder's absolute output."""
     if decoded is None:
         return unflatten(fused, layout)
     residual = residual_weights(weights, len(inputs_factors), params.combine, fused)
+    if gate != 1.0:  # gate * (D(z_f) - sum_t w_t D(mu_t)) + sum_t w_t dW_t
+        fused, decoded = fused * gate, decoded * gate
     return anchored_factors(fused, decoded, inputs_factors, masks, residual, layout)
+
+
+def _familiarity_gate(encoded, alpha: torch.Tensor, artifact, required: bool) -> tuple[float, dict]:
+    """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
+    (:func:`engine.fvae.latent.familiarity`, against the reconstruction error the F-VAE reached in
+    meta-training: its artifact's last reported ``recon``). The lowest, not a mean: the fused code
+    ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
+    reference = (artifact.meta.get("metrics") or {}).get("recon")
+    if reference is None and not required:  # the default on an artifact without the figure
+        return 1.0, {"gate": 1.0, "reference_error": None}
+    if reference is None:
+        raise FusionConfigError(
+            "familiarity_gate needs the F-VAE's training reconstruction error (metrics.recon in its "
+            "artifact.json); this artifact has none: retrain it with `icmf train`"
+        )
+    errors = torch.tensor([e.recon_error for e in encoded])
+    known = familiarity(errors, float(reference))
+    weighted = known[alpha != 0]
+    gate = float(weighted.min()) if weighted.numel() else 1.0
+    return gate, {"gate": gate, "recon_errors": errors.tolist(), "reference_error": float(reference)}
 
 
 def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove rank components that add nothing (a zero row of ``A`` or zero column of ``B``, e.g.
     the layout's rank padding); at least one component stays."""
     keep = (A.abs().sum(dim=1) > 0) & (B.abs().sum(dim=0) > 0)
+    if bool(keep.all()):  # the common case (anchored factors): no gather, no copy of fresh tensors
+        return A.contiguous(), B.contiguous()
     if not bool(keep.any()):
         keep[0] = True
     return A[keep].clone(), B[:, keep].clone()
-
-
-def _task_vector(
-    task: str, xn: torch.Tensor, artifact, inputs: FusionInputs, params: IcmParams
-) -> torch.Tensor:
-    """The condition of one input: the vector meta-training used for the task; else one given in
-    ``context["task_vectors"]`` (e.g. computed now from k in-context examples of an unseen task);
-    else, for an F-VAE trained on adapter-derived vectors, the projection of the adapter itself."""
-    source = artifact.meta.get("task_vector_source", {})
-    cond_dim = artifact.model.config.cond_dim
-    given = inputs.context.get("task_vectors") or {}
-    if params.task_vectors == "trained" and task in artifact.task_vectors:
-        return artifact.task_vectors[task]
-    if task in given:
-        vector = torch.as_tensor(given[task], dtype=torch.float32).flatten()
-        if vector.numel() != cond_dim:
-            raise FusionConfigError(
-                f"task vector of {task!r} has {vector.numel()} values; this F-VAE is conditioned on {cond_dim}"
-            )
-        return vector
-    if source.get("kind", "adapter_projection") == "adapter_projection":
-        return project(xn, int(source.get("dim", cond_dim)), int(source.get("seed", 0)))
-    raise FusionConfigError(
-        f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
-        "from k examples with `icmf taskvec --task ...` (or pass context['task_vectors'])"
-    )
 
 
 def _objective(inputs: FusionInputs, layout, tasks: list[str]):
@@ -182,7 +220,18 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
 
 
 def refine_latent(
-    model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded=None, masks=None
+    model,
+    normalizer,
+    mu,
+    cond,
+    alpha,
+    objective,
+    tasks,
+    params,
+    inputs_factors,
+    decoded=None,
+    masks=None,
+    gate: float = 1.0,
 ):
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
@@ -225,7 +274,7 @@ def refine_latent(
         z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
         z_f, v_f = z_f + residual, v_f + cond_residual
         fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
-        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params)
+        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params, gate)
         if params.refine_span:
             candidate = _with_span(candidate, inputs_factors, beta)
         support = fit.loss(candidate, tasks)

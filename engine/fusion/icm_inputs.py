@@ -1,0 +1,212 @@
+"""The per-input half of ``icm`` fusion, and a cache that reuses it across fusion specs (pure
+torch; no Ray, no I/O).
+
+For one F-VAE and one input adapter, everything ICM-Fusion derives from that adapter alone —
+its canonical normalised vector, its condition (task vector), the posterior mean ``mu``, the
+decoded reconstruction ``D(mu)`` and the adapter's exact factors — depends on neither the other
+inputs nor the fusion weights. :func:`encode_input` computes it once as a frozen
+:class:`EncodedInput`; only the latent combination, the decode of the fused code and the
+anchored assembly are left per fusion spec (:mod:`engine.fusion.methods.icm`).
+
+A server that fuses new weights over the same catalog adapters passes an
+:class:`IcmInputsCache` as ``context["icm_inputs_cache"]``: a thread-safe, byte-bounded LRU
+keyed by content — the F-VAE's fingerprint, the adapter's sha256 and where its condition comes
+from (a training task's vector, a given vector's sha256, or the adapter-derived projection).
+Each input is encoded on its own (a batch of one) with or without the cache, so a cached result
+is bit-identical to a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from engine.adapters.codec import to_canonical, to_flat
+from engine.adapters.lora import LoraAdapter
+from engine.digest import update_with_tensor
+from engine.fusion.registry import FusionConfigError
+from engine.fvae.latent import relative_error
+from engine.lru import ByteBoundedLRU
+from engine.meta.step import slot_mask
+from engine.meta.taskvec import project
+from engine.tasks.functional import adapter_factors
+
+CACHE_CONTEXT_KEY = "icm_inputs_cache"  # FusionInputs.context key of an IcmInputsCache
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+TaskVectorMode = Literal["trained", "adapter"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Where one input's condition (task vector) comes from, resolved before any encoding.
+
+    Attributes:
+        kind: ``trained`` (meta-training's vector of the task), ``given`` (passed in the fusion
+            context) or ``projection`` (derived from the adapter itself).
+        key: what identifies the vector besides the F-VAE and the adapter: the task name
+            (``trained``), the vector's sha256 (``given``), ``""`` (``projection``: the
+            adapter and the F-VAE's projection settings determine it).
+        vector: ``[d]`` the vector itself, except for ``projection`` (``None``).
+    """
+
+    kind: Literal["trained", "given", "projection"]
+    key: str
+    vector: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    """Everything ``icm`` takes from one input adapter (the F-VAE's layout, ``M`` modules).
+
+    Attributes:
+        cond: ``[d]`` the condition the adapter was encoded with.
+        mu: ``[latent]`` posterior mean of the adapter.
+        decoded: ``[N]`` de-normalised reconstruction ``D(mu, cond)``.
+        mask: ``[M]`` bool, the modules the adapter targets.
+        factors: per layout module the exact ``(A [r, d_in], s·B [d_out, r])``
+            (:func:`engine.tasks.functional.adapter_factors`).
+        recon_error: the F-VAE's relative squared reconstruction error of the adapter in
+            normalised space, over the slots it occupies (:func:`engine.fvae.latent.relative_error`):
+            about the training level for an adapter like those it was trained on, about 1 for one
+            it cannot represent.
+
+    Never written in place: cached entries are shared between fusions.
+    """
+
+    cond: torch.Tensor
+    mu: torch.Tensor
+    decoded: torch.Tensor
+    mask: torch.Tensor
+    factors: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    recon_error: float = float("nan")
+
+    def nbytes(self) -> int:
+        tensors = [self.cond, self.mu, self.decoded, self.mask, *(t for f in self.factors for t in f)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskVectorMode) -> Condition:
+    """The condition source of an input of ``task``: meta-training's vector of the task (unless
+    ``mode`` is ``adapter``); else one in ``given`` (e.g. computed now from k in-context examples
+    of an unseen task); else, for an F-VAE trained on adapter-derived vectors, the projection of
+    the adapter itself.
+
+    Raises:
+        FusionConfigError: a given vector of the wrong size, or no source at all.
+    """
+    cond_dim = artifact.model.config.cond_dim
+    if mode == "trained" and task in artifact.task_vectors:
+        return Condition("trained", task, artifact.task_vectors[task])
+    if task in given:
+        vector = torch.as_tensor(given[task], dtype=torch.float32).flatten()
+        if vector.numel() != cond_dim:
+            raise FusionConfigError(
+                f"task vector of {task!r} has {vector.numel()} values; this F-VAE is conditioned on {cond_dim}"
+            )
+        digest = hashlib.sha256()
+        update_with_tensor(digest, "given", vector)
+        return Condition("given", digest.hexdigest(), vector)
+    source = artifact.meta.get("task_vector_source", {})
+    if source.get("kind", "adapter_projection") == "adapter_projection":
+        return Condition("projection", "")
+    raise FusionConfigError(
+        f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
+        "from k examples with `icmf taskvec --task ...` (or pass context['task_vectors'])"
+    )
+
+
+def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch.Tensor:
+    """``[d]`` the condition of the normalised adapter ``xn [N]``."""
+    if condition.vector is not None:
+        return condition.vector
+    source = artifact.meta.get("task_vector_source", {})
+    dim = int(source.get("dim", artifact.model.config.cond_dim))
+    return project(xn, dim, int(source.get("seed", 0)))
+
+
+def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
+    """Encode one adapter with the F-VAE of ``artifact`` (an :class:`engine.meta.artifact.FVAEArtifact`
+    whose model is in eval mode) and decode its posterior mean, as a batch of one.
+
+    Raises:
+        AdapterError: the adapter does not fit the F-VAE's layout.
+    """
+    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
+    canonical = to_canonical(adapter, layout, gauge=bool(artifact.meta.get("gauge", True)))
+    xn = normalizer.normalize(to_flat(canonical))  # [N]
+    cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
+    with torch.no_grad():
+        mu, _ = model.encode(xn[None], cond)  # [1, latent]
+        reconstruction = model.decode(mu, cond)  # [1, N], normalised
+        decoded = normalizer.denormalize(reconstruction)
+    error = relative_error(reconstruction[0], xn, slot_mask(canonical.mask[None], layout)[0])
+    # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
+    factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
+    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error)
+
+
+def adapter_digest(adapter: LoraAdapter) -> str:
+    """sha256 of what :func:`encode_input` reads from an adapter: every module's name, factors
+    and scaling (not its config, source or ``modules_to_save`` weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(adapter.modules):
+        module = adapter.modules[name]
+        digest.update(f"{name}:{float(module.scaling)!r};".encode())
+        update_with_tensor(digest, "A", module.A)
+        update_with_tensor(digest, "B", module.B)
+    return digest.hexdigest()
+
+
+class IcmInputsCache:
+    """Thread-safe, byte-bounded LRU of :class:`EncodedInput` entries, shareable across F-VAEs.
+
+    Keyed by ``(F-VAE fingerprint, adapter sha256, condition kind, condition key)``, so a
+    different F-VAE, adapter, task-vector mode or given vector never hits another's entry.
+
+    Args:
+        max_bytes: bytes of entries kept (least recently used go first; 0 keeps nothing).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self._lru = ByteBoundedLRU(max_bytes)
+
+    @staticmethod
+    def key(artifact, adapter: LoraAdapter, condition: Condition) -> tuple[str, str, str, str]:
+        return (artifact.fingerprint, adapter_digest(adapter), condition.kind, condition.key)
+
+    def encode(self, artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
+        """The cached encoding of ``adapter`` under ``condition``, computed on a miss."""
+        key = self.key(artifact, adapter, condition)
+        entry = self._lru.get(key)
+        if entry is None:
+            entry = encode_input(artifact, adapter, condition)
+            self._lru.put(key, entry, entry.nbytes())
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def describe(self) -> dict[str, int]:
+        """Entries, bytes, capacity, hits, misses (for health endpoints and tests)."""
+        return self._lru.describe()
+
+
+def encode_inputs(
+    artifact,
+    adapters: Sequence[LoraAdapter],
+    tasks: Sequence[str],
+    given: Mapping[str, Any] | None = None,
+    mode: TaskVectorMode = "trained",
+    cache: IcmInputsCache | None = None,
+) -> list[EncodedInput]:
+    """:func:`encode_input` of every adapter (through ``cache`` when given), conditions resolved
+    by :func:`resolve_condition`; ``tasks`` has one name per adapter."""
+    conditions = [resolve_condition(t, artifact, given or {}, mode) for t in tasks]
+    if cache is None:
+        return [encode_input(artifact, a, c) for a, c in zip(adapters, conditions, strict=True)]
+    return [cache.encode(artifact, a, c) for a, c in zip(adapters, conditions, strict=True)]

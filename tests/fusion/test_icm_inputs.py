@@ -1,0 +1,251 @@
+"""The ``icm`` per-input cache: same bits with and without it, and never another F-VAE's,
+adapter's or condition's entry (pure torch, milliseconds)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from engine.adapters import LoraAdapter, LoraModule
+from engine.adapters.layout import Layout
+from engine.fusion import FusionConfigError, fuse_adapters
+from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY, IcmInputsCache, adapter_digest
+from engine.fvae.config import FVAEConfig
+from engine.fvae.model import FVAE
+from engine.fvae.normalize import SlotNormalizer
+from engine.meta.artifact import FVAEArtifact
+
+COND_DIM = 4
+
+
+def _adapter(ranks: dict[str, int], seed: int, scaling: float = 0.5) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        n: LoraModule(torch.randn(r, 10, generator=g), torch.randn(12, r, generator=g), scaling)
+        for n, r in ranks.items()
+    }
+    return LoraAdapter(modules, {"peft_type": "LORA", "r": 1, "lora_alpha": 1})
+
+
+ADAPTERS = [_adapter({"q": 2, "v": 3}, 0), _adapter({"q": 3}, 1), _adapter({"v": 1, "q": 1}, 2)]
+TASKS = ["seen", "unseen_a", "unseen_b"]
+LAYOUT = Layout.from_adapters(ADAPTERS, base_model="m")
+
+
+def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
+    """A small conv F-VAE with a non-trivial normaliser; ``seen`` has a training task vector,
+    the other tasks get the adapter-derived projection."""
+    torch.manual_seed(seed)
+    config = FVAEConfig(
+        input_dim=LAYOUT.size, cond_dim=COND_DIM, depth=3, channels=2, max_channels=4, latent_dim=8
+    )
+    g = torch.Generator().manual_seed(seed + 100)
+    normalizer = SlotNormalizer(
+        mean_shift * torch.randn(LAYOUT.size, generator=g), 0.5 + torch.rand(LAYOUT.size, generator=g)
+    )
+    vectors = {"seen": torch.randn(COND_DIM, generator=g)}
+    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": COND_DIM, "seed": 0}}
+    return FVAEArtifact(FVAE(config).eval(), normalizer, LAYOUT, vectors, meta)
+
+
+SPECS = [  # (input indices, weights, params): new weights over the same inputs, as a server sees
+    ([0, 1], [0.5, 0.5], {}),
+    ([0, 1], [0.3, 0.9], {}),
+    ([1, 0], [0.9, 0.3], {"combine": "sum"}),
+    ([0, 1, 2], [0.2, 0.3, 0.5], {"rank": 3}),
+    ([2], [1.0], {}),
+    ([0, 2], [0.6, 0.4], {"anchor": False}),
+    ([0, 2], [0.4, 0.7], {"task_vectors": "adapter", "project": False}),
+]
+
+
+def _fuse(artifact, spec, cache=None, **context):
+    idx, weights, params = spec
+    if cache is not None:
+        context[CACHE_CONTEXT_KEY] = cache
+    result = fuse_adapters(
+        [ADAPTERS[i] for i in idx],
+        "icm",
+        weights,
+        params,
+        tasks=[TASKS[i] for i in idx],
+        context={"fvae": artifact, **context},
+    )
+    return result.adapter
+
+
+def _assert_same_bits(a: LoraAdapter, b: LoraAdapter) -> None:
+    assert a.modules.keys() == b.modules.keys()
+    for name in a.modules:
+        assert torch.equal(a.modules[name].A, b.modules[name].A), name
+        assert torch.equal(a.modules[name].B, b.modules[name].B), name
+
+
+def _count_encodes(artifact) -> list[int]:
+    calls = [0]
+    encode = artifact.model.encode
+
+    def counted(x, cond):
+        calls[0] += x.shape[0]
+        return encode(x, cond)
+
+    artifact.model.encode = counted
+    return calls
+
+
+def test_cached_fusion_is_bit_identical_and_encodes_each_input_once():
+    artifact = _artifact()
+    fresh = [_fuse(artifact, spec) for spec in SPECS]
+    cache = IcmInputsCache()
+    calls = _count_encodes(artifact)
+    for _ in range(2):  # first pass: misses (then hits within it), second pass: all hits
+        for spec, expected in zip(SPECS, fresh, strict=True):
+            _assert_same_bits(_fuse(artifact, spec, cache), expected)
+    # three adapters under their 'trained' conditions, then adapter 0 ('seen') again under the
+    # adapter-derived one (the unseen tasks' conditions are that projection in either mode): 4
+    assert calls[0] == len(cache) == 4
+    stats = cache.describe()
+    assert stats["misses"] == 4 and stats["hits"] == 2 * sum(len(s[0]) for s in SPECS) - 4
+
+
+def test_a_different_fvae_never_hits_another_ones_entries():
+    first, second = _artifact(seed=0), _artifact(seed=1)
+    assert first.fingerprint != second.fingerprint
+    cache = IcmInputsCache()
+    spec = SPECS[0]
+    a = _fuse(first, spec, cache)
+    b = _fuse(second, spec, cache)
+    _assert_same_bits(b, _fuse(second, spec))
+    assert not torch.equal(a.modules["q"].B, b.modules["q"].B)
+    assert cache.describe()["misses"] == 4  # two inputs for each F-VAE
+    # The fingerprint covers the normaliser too: same weights, other statistics.
+    shifted = _artifact(seed=0, mean_shift=0.2)
+    assert shifted.fingerprint != first.fingerprint
+    _assert_same_bits(_fuse(shifted, spec, cache), _fuse(shifted, spec))
+
+
+def test_task_vector_mode_and_given_vectors_key_their_own_entries():
+    artifact = _artifact()
+    cache = IcmInputsCache()
+    trained, derived = (([0, 1], [0.5, 0.5], {"task_vectors": mode}) for mode in ("trained", "adapter"))
+    by_trained = _fuse(artifact, trained, cache)
+    by_adapter = _fuse(artifact, derived, cache)
+    _assert_same_bits(by_trained, _fuse(artifact, trained))
+    _assert_same_bits(by_adapter, _fuse(artifact, derived))
+    assert not torch.equal(by_trained.modules["q"].B, by_adapter.modules["q"].B)
+    # A vector passed in the context for an unseen task: its content is part of the key.
+    given = [{"unseen_a": torch.full((COND_DIM,), v)} for v in (1.0, -1.0)]
+    one, two = (_fuse(artifact, SPECS[0], cache, task_vectors=g) for g in given)
+    _assert_same_bits(one, _fuse(artifact, SPECS[0], task_vectors=given[0]))
+    _assert_same_bits(two, _fuse(artifact, SPECS[0], task_vectors=given[1]))
+    assert not torch.equal(one.modules["q"].B, two.modules["q"].B)
+
+
+def test_keys_are_content_addressed():
+    copy = LoraAdapter(
+        {n: LoraModule(m.A.clone(), m.B.clone(), m.scaling) for n, m in ADAPTERS[0].modules.items()}, {}
+    )
+    assert adapter_digest(copy) == adapter_digest(ADAPTERS[0])  # another object, same content
+    rescaled = LoraAdapter({n: LoraModule(m.A, m.B, 0.7) for n, m in ADAPTERS[0].modules.items()}, {})
+    assert adapter_digest(rescaled) != adapter_digest(ADAPTERS[0])
+    edited = LoraAdapter(dict(ADAPTERS[0].modules), {})
+    edited.modules["v"] = LoraModule(ADAPTERS[0].modules["v"].A + 1e-3, ADAPTERS[0].modules["v"].B, 0.5)
+    assert adapter_digest(edited) != adapter_digest(ADAPTERS[0])
+
+
+def test_byte_bound_and_threads_keep_results_exact():
+    artifact = _artifact()
+    fresh = [_fuse(artifact, spec) for spec in SPECS]
+    one_entry = IcmInputsCache(max_bytes=0)
+    for spec, expected in zip(SPECS, fresh, strict=True):
+        _assert_same_bits(_fuse(artifact, spec, one_entry), expected)
+    assert len(one_entry) == 0  # nothing fits: every fusion encodes afresh, same bits
+    small = IcmInputsCache(max_bytes=int(1.5 * _entry_bytes(artifact)))
+    for spec, expected in zip(SPECS, fresh, strict=True):
+        _assert_same_bits(_fuse(artifact, spec, small), expected)
+    assert len(small) == 1 and small.describe()["bytes"] <= small.describe()["capacity"]
+    shared = IcmInputsCache()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda s: _fuse(artifact, s, shared), SPECS * 3))
+    for got, expected in zip(results, fresh * 3, strict=True):
+        _assert_same_bits(got, expected)
+
+
+def _entry_bytes(artifact) -> int:
+    cache = IcmInputsCache()
+    _fuse(artifact, ([0], [1.0], {}), cache)
+    return cache.describe()["bytes"]
+
+
+def test_a_wrong_cache_object_is_refused():
+    with pytest.raises(FusionConfigError, match="IcmInputsCache"):
+        _fuse(_artifact(), SPECS[0], cache={})
+
+
+def test_per_input_encoding_matches_the_batched_formula():
+    """The factored icm (one input at a time) computes what the batched formula does: encode
+    every input in one batch, decode ``[mu; z_f]`` in one pass, anchor on the inputs."""
+    from engine.adapters.codec import to_canonical, to_flat
+    from engine.fvae.latent import anchored_factors, fuse_latents
+    from engine.meta.taskvec import project
+    from engine.tasks.functional import adapter_factors
+
+    artifact, weights = _artifact(), torch.tensor([0.2, 0.3, 0.5])
+    model, normalizer = artifact.model, artifact.normalizer
+    canon = [to_canonical(a, LAYOUT, gauge=True) for a in ADAPTERS]
+    xn = normalizer.normalize(torch.stack([to_flat(c) for c in canon]))  # [K, N]
+    cond = torch.stack(
+        [artifact.task_vectors["seen"], project(xn[1], COND_DIM, 0), project(xn[2], COND_DIM, 0)]
+    )
+    with torch.no_grad():
+        mu, _ = model.encode(xn, cond)
+        z_f, v_f = fuse_latents(mu, cond, weights)
+        out = normalizer.denormalize(model.decode(torch.cat([mu, z_f[None]]), torch.cat([cond, v_f[None]])))
+    masks = torch.stack([c.mask for c in canon])
+    expected = anchored_factors(
+        out[-1], out[:-1], [adapter_factors(a, LAYOUT) for a in ADAPTERS], masks, weights, LAYOUT
+    )
+    fused = _fuse(artifact, ([0, 1, 2], weights.tolist(), {}), IcmInputsCache())
+    for spec, (A, B) in zip(LAYOUT.modules, expected, strict=True):
+        assert torch.allclose(fused.modules[spec.name].A, A, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(fused.modules[spec.name].B, B, rtol=1e-5, atol=1e-6)
+
+
+def _dense(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    return {n: m.scaling * m.B @ m.A for n, m in adapter.modules.items()}
+
+
+def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reconstruct():
+    from engine.fvae.latent import familiarity
+
+    assert familiarity(torch.tensor([0.1, 0.4, 0.7, 1.0, 1.5]), 0.4).tolist() == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
+    artifact = _artifact()  # untrained: reconstructs nothing (relative error >= ~1)
+    spec = ([0, 1], [0.5, 0.5], {"familiarity_gate": True})
+    artifact.meta["metrics"] = {"recon": 0.3}
+    gated = fuse_adapters(
+        [ADAPTERS[0], ADAPTERS[1]], "icm", [0.5, 0.5], spec[2], tasks=TASKS[:2], context={"fvae": artifact}
+    )
+    details = gated.provenance["details"]["familiarity"]
+    assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
+    want = {n: 0.5 * _dense(ADAPTERS[0]).get(n, 0) + 0.5 * _dense(ADAPTERS[1]).get(n, 0) for n in ("q", "v")}
+    for name, delta in _dense(gated.adapter).items():
+        torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
+    # An F-VAE that reconstructs as badly in training trusts its displacement fully: no gate.
+    artifact.meta["metrics"] = {"recon": 2.0}
+    _assert_same_bits(
+        _fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False}))
+    )
+    del artifact.meta["metrics"]
+    with pytest.raises(FusionConfigError, match="training reconstruction error"):
+        _fuse(artifact, spec)  # asked for explicitly; by default the gate is then off
+    _assert_same_bits(
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {})),
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False})),
+    )
+    with pytest.raises(FusionConfigError, match="needs anchor"):
+        _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": True, "anchor": False}))
+    _fuse(artifact, ([0, 1], [0.5, 0.5], {"anchor": False}))  # the default gate just does not apply
