@@ -19,7 +19,10 @@ Every Ray process runs with Ray Data's object-store budget bounded
 
 RSS is sampled every ``--sample-interval`` s in a background thread of the subprocess (driver =
 that process; workers = ``ray::*`` processes under its raylet). ``private`` = RSS minus resident
-shared pages (object-store pages a process touched count as shared).
+shared pages (object-store pages a process touched count as shared); ``shmem`` = resident shared
+memory (``RssShmem``: Ray's object store lives in /dev/shm), the part that is object-store pages.
+Training runs use the default ``train.data_split`` (disjoint shares); ``--split-check`` adds one
+run at the largest size with every worker streaming the whole catalog (``full``), for comparison.
 
 Results: ``<out-dir>/scale.json`` and ``<out-dir>/scale.png``. Run (about 10 minutes on 2 cores):
 ``.venv/bin/python -m benchmarks.scale``.
@@ -54,6 +57,18 @@ WINDOW_LINE = re.compile(r"\[icmf train\] step (\d+)/\d+ .* ([\d.]+) episodes/s"
 
 
 # ------------------------------------------------------------------------------------------ memory
+def shmem_bytes(pid: int) -> int:
+    """Resident shared memory of a process (``RssShmem``: object-store pages it has touched)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Sampler:
     """Peak RSS (and private RSS) of this process, of Ray Train workers and of other Ray workers."""
 
@@ -88,6 +103,7 @@ class Sampler:
         info = self.me.memory_info()
         self._keep("driver_rss", info.rss)
         self._keep("driver_private", info.rss - info.shared)
+        self._keep("driver_shmem", shmem_bytes(self.me.pid))
         sums = {"train": 0, "other": 0}
         for proc in _ray_workers(self.me):
             try:
@@ -97,6 +113,7 @@ class Sampler:
             kind = "train" if "TrainWorker" in title else "other"
             self._keep(f"{kind}_worker_rss", info.rss)
             self._keep(f"{kind}_worker_private", info.rss - info.shared)
+            self._keep(f"{kind}_worker_shmem", shmem_bytes(proc.pid))
             sums[kind] += info.rss
         for kind, total in sums.items():
             self._keep(f"{kind}_workers_rss_sum", total)
@@ -106,12 +123,12 @@ class Sampler:
 
 
 # ------------------------------------------------------------------------------------------ children
-def _start_ray(object_store_mib: int, eager_free: bool = False) -> None:
+def _start_ray(object_store_mib: int, eager_free: bool = False, store_size_mib: int = 0) -> None:
     import ray.data
 
     from engine._ray import ensure_ray
 
-    ensure_ray()
+    ensure_ray(object_store_bytes=store_size_mib * MIB or None)
     # Free each block from the object store as soon as the iterator has handed it out.
     ray.data.DataContext.get_current().eager_free = eager_free
     if object_store_mib:
@@ -123,7 +140,7 @@ def child_stream(args: argparse.Namespace) -> dict[str, Any]:
     from engine.catalog import Catalog
 
     catalog = Catalog(args.catalog)
-    _start_ray(args.object_store_mib, args.eager_free)
+    _start_ray(args.object_store_mib, args.eager_free, args.store_size_mib)
     result: dict[str, Any] = {"loadavg_before": os.getloadavg()}
     with Sampler(args.sample_interval) as sampler:
         t0 = time.perf_counter()
@@ -151,20 +168,23 @@ def train_config(args: argparse.Namespace, out: str) -> dict[str, Any]:
             "workers": args.workers,
             "max_tasks": 4,
             "fusion_loss": "proxy",
+            "data_split": args.data_split,
         },
     }
 
 
 def child_train(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.meta.artifact import FVAEArtifact
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
 
-    _start_ray(args.object_store_mib, args.eager_free)
+    _start_ray(args.object_store_mib, args.eager_free, args.store_size_mib)
     result: dict[str, Any] = {"loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="scale-train-") as out, Sampler(args.sample_interval) as sampler:
         t0 = time.perf_counter()
         train_fvae(load_config(train_config(args, out)))
         result["train_wall_s"] = time.perf_counter() - t0
+        result["data_split"] = FVAEArtifact.load(out).meta["data_split"]
     result.update(peak=sampler.mib(), driver_maxrss_mib=maxrss_bytes() / MIB)
     result["loadavg_after"] = os.getloadavg()
     return result
@@ -179,6 +199,12 @@ def spawn(kind: str, catalog: Path, args: argparse.Namespace, **extra: Any) -> d
         cmd += ["--sample-interval", str(args.sample_interval)]
         cmd += ["--object-store-mib", str(extra.get("object_store_mib", args.object_store_mib))]
         cmd += ["--workers", str(extra.get("workers", 1))] + (["--eager-free"] if args.eager_free else [])
+        cmd += [
+            "--data-split",
+            extra.get("data_split", "disjoint"),
+            "--store-size-mib",
+            str(args.store_size_mib),
+        ]
         repo = Path(__file__).resolve().parent.parent
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout, cwd=repo)
         if proc.returncode != 0 or not out.exists():
@@ -235,38 +261,67 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         run = spawn("train", path, args, workers=max(args.workers_list), object_store_mib=0)
         run.update(episodes_per_s(run.pop("stdout")))
         row["train_unbounded"] = run
+    if args.split_check and n == max(args.sizes):
+        print(f"  n={n:,}: training with every worker streaming the whole catalog ...", flush=True)
+        run = spawn("train", path, args, workers=max(args.workers_list), data_split="full")
+        run.update(episodes_per_s(run.pop("stdout")))
+        row["train_full_split"] = run
     if not args.keep_catalogs:
         shutil.rmtree(path, ignore_errors=True)
     return row
 
 
+PEAKS = {  # table column -> (phase, peak key)
+    "stream_driver_rss_mib": ("stream", "driver_rss_mib"),
+    "stream_driver_private_mib": ("stream", "driver_private_mib"),
+    "stream_driver_shmem_mib": ("stream", "driver_shmem_mib"),
+    "stream_worker_rss_mib": ("stream", "other_worker_rss_mib"),
+    "stream_worker_private_mib": ("stream", "other_worker_private_mib"),
+    "stream_worker_shmem_mib": ("stream", "other_worker_shmem_mib"),
+    "train_driver_rss_mib": ("train", "driver_rss_mib"),
+    "train_driver_private_mib": ("train", "driver_private_mib"),
+    "train_worker_rss_mib": ("train", "train_worker_rss_mib"),
+    "train_worker_private_mib": ("train", "train_worker_private_mib"),
+    "train_worker_shmem_mib": ("train", "train_worker_shmem_mib"),
+    "train_data_worker_rss_mib": ("train", "other_worker_rss_mib"),
+    "train_data_worker_private_mib": ("train", "other_worker_private_mib"),
+    "train_data_worker_shmem_mib": ("train", "other_worker_shmem_mib"),
+}
+
+
 def summarise(rows: list[dict[str, Any]], workers: list[int]) -> dict[str, Any]:
-    """The headline figures: RSS at each size, 10k/1k ratios, episodes/s per worker count."""
+    """The headline figures: memory at each size (training: the most workers), its ratio to the
+    smallest size, episodes/s per worker count, and what one training worker streamed."""
     table = []
     for row in rows:
         most = row["train"][str(max(workers))]
-        table.append(
-            {
-                "n": row["n"],
-                "ingest_s": round(row["ingest_s"], 1),
-                "stats_s": round(row["stream"]["stats_s"], 1),
-                "stream_s": round(row["stream"]["stream_s"], 1),
-                "stream_driver_rss_mib": row["stream"]["peak"].get("driver_rss_mib"),
-                "stream_worker_rss_mib": row["stream"]["peak"].get("other_worker_rss_mib"),
-                "train_driver_rss_mib": most["peak"].get("driver_rss_mib"),
-                "train_worker_rss_mib": most["peak"].get("train_worker_rss_mib"),
-                "train_worker_private_mib": most["peak"].get("train_worker_private_mib"),
-                "train_data_worker_rss_mib": most["peak"].get("other_worker_rss_mib"),
-                **{f"episodes_per_s_{w}w": round(row["train"][str(w)]["episodes_per_s"], 2) for w in workers},
-            }
-        )
-    small, large = table[0], table[-1]
-    ratios = {
-        key.removesuffix("_mib"): round(large[key] / small[key], 3)
-        for key in small
-        if key.endswith("_mib") and small[key]
+        phases = {"stream": row["stream"]["peak"], "train": most["peak"]}
+        entry = {
+            "n": row["n"],
+            "ingest_s": round(row["ingest_s"], 1),
+            "stats_s": round(row["stream"]["stats_s"], 1),
+            "stream_s": round(row["stream"]["stream_s"], 1),
+            **{column: phases[phase].get(key) for column, (phase, key) in PEAKS.items()},
+            **{f"episodes_per_s_{w}w": round(row["train"][str(w)]["episodes_per_s"], 2) for w in workers},
+        }
+        split = most.get("data_split") or {}
+        entry["rank0_streamed_adapters"] = sum((split.get("rank0_streamed") or {}).values()) or None
+        entry["rank0_pool_fill_s"] = round(split["rank0_fill_s"], 2) if "rank0_fill_s" in split else None
+        table.append(entry)
+    small = table[0]
+
+    def ratios(row: dict[str, Any]) -> dict[str, float]:
+        return {
+            key.removesuffix("_mib"): round(row[key] / small[key], 3)
+            for key in small
+            if key.endswith("_mib") and small[key] and row[key]
+        }
+
+    return {
+        "table": table,
+        "rss_ratio_largest_over_smallest": ratios(table[-1]),
+        "ratio_over_smallest": {str(row["n"]): ratios(row) for row in table[1:]},
     }
-    return {"table": table, "rss_ratio_largest_over_smallest": ratios}
 
 
 def plot(summary: dict[str, Any], workers: list[int], path: Path) -> None:
@@ -288,22 +343,32 @@ def plot(summary: dict[str, Any], workers: list[int], path: Path) -> None:
     x, width = np.arange(len(keys)), 0.8 / len(table)
     for i, row in enumerate(table):
         values = [row[k] or 0 for _, k in keys]
-        bars = left.bar(x + (i - (len(table) - 1) / 2) * width, values, width, label=f"{row['n']:,} adapters")
+        offset = x + (i - (len(table) - 1) / 2) * width
+        bars = left.bar(offset, values, width, color=f"C{i}", label=f"{row['n']:,} adapters")
         left.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=2)
+        # The private part (RSS minus shared pages): what does not come from the object store.
+        private = [row.get(k.replace("_rss_", "_private_")) or 0 for _, k in keys]
+        left.bar(offset, private, width, fill=False, hatch="//", edgecolor="black", linewidth=0)
     left.set_xticks(x, [name.replace(": ", ":\n") for name, _ in keys], fontsize=8)
-    left.set_ylabel("peak RSS (MiB)")
-    left.set_title("Peak RSS, 1k vs 10k adapters (flat = bounded)")
-    left.legend()
+    left.set_ylabel("peak RSS (MiB); hatched: private part")
+    left.set_ylim(0, 1.3 * max(row[k] or 0 for row in table for _, k in keys))
+    left.set_title("Peak RSS by catalog size (flat = bounded)")
+    left.legend(fontsize=8, loc="upper left")
     x, width = np.arange(len(workers)), 0.8 / len(table)
     for i, row in enumerate(table):
         values = [row[f"episodes_per_s_{w}w"] for w in workers]
         bars = right.bar(
-            x + (i - (len(table) - 1) / 2) * width, values, width, label=f"{row['n']:,} adapters"
+            x + (i - (len(table) - 1) / 2) * width,
+            values,
+            width,
+            color=f"C{i}",
+            label=f"{row['n']:,} adapters",
         )
         right.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=9, padding=2)
     right.set_xticks(x, [f"{w} Ray Train worker(s)" for w in workers])
     right.set_ylabel("episodes/s (median window)")
     right.set_title("Meta-training throughput on this machine")
+    right.set_ylim(0, 1.25 * max(row[f"episodes_per_s_{w}w"] for row in table for w in workers))
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -323,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--eager-free", action="store_true", help="DataContext.eager_free in every run")
     parser.add_argument("--unbounded-check", action="store_true", help="one more 10k run without the bound")
+    parser.add_argument(
+        "--split-check", action="store_true", help="one more run at the largest size with data_split: full"
+    )
+    parser.add_argument(
+        "--store-size-mib",
+        type=int,
+        default=0,
+        help="Ray's object store size (0: Ray's default, 30%% of RAM)",
+    )
     parser.add_argument("--sample-interval", type=float, default=0.2)
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -333,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--data-split", default="disjoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         run = child_stream if args.child == "stream" else child_train

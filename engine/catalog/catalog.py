@@ -536,12 +536,13 @@ class Catalog:
         task: str | None = None,
         rows_per_block: int = 256,
         columns: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
     ):
         """A ``ray.data.Dataset`` of adapters (see :func:`engine.catalog.streaming.adapter_dataset`)."""
         from engine.catalog.streaming import adapter_dataset
 
         return adapter_dataset(
-            self, layout_id=layout_id, task=task, rows_per_block=rows_per_block, columns=columns
+            self, layout_id=layout_id, task=task, rows_per_block=rows_per_block, columns=columns, ids=ids
         )
 
     def compute_stats(self, layout_id: str | None = None) -> SlotStats:

@@ -57,6 +57,19 @@ def _to_tensor_rows(
     }
 
 
+def _row_groups_holding(reader: pq.ParquetFile, ids: pa.Array) -> list[int] | None:
+    """The row groups of a shard that hold any of ``ids``, or None when ``ids`` are all its rows.
+
+    A Train worker's share of a catalog (:func:`split_by_task`) names part of a shard; reading
+    only the id column first keeps the bytes it reads close to its share, not the whole shard.
+    """
+    if len(ids) >= reader.metadata.num_rows:
+        return None
+    wanted = pc.is_in(reader.read(columns=["id"])["id"], value_set=ids).to_numpy(zero_copy_only=False)
+    bounds = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)])
+    return [g for g in range(reader.num_row_groups) if wanted[bounds[g] : bounds[g + 1]].any()]
+
+
 def _read_shards(
     listing: pa.Table, filesystem, size: int, num_modules: int, rows: int, columns: Sequence[str] = COLUMNS
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -66,16 +79,81 @@ def _read_shards(
     per-scan file listing and footer-reader actors, and keeps blocks small, so reading and
     consuming overlap and worker memory follows ``rows``, not the shard size. Each listing row
     carries its shard's ids and tasks, so a read task gets only its own shard's part of the
-    manifest (not an id -> task map of the whole catalog).
+    manifest (not an id -> task map of the whole catalog); row groups holding none of them are
+    skipped.
     """
     for i, path in enumerate(listing["path"].to_pylist()):
         ids, tasks = listing["ids"][i].values, listing["tasks"][i].values
         with filesystem.open_input_file(str(path)) as handle:
             reader = pq.ParquetFile(handle)
-            for record_batch in reader.iter_batches(batch_size=rows, columns=["id", "weights", "mask"]):
+            groups = _row_groups_holding(reader, ids)
+            if groups == []:
+                continue
+            batches = reader.iter_batches(
+                batch_size=rows, row_groups=groups, columns=["id", "weights", "mask"]
+            )
+            for record_batch in batches:
                 table = pa.Table.from_batches([record_batch])
                 out = _to_tensor_rows(table, ids, tasks, size, num_modules)
                 yield {name: out[name] for name in columns}
+
+
+def _only_ids(table: pa.Table, ids: pa.Array, uri: str, layout_id: str) -> pa.Table:
+    """Manifest rows of ``ids``; an id not among ``table``'s rows is an error, not a silent skip."""
+    kept = table.filter(pc.is_in(table["id"], value_set=ids))
+    if kept.num_rows != len(pc.unique(ids)):
+        unknown = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=table["id"]))).to_pylist()
+        raise CatalogError(
+            f"{uri}: {len(unknown)} id(s) not in layout {layout_id}: {unknown[:5]}"
+            + (" ..." if len(unknown) > 5 else "")
+        )
+    return kept
+
+
+def _run_ends(counts: np.ndarray, parts: int) -> np.ndarray:
+    """``[tasks, parts]``: where each share's run of each task's rows ends.
+
+    A task of ``q * parts + r`` rows gives each share ``q`` rows and ``r`` shares one more; the
+    extra rows go round-robin over shares across tasks, so shares' totals differ by at most one.
+    """
+    base, extra = np.divmod(counts, parts)
+    first = (np.cumsum(extra) - extra) % parts  # the share that takes this task's first extra row
+    gets_extra = (np.arange(parts)[None, :] - first[:, None]) % parts < extra[:, None]
+    return np.cumsum(base[:, None] + gets_extra, axis=1)
+
+
+def split_by_task(table: pa.Table, parts: int) -> list[pa.Table]:
+    """Split manifest rows into ``parts`` task-balanced shares, e.g. one per Ray Train worker.
+
+    Each task's rows, in manifest order, are cut into ``parts`` contiguous runs whose sizes differ
+    by at most one (as do the shares' totals), so every share holds about ``1/parts`` of every
+    task and the shares are disjoint. Contiguous runs keep a share's rows in few shards and row
+    groups (shards hold consecutive ingests, often of one task), so a consumer reads about its
+    share's bytes. A task with fewer rows than ``parts`` cannot give every share one of its own:
+    its rows go to *every* share (replicated), so that every share still covers every task.
+
+    Args:
+        table: manifest rows with at least ``id`` and ``task``.
+        parts: number of shares (> 0).
+
+    Returns:
+        ``parts`` tables with ``table``'s columns, rows in manifest order.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be positive, not {parts}")
+    tasks = table["task"].to_numpy(zero_copy_only=False)
+    _, task_of_row, counts = np.unique(tasks, return_inverse=True, return_counts=True)
+    # Each row's position within its task: a stable sort by task keeps manifest order in a task.
+    order = np.argsort(task_of_row, kind="stable")
+    position = np.empty(len(tasks), np.int64)
+    position[order] = np.arange(len(tasks)) - np.repeat(np.cumsum(counts) - counts, counts)
+    replicated = counts < parts
+    ends = _run_ends(np.where(replicated, parts, counts), parts)[task_of_row]
+    share = np.zeros(len(tasks), np.int64)
+    for p in range(parts - 1):
+        share += position >= ends[:, p]
+    replicated = replicated[task_of_row]
+    return [table.filter(pa.array(replicated | (share == p))) for p in range(parts)]
 
 
 def adapter_dataset(
@@ -84,8 +162,9 @@ def adapter_dataset(
     task: str | None = None,
     rows_per_block: int = 256,
     columns: Sequence[str] | None = None,
+    ids: Sequence[str] | pa.Array | None = None,
 ) -> ray.data.Dataset:
-    """Stream one layout's adapters (optionally one task's) as a ``ray.data.Dataset``.
+    """Stream one layout's adapters (optionally one task's, or only ``ids``) as a ``ray.data.Dataset``.
 
     Rows: ``id`` (str), ``task`` (str), ``weights`` (``[N]`` float32), ``mask`` (``[M]`` bool).
     Only shards the current manifest references are read, so leftovers of an interrupted write
@@ -104,6 +183,11 @@ def adapter_dataset(
         columns: a subset of ``id``, ``task``, ``weights``, ``mask`` to keep. Prefer this to
             ``select_columns``: Ray Data fuses a projection into the read and then emits one
             block per shard, not per ``rows_per_block``.
+        ids: stream only these adapters (e.g. one Train worker's share, :func:`split_by_task`);
+            shards and row groups holding none of them are not read.
+
+    Raises:
+        CatalogError: no adapters to stream, or ``ids`` naming adapters not in the layout.
     """
     import ray.data
 
@@ -116,6 +200,8 @@ def adapter_dataset(
     table = table.filter(pc.equal(table["layout_id"], layout.layout_id))
     if task is not None:
         table = table.filter(pc.equal(table["task"], task))
+    if ids is not None:
+        table = _only_ids(table, pa.array(ids, pa.string()), catalog.uri, layout.layout_id)
     if table.num_rows == 0:
         raise CatalogError(
             f"{catalog.uri}: no adapters in layout {layout.layout_id}"

@@ -67,6 +67,13 @@ class TrainSection(_Strict):
     seed: int = 0
     workers: int = pydantic.Field(1, gt=0)
     use_gpu: bool = False
+    data_split: Literal["disjoint", "full"] = pydantic.Field(
+        "disjoint",
+        description="'disjoint': each worker streams its own share of every task's adapters, so a "
+        "worker's streaming work and traffic shrink as workers are added (a task with fewer adapters "
+        "than workers goes to every worker, so every worker still covers every task); 'full': every "
+        "worker streams all adapters (W x the catalog's bytes; pools are independent samples of it)",
+    )
     cpus_per_worker: float | None = pydantic.Field(
         None, gt=0, description="default: leave one CPU for Ray Data, split the rest between workers"
     )

@@ -1,6 +1,7 @@
 """Meta-training the F-VAE with Ray Train (DESIGN.md §2.5).
 
-Workers stream their Ray Data shard of the catalog into a bounded, task-balanced pool, then run
+Each worker streams its own share of the catalog (``train.data_split``: a disjoint, task-balanced
+split of every task's adapters by default) into a bounded, task-balanced pool, then runs
 episodes; gradients are averaged across workers each step. Checkpoints (model, optimiser, step)
 go to ``<out>/runs/<run name>`` every ``checkpoint_every`` steps; a killed worker restarts the
 group from the last checkpoint (``FailureConfig``); ``resume`` continues the latest run.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from engine.adapters.layout import Layout
@@ -33,6 +36,8 @@ from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_lo
 from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
+# Columns a Train worker streams (``id`` is a few bytes next to the [N] weights).
+TRAIN_COLUMNS = ("id", "task", "weights", "mask")
 HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier head is a few KB)
 
 
@@ -44,11 +49,12 @@ def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = Non
 
 # ----------------------------------------------------------------------------- worker side
 def fill_pool(
-    shard, capacity: int, seed: int, tasks: set[str] | None = None
+    shard, capacity: int, seed: int, tasks: set[str] | None = None, streamed: list[str] | None = None
 ) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor, str]]]:
-    """Stream a dataset shard into a per-task reservoir (bounded memory whatever the catalog size);
-    adapters of tasks outside ``tasks`` (when given) are skipped. The store holds each kept
-    adapter's ``(weights [N], mask [M], catalog id)``."""
+    """Stream a dataset shard (with an ``id`` column) into a per-task reservoir (bounded memory
+    whatever the catalog size); adapters of tasks outside ``tasks`` (when given) are skipped. The
+    store holds each kept adapter's ``(weights [N], mask [M], catalog id)``. ``streamed``: a list
+    to which the id of every adapter kept for its task is appended."""
     pool = TaskPool(capacity, seed=seed)
     store: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
@@ -56,6 +62,8 @@ def fill_pool(
         for adapter_id, task, weights, mask in rows:
             if tasks is not None and str(task) not in tasks:
                 continue
+            if streamed is not None:
+                streamed.append(str(adapter_id))
             slot = pool.add(str(task))
             if slot is not None:
                 store[slot] = (
@@ -179,6 +187,46 @@ def resolve_fusion_loss(cfg: MetaTrainConfig, catalog, tasks: list[str]) -> str:
     return "data"
 
 
+def worker_shares(catalog, layout_id: str, tasks: list[str], workers: int, split: str) -> list[pa.Table]:
+    """The manifest rows (``id``, ``task``) each worker streams: ``disjoint``, one task-balanced
+    share per worker (:func:`~engine.catalog.streaming.split_by_task`; tasks with fewer adapters
+    than workers go to every worker); ``full``, one share of every adapter for all workers.
+    Only the layout's adapters of the training ``tasks`` are streamed at all."""
+    from engine.catalog.streaming import split_by_task
+
+    table = catalog.manifest().select(["id", "task", "layout_id"])
+    keep = pc.and_(pc.equal(table["layout_id"], layout_id), pc.is_in(table["task"], pa.array(tasks)))
+    table = table.filter(keep).select(["id", "task"])
+    return [table] if split == "full" else split_by_task(table, workers)
+
+
+def worker_datasets(catalog, layout_id: str, shares: list[pa.Table]) -> dict[str, Any]:
+    """One Ray dataset per share, named ``adapters-<i>``; a worker of rank r reads
+    ``adapters-<r % len(shares)>`` (``full``: all workers read ``adapters-0``)."""
+    return {
+        dataset_name(i, len(shares)): catalog.dataset(layout_id, columns=TRAIN_COLUMNS, ids=share["id"])
+        for i, share in enumerate(shares)
+    }
+
+
+def dataset_name(rank: int, num_shares: int) -> str:
+    return f"adapters-{rank % num_shares}"
+
+
+def split_summary(split: str, shares: list[pa.Table], workers: int) -> dict[str, Any]:
+    """What each worker streams, for the artifact's metadata."""
+    replicated: list[str] = []
+    if len(shares) > 1:
+        # split_by_task puts a task's rows in two shares only when it gives them to every share.
+        shared = pc.is_in(shares[0]["id"], value_set=shares[1]["id"])
+        replicated = sorted(set(shares[0]["task"].filter(shared).to_pylist()))
+    return {
+        "mode": split,
+        "adapters_per_worker": [shares[r % len(shares)].num_rows for r in range(workers)],
+        "replicated_tasks": replicated,
+    }
+
+
 def _average_gradients(model: torch.nn.Module) -> None:
     import torch.distributed as dist
 
@@ -229,6 +277,19 @@ def _report(step: int, metrics: dict[str, float], model, optimizer, extra: dict,
             ray.train.report(metrics)
 
 
+def worker_shard(num_shares: int, rank: int, world_size: int):
+    """This worker's dataset (:func:`worker_datasets`).
+
+    Raises:
+        RuntimeError: the group's size is not the one the shares were cut for.
+    """
+    import ray.train
+
+    if num_shares > 1 and num_shares != world_size:
+        raise RuntimeError(f"the catalog was split for {num_shares} workers but {world_size} are running")
+    return ray.train.get_dataset_shard(dataset_name(rank, num_shares))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop (one process per worker)."""
     import ray.train
@@ -240,15 +301,18 @@ def train_loop(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    # Every worker streams the whole catalog (not a split) into its own bounded pool, so each can
-    # sample episodes over all tasks; episodes differ across workers by their RNG seeds.
+    # Each worker streams its own share of the catalog (train_fvae: one dataset per share, every
+    # task in every share) into its own bounded pool, so each samples episodes over all tasks;
+    # episodes differ across workers by their shares and RNG seeds.
     vectors = config["task_vectors"]
+    fill_start = time.perf_counter()
     pool, store = fill_pool(
-        ray.train.get_dataset_shard("adapters"),
+        worker_shard(config["num_shares"], rank, context.get_world_size()),
         cfg.train.capacity_per_task,
         cfg.train.seed + rank,
         set(vectors),
     )
+    fill_s = time.perf_counter() - fill_start
     data_loss = None
     if config["fusion_loss"] == "data":
         data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
@@ -298,7 +362,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"{metrics['episodes_per_s']:.1f} episodes/s",
                     flush=True,
                 )
-            extra = {"pool_sizes": {t: len(s) for t, s in pool.slots.items()}}
+            extra = {
+                "pool_sizes": {t: len(s) for t, s in pool.slots.items()},
+                "streamed": dict(pool.seen),
+                "fill_s": fill_s,
+            }
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
 
@@ -348,7 +416,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
     # ``columns``, not ``select_columns``: a fused projection would coalesce blocks to whole shards.
-    dataset = catalog.dataset(layout.layout_id, columns=["id", "task", "weights", "mask"])
+    dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"])
     tasks = cfg.task_filter(sorted(catalog.tasks()))
     if not tasks:
         raise MetaConfigError(
@@ -361,6 +429,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
     else:
         vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
         vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
+    shares = worker_shares(catalog, layout.layout_id, tasks, num_workers, cfg.train.data_split)
     name, resuming = _run_name(cfg.out, resume)
     trainer = TorchTrainer(
         train_loop,
@@ -373,11 +442,15 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "task_vectors": vectors,
             "cond_dim": int(vector_source["dim"]),
             "fusion_loss": fusion_loss,
+            "num_shares": len(shares),
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
         ),
-        datasets={"adapters": dataset},
+        # Our own split (not Ray Train's ``streaming_split``, which hands out blocks as workers ask
+        # and so cannot promise every worker every task: shards often hold one task each). Each
+        # dataset is configured only when a worker first asks for it, i.e. once per share.
+        datasets=worker_datasets(catalog, layout.layout_id, shares),
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=name,
@@ -412,6 +485,11 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "metrics": metrics,
             "task_vector_source": vector_source,
             "pool_sizes": extra["pool_sizes"],
+            "data_split": dict(
+                split_summary(cfg.train.data_split, shares, num_workers),
+                rank0_streamed=extra["streamed"],
+                rank0_fill_s=extra["fill_s"],
+            ),
             "fusion_loss": fusion_loss,
             "tasks": tasks,
             "created": datetime.now(timezone.utc).isoformat(),

@@ -158,3 +158,74 @@ def test_streaming_task_sums_match_the_manifest(ray_session, synth_catalog):
         np.testing.assert_allclose(
             total, weights[tasks == task].sum(axis=0, dtype=np.float64), rtol=1e-6, atol=1e-9
         )
+
+
+def _manifest(counts: dict[str, int]):
+    import pyarrow as pa
+
+    # Tasks interleaved, as several ingests of several tasks would leave them.
+    rows = [(task, i) for i in range(max(counts.values())) for task in counts if i < counts[task]]
+    return pa.table({"id": [f"{t}-{i}" for t, i in rows], "task": [t for t, _ in rows]})
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_split_by_task_is_disjoint_balanced_and_covers_every_task(parts):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.catalog.streaming import split_by_task
+
+    counts = {"head": 11, "mid": 5, "odd": 7, "pair": 2, "one": 1}
+    table = _manifest(counts)
+    shares = split_by_task(table, parts)
+    assert len(shares) == parts
+    small = {t for t, c in counts.items() if c < parts}
+    for share in shares:
+        assert set(share["task"].to_pylist()) == set(counts)  # every share covers every task
+        ids = share["id"].to_pylist()
+        assert len(ids) == len(set(ids))
+        assert ids == [i for i in table["id"].to_pylist() if i in set(ids)]  # manifest order kept
+    for task, count in counts.items():
+        per_share = [[i for i in s["id"].to_pylist() if i.startswith(f"{task}-")] for s in shares]
+        if task in small:  # too few to give each share its own: every share gets all of them
+            assert all(len(p) == count for p in per_share)
+            continue
+        flat = [i for p in per_share for i in p]
+        assert sorted(flat) == sorted(f"{task}-{i}" for i in range(count))  # disjoint, complete
+        assert max(map(len, per_share)) - min(map(len, per_share)) <= 1
+        # contiguous runs of the task's rows, share 0 first
+        assert flat == [f"{task}-{i}" for i in range(count)]
+    big = [s.filter(pc.invert(pc.is_in(s["task"], pa.array(sorted(small) or [""])))).num_rows for s in shares]
+    assert max(big) - min(big) <= 1  # the tasks' odd rows are spread over the shares
+    with pytest.raises(ValueError, match="positive"):
+        split_by_task(table, 0)
+
+
+def test_dataset_of_ids_streams_only_them_and_skips_other_row_groups(ray_session, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import engine.catalog.catalog as catalog_module
+    from engine.catalog.streaming import _row_groups_holding
+    from engine.errors import CatalogError
+
+    layout = parse_layout("tiny")
+    monkeypatch.setattr(catalog_module, "ROW_GROUP_BYTES", 4 * layout.size * 4)  # 4 adapters a group
+    catalog = Catalog(tmp_path / "cat")
+    synthesize(catalog, 20, layout, num_tasks=2, seed=1)
+    entries = catalog.entries()
+    wanted = [e["id"] for e in entries[5:7]] + [entries[-1]["id"]]
+    rows = catalog.dataset(ids=wanted, rows_per_block=2).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(wanted)
+    assert all(r["task"] == catalog.get(r["id"])["task"] for r in rows)
+    reader = pq.ParquetFile(catalog._path(entries[0]["shard"]))
+    assert reader.num_row_groups == 5
+    assert _row_groups_holding(reader, pa_ids(wanted)) == [1, 4]
+    assert _row_groups_holding(reader, pa_ids([e["id"] for e in entries])) is None
+    with pytest.raises(CatalogError, match=r"1 id.*nope-0"):
+        catalog.dataset(ids=[*wanted, "nope-0"])
+
+
+def pa_ids(ids):
+    import pyarrow as pa
+
+    return pa.array(ids, pa.string())

@@ -53,6 +53,12 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert main(["train", str(path)]) == 0
     artifact = FVAEArtifact.load(str(tmp_path / "out"))
     assert artifact.meta["steps"] == 20 and artifact.meta["workers"] == 2
+    # each worker streamed its own half (17/7/5/3 adapters per task: none replicated)
+    split = artifact.meta["data_split"]
+    assert split["mode"] == "disjoint" and split["replicated_tasks"] == []
+    assert sorted(split["adapters_per_worker"]) == [16, 16]
+    assert sum(split["rank0_streamed"].values()) == 16
+    assert set(artifact.meta["pool_sizes"]) == set(Catalog(catalog_uri).tasks())
     assert set(artifact.task_vectors) == set(Catalog(catalog_uri).tasks())
     out = tmp_path / "fused"
     argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-02", "--method", "icm"]
@@ -113,6 +119,64 @@ def test_a_killed_worker_is_survived(ray_session, catalog_uri, tmp_path):
     assert killed, "no training worker was found to kill"
     meta = FVAEArtifact.load(str(out)).meta
     assert meta["steps"] == 200 and meta["metrics"]["start_step"] > 0
+
+
+def _probe_loop(config: dict) -> None:
+    """Stream this worker's share exactly as ``train_loop`` does and write down what came."""
+    import ray.train
+
+    from engine.meta.train import fill_pool, worker_shard
+
+    context = ray.train.get_context()
+    rank, streamed = context.get_world_rank(), []
+    shard = worker_shard(config["num_shares"], rank, context.get_world_size())
+    pool, _ = fill_pool(shard, 4, seed=rank, tasks=set(config["tasks"]), streamed=streamed)
+    record = {"ids": streamed, "pool_tasks": pool.tasks()}
+    (Path(config["dir"]) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("split", ["disjoint", "full"])
+def test_workers_stream_disjoint_shares_covering_every_task(ray_session, tmp_path, split):
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from engine.meta.train import worker_datasets, worker_shares
+
+    catalog = Catalog(tmp_path / "cat")
+    synthesize(catalog, 24, parse_layout("tiny"), num_tasks=8, seed=0)  # 12, 4, 2, 2, 1, 1, 1, 1
+    counts = catalog.tasks()
+    tasks = sorted(counts)[:-1]  # one task kept out of training: never streamed
+    layout_id = catalog.layout().layout_id
+    shares = worker_shares(catalog, layout_id, tasks, 2, split)
+    TorchTrainer(
+        _probe_loop,
+        train_loop_config={"num_shares": len(shares), "tasks": tasks, "dir": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets=worker_datasets(catalog, layout_id, shares),
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name=f"probe-{split}"),
+    ).fit()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in seen:
+        assert record["pool_tasks"] == tasks  # every worker covers every training task
+        assert len(record["ids"]) == len(set(record["ids"]))
+    first, second = (set(record["ids"]) for record in seen)
+    expected = {e["id"] for e in catalog.entries() if e["task"] in tasks}
+    assert first | second == expected
+    if split == "full":
+        assert first == second == expected
+        return
+    # disjoint, except the tasks with one adapter (fewer than workers), which both workers get
+    single = {t for t in tasks if counts[t] < 2}
+    assert single and {catalog.get(i)["task"] for i in first & second} == single
+    assert len(first & second) == len(single) and abs(len(first) - len(second)) <= 1
+
+
+def test_a_worker_group_of_another_size_is_refused():
+    from engine.meta.train import worker_shard
+
+    with pytest.raises(RuntimeError, match="split for 2 workers but 3"):
+        worker_shard(2, 0, 3)
 
 
 def test_bad_config_lists_every_fault(tmp_path):
