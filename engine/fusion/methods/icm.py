@@ -11,6 +11,10 @@ decoder ignores its code degrades to task arithmetic rather than to whatever the
 The result is written back as a LoRA over the union of the inputs' modules, optionally truncated
 to ``rank`` exactly.
 
+By default (``familiarity_gate``) the F-VAE's displacement is scaled by how well it reconstructs
+the least familiar input, so adapters it cannot represent (e.g. of tasks it never saw) fall back
+towards task arithmetic rather than being pulled towards its training tasks.
+
 Needs ``context["fvae"]``: an :class:`engine.meta.artifact.FVAEArtifact` (CLI: ``--model DIR``).
 Optional ``context["icm_inputs_cache"]``: an :class:`engine.fusion.icm_inputs.IcmInputsCache`
 that keeps each input's encoding across fusions (a server fusing new weights over the same
