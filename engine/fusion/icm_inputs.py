@@ -31,7 +31,6 @@ from engine.digest import update_with_tensor
 from engine.fusion.registry import FusionConfigError
 from engine.fvae.latent import relative_error
 from engine.lru import ByteBoundedLRU
-from engine.meta.step import slot_mask
 from engine.meta.taskvec import project
 from engine.tasks.functional import adapter_factors
 
@@ -144,7 +143,8 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
         mu, _ = model.encode(xn[None], cond)  # [1, latent]
         reconstruction = model.decode(mu, cond)  # [1, N], normalised
         decoded = normalizer.denormalize(reconstruction)
-    error = relative_error(reconstruction[0], xn, slot_mask(canonical.mask[None], layout)[0])
+    present = torch.from_numpy(layout.slot_mask(canonical.mask.numpy()))  # [N]
+    error = relative_error(reconstruction[0], xn, present)
     # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
     factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
     return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error)

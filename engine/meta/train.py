@@ -49,12 +49,11 @@ def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = Non
 
 # ----------------------------------------------------------------------------- worker side
 def fill_pool(
-    shard, capacity: int, seed: int, tasks: set[str] | None = None, streamed: list[str] | None = None
+    shard, capacity: int, seed: int, tasks: set[str] | None = None
 ) -> tuple[TaskPool, dict[int, tuple[torch.Tensor, torch.Tensor, str]]]:
     """Stream a dataset shard (with an ``id`` column) into a per-task reservoir (bounded memory
     whatever the catalog size); adapters of tasks outside ``tasks`` (when given) are skipped. The
-    store holds each kept adapter's ``(weights [N], mask [M], catalog id)``. ``streamed``: a list
-    to which the id of every adapter kept for its task is appended."""
+    store holds each kept adapter's ``(weights [N], mask [M], catalog id)``."""
     pool = TaskPool(capacity, seed=seed)
     store: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
     for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
@@ -62,8 +61,6 @@ def fill_pool(
         for adapter_id, task, weights, mask in rows:
             if tasks is not None and str(task) not in tasks:
                 continue
-            if streamed is not None:
-                streamed.append(str(adapter_id))
             slot = pool.add(str(task))
             if slot is not None:
                 store[slot] = (

@@ -128,10 +128,12 @@ def _probe_loop(config: dict) -> None:
     from engine.meta.train import fill_pool, worker_shard
 
     context = ray.train.get_context()
-    rank, streamed = context.get_world_rank(), []
+    rank = context.get_world_rank()
     shard = worker_shard(config["num_shares"], rank, context.get_world_size())
-    pool, _ = fill_pool(shard, 4, seed=rank, tasks=set(config["tasks"]), streamed=streamed)
-    record = {"ids": streamed, "pool_tasks": pool.tasks()}
+    # A capacity above every task's count keeps every streamed adapter in the store.
+    pool, store = fill_pool(shard, 64, seed=rank, tasks=set(config["tasks"]))
+    assert sum(pool.seen.values()) == len(store)
+    record = {"ids": [adapter_id for _, _, adapter_id in store.values()], "pool_tasks": pool.tasks()}
     (Path(config["dir"]) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
