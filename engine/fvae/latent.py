@@ -166,6 +166,24 @@ def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: tor
     return float(((reconstruction - target).pow(2) * weight).sum()) / max(total, 1e-12)
 
 
+def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The F-VAE's relative reconstruction error of each input, decoding its posterior mean.
+
+    Args:
+        model: an :class:`engine.fvae.model.FVAE` (used as it is: put it in eval mode first).
+        x: ``[K, N]`` normalised adapters.
+        cond: ``[K, d]`` their conditions.
+        present: ``[K, N]`` bool, the slots each adapter occupies.
+
+    Returns:
+        ``[K]`` :func:`relative_error` of ``D(mu_k, cond_k)`` against ``x_k``.
+    """
+    with torch.no_grad():
+        mu, _ = model.encode(x, cond)
+        reconstruction = model.decode(mu, cond)
+    return torch.tensor([relative_error(r, t, m) for r, t, m in zip(reconstruction, x, present, strict=True)])
+
+
 def familiarity(errors: torch.Tensor, reference: float) -> torch.Tensor:
     """How much the F-VAE knows each input, from its reconstruction error: ``errors [K]`` relative
     squared errors (:func:`relative_error`), ``reference`` the error it reached on its training

@@ -51,6 +51,15 @@ class TrainSection(_Strict):
     steps: int = pydantic.Field(500, gt=0)
     lr: float = pydantic.Field(2e-4, gt=0)
     weight_decay: float = pydantic.Field(0.01, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = pydantic.Field(
+        "cosine",
+        description="'cosine': linear warm-up, then a half cosine from lr down to min_lr_ratio x lr at "
+        "the last step (engine.meta.schedule); 'constant': lr throughout",
+    )
+    warmup_steps: int | None = pydantic.Field(
+        None, ge=0, description="cosine only; default 5% of the steps, at most 100"
+    )
+    min_lr_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="cosine only: final lr / lr")
     max_tasks: int = pydantic.Field(4, gt=0, description="K_max: largest task subset of an episode")
     capacity_per_task: int = pydantic.Field(64, gt=0, description="adapters kept per task per worker")
     fusion_weight: float = pydantic.Field(1.0, ge=0)
@@ -124,6 +133,8 @@ class MetaTrainConfig(_Strict):
         faults = []
         if self.train.checkpoint_every > self.train.steps:
             faults.append("train.checkpoint_every must be <= train.steps")
+        if self.train.warmup_steps is not None and self.train.warmup_steps >= self.train.steps:
+            faults.append("train.warmup_steps must be < train.steps")
         overlap = sorted(set(self.tasks or []) & set(self.exclude_tasks))
         if overlap:
             faults.append(f"tasks and exclude_tasks both name {overlap}; keep each task in one list")

@@ -27,18 +27,22 @@ import torch
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
 from engine.fvae.config import FVAEConfig
+from engine.fvae.latent import reconstruction_errors
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.artifact import FVAEArtifact
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
-from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss
+from engine.meta.schedule import learning_rate
+from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss, slot_mask
 from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
 # Columns a Train worker streams (``id`` is a few bytes next to the [N] weights).
 TRAIN_COLUMNS = ("id", "task", "weights", "mask")
 HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier head is a few KB)
+FAMILIARITY_PER_TASK = 16  # pooled adapters per task whose reconstruction the artifact records
+FAMILIARITY_QUANTILE = 0.9  # of those errors: the icm familiarity gate's reference
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
@@ -69,6 +73,52 @@ def fill_pool(
                     str(adapter_id),
                 )
     return pool, store
+
+
+def pool_familiarity(
+    model: FVAE,
+    normalizer: SlotNormalizer,
+    pool: TaskPool,
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, str]],
+    vectors: dict[str, torch.Tensor],
+    layout: Layout,
+    seed: int,
+) -> dict[str, Any]:
+    """How well the trained F-VAE reconstructs its training adapters: the relative error
+    (:func:`engine.fvae.latent.reconstruction_errors`, posterior mean, eval mode) of up to
+    ``FAMILIARITY_PER_TASK`` pooled adapters per task, conditioned as in training.
+
+    Measured on the final model, not taken from the training loss: the last report window's loss
+    is a train-mode average over the window (and under a loss spike says nothing about the saved
+    model), and fusion compares its inputs' errors with exactly this measure.
+
+    Returns:
+        ``{"reference", "quantile", "mean", "median", "max", "adapters", "per_task": {task: mean}}``;
+        ``reference`` is the ``FAMILIARITY_QUANTILE`` quantile of all the errors.
+    """
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    per_task: dict[str, list[float]] = {}
+    for task in pool.tasks():
+        slots = pool.slots[task]
+        chosen = rng.choice(slots, size=min(FAMILIARITY_PER_TASK, len(slots)), replace=False)
+        x = normalizer.normalize(torch.stack([store[int(i)][0] for i in chosen]).to(device))
+        present = slot_mask(torch.stack([store[int(i)][1] for i in chosen]).to(device), layout)
+        cond = vectors[task].to(device).expand(len(chosen), -1)
+        per_task[task] = reconstruction_errors(model, x, cond, present).tolist()
+    model.train(was_training)
+    errors = np.array([e for values in per_task.values() for e in values])
+    return {
+        "reference": float(np.quantile(errors, FAMILIARITY_QUANTILE)),
+        "quantile": FAMILIARITY_QUANTILE,
+        "mean": float(errors.mean()),
+        "median": float(np.median(errors)),
+        "max": float(errors.max()),
+        "adapters": int(errors.size),
+        "per_task": {task: float(np.mean(values)) for task, values in per_task.items()},
+    }
 
 
 def task_vectors(
@@ -334,6 +384,9 @@ def train_loop(config: dict[str, Any]) -> None:
             ids=tuple(store[i][2] for i in episode.adapter_index),
         )
         model.train()
+        rate = learning_rate(step, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
         optimizer.zero_grad()
         losses["loss"].backward()
@@ -351,6 +404,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 step=step,
                 start_step=start,  # > 0 when this attempt continued from a checkpoint
                 episodes_per_s=window_steps * context.get_world_size() / max(elapsed, 1e-9),
+                lr=rate,
             )
             if rank == 0:
                 print(
@@ -364,6 +418,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 "streamed": dict(pool.seen),
                 "fill_s": fill_s,
             }
+            if step == cfg.train.steps and rank == 0:
+                extra["familiarity"] = pool_familiarity(
+                    model, normalizer, pool, store, vectors, layout, cfg.train.seed
+                )
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
 
@@ -480,6 +538,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "gauge": bool((catalog.settings() or {}).get("gauge", True)),
             "config": cfg.model_dump(),
             "metrics": metrics,
+            "familiarity": extra.get("familiarity"),
             "task_vector_source": vector_source,
             "pool_sizes": extra["pool_sizes"],
             "data_split": dict(

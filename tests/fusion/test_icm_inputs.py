@@ -239,7 +239,13 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     _assert_same_bits(
         _fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False}))
     )
-    del artifact.meta["metrics"]
+    # The error measured on the final model's training adapters wins over the training loss.
+    artifact.meta["familiarity"] = {"reference": 0.3}
+    measured = fuse_adapters(
+        [ADAPTERS[0], ADAPTERS[1]], "icm", [0.5, 0.5], spec[2], tasks=TASKS[:2], context={"fvae": artifact}
+    ).provenance["details"]["familiarity"]
+    assert measured["reference_error"] == 0.3 and measured["gate"] == 0.0
+    del artifact.meta["metrics"], artifact.meta["familiarity"]
     with pytest.raises(FusionConfigError, match="training reconstruction error"):
         _fuse(artifact, spec)  # asked for explicitly; by default the gate is then off
     _assert_same_bits(

@@ -60,6 +60,11 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert sum(split["rank0_streamed"].values()) == 16
     assert set(artifact.meta["pool_sizes"]) == set(Catalog(catalog_uri).tasks())
     assert set(artifact.task_vectors) == set(Catalog(catalog_uri).tasks())
+    # the cosine schedule ended at its floor; the final model's reconstruction errors were measured
+    assert artifact.meta["metrics"]["lr"] == pytest.approx(1e-4)
+    familiar = artifact.meta["familiarity"]
+    assert set(familiar["per_task"]) == set(artifact.meta["pool_sizes"]) and familiar["adapters"] == 16
+    assert 0 < familiar["median"] <= familiar["reference"] <= familiar["max"]
     out = tmp_path / "fused"
     argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-02", "--method", "icm"]
     assert main([*argv, "--model", str(tmp_path / "out"), "--out", str(out)]) == 0
@@ -67,7 +72,9 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     layout = Catalog(catalog_uri).layout()
     assert set(fused.modules) <= {m.name for m in layout.modules}
     assert all(torch.isfinite(m.delta()).all() for m in fused.modules.values())
-    assert json.loads((out / PROVENANCE_FILE).read_text())["method"] == "icm"
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert provenance["method"] == "icm"
+    assert provenance["details"]["familiarity"]["reference_error"] == familiar["reference"]
     # a task the F-VAE never saw: its vector is derived from its adapter alone
     unseen = fuse_from_catalog(
         Catalog(catalog_uri),

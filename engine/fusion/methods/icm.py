@@ -174,22 +174,33 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
 
 def _familiarity_gate(encoded, alpha: torch.Tensor, artifact, required: bool) -> tuple[float, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
-    (:func:`engine.fvae.latent.familiarity`, against the reconstruction error the F-VAE reached in
-    meta-training: its artifact's last reported ``recon``). The lowest, not a mean: the fused code
-    ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
-    reference = (artifact.meta.get("metrics") or {}).get("recon")
+    (:func:`engine.fvae.latent.familiarity`, against :func:`training_error`). The lowest, not a
+    mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
+    reference = training_error(artifact)
     if reference is None and not required:  # the default on an artifact without the figure
         return 1.0, {"gate": 1.0, "reference_error": None}
     if reference is None:
         raise FusionConfigError(
-            "familiarity_gate needs the F-VAE's training reconstruction error (metrics.recon in its "
-            "artifact.json); this artifact has none: retrain it with `icmf train`"
+            "familiarity_gate needs the F-VAE's training reconstruction error (familiarity.reference "
+            "or metrics.recon in its artifact.json); this artifact has neither: retrain it with `icmf train`"
         )
     errors = torch.tensor([e.recon_error for e in encoded])
     known = familiarity(errors, float(reference))
     weighted = known[alpha != 0]
     gate = float(weighted.min()) if weighted.numel() else 1.0
     return gate, {"gate": gate, "recon_errors": errors.tolist(), "reference_error": float(reference)}
+
+
+def training_error(artifact) -> float | None:
+    """The reconstruction error an input may have and still count as familiar: the 90th percentile
+    of the final F-VAE's errors on its training adapters (``familiarity.reference``, measured by
+    ``icmf train``), or, for artifacts older than that measurement, the last reported training
+    ``recon`` (a train-mode window average, which a late loss spike inflates)."""
+    measured = (artifact.meta.get("familiarity") or {}).get("reference")
+    if measured is not None:
+        return float(measured)
+    recon = (artifact.meta.get("metrics") or {}).get("recon")
+    return None if recon is None else float(recon)
 
 
 def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
