@@ -255,3 +255,42 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     with pytest.raises(FusionConfigError, match="needs anchor"):
         _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": True, "anchor": False}))
     _fuse(artifact, ([0, 1], [0.5, 0.5], {"anchor": False}))  # the default gate just does not apply
+
+
+def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_latent_fusion_of_the_rest(
+    monkeypatch,
+):
+    import engine.fusion.methods.icm as icm_module
+
+    artifact = _artifact()
+    artifact.meta["familiarity"] = {"reference": 0.3}
+    # Inputs 0 and 1 fully familiar, input 2 not representable at all.
+    monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 1.0, 0.0]))
+    weights = [0.3, 0.2, 0.5]
+
+    def fuse(adapters, w, params):
+        return fuse_adapters(
+            adapters, "icm", w, params, tasks=TASKS[: len(adapters)], context={"fvae": artifact}
+        )
+
+    partial = fuse(ADAPTERS, weights, {})
+    details = partial.provenance["details"]["familiarity"]
+    assert details["mode"] == "partial" and details["arithmetic_inputs"] == [2] and details["gate"] == 0.0
+    # = 0.5 x icm(inputs 0, 1 with weights 0.6, 0.4; both familiar: ungated) + 0.5 x dW_2
+    familiar = fuse(ADAPTERS[:2], [0.6, 0.4], {"familiarity_gate": False}).adapter
+    want = {n: 0.5 * d for n, d in _dense(familiar).items()}
+    for name, delta in _dense(ADAPTERS[2]).items():
+        want[name] = want.get(name, 0) + 0.5 * delta
+    got = _dense(partial.adapter)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    # 'min' (and refinement, which 'partial' does not cover) fall back to arithmetic for all inputs
+    whole = fuse(ADAPTERS, weights, {"gate_mode": "min"}).adapter
+    arithmetic = {
+        n: sum(w * _dense(a).get(n, 0) for w, a in zip(weights, ADAPTERS, strict=True)) for n in got
+    }
+    for name, delta in _dense(whole).items():
+        torch.testing.assert_close(delta, arithmetic[name], rtol=1e-4, atol=1e-5)
+    assert partial.adapter.modules.keys() == whole.modules.keys()
+    assert any(not torch.allclose(got[n], arithmetic[n], atol=1e-4) for n in got)  # it is not arithmetic

@@ -13,7 +13,9 @@ to ``rank`` exactly.
 
 By default (``familiarity_gate``) the F-VAE's displacement is scaled by how well it reconstructs
 the least familiar input, so adapters it cannot represent (e.g. of tasks it never saw) fall back
-towards task arithmetic rather than being pulled towards its training tasks.
+towards task arithmetic rather than being pulled towards its training tasks; with ``gate_mode:
+partial`` (the default) inputs it cannot represent at all are merged by task arithmetic with the
+latent fusion of the others instead of switching the whole fusion to arithmetic.
 
 Needs ``context["fvae"]``: an :class:`engine.meta.artifact.FVAEArtifact` (CLI: ``--model DIR``).
 Optional ``context["icm_inputs_cache"]``: an :class:`engine.fusion.icm_inputs.IcmInputsCache`
@@ -81,6 +83,14 @@ class IcmParams(pydantic.BaseModel):
         "arithmetic instead of pulling them towards the tasks it was trained on (off by default "
         "only for an F-VAE whose artifact records no training reconstruction error)",
     )
+    gate_mode: Literal["partial", "min"] = pydantic.Field(
+        "partial",
+        description="familiarity_gate: 'min' scales the whole displacement by the least familiar input's "
+        "familiarity (one unfamiliar input turns the fusion into task arithmetic); 'partial' leaves the "
+        "inputs the F-VAE cannot represent at all (familiarity 0) out of the latent fusion and merges "
+        "them by task arithmetic with the latent fusion of the others (gated by the least familiar of "
+        "those). 'partial' needs combine 'weighted' and no refinement; otherwise 'min' applies",
+    )
 
     @pydantic.model_validator(mode="after")
     def _gate_needs_anchor(self) -> IcmParams:
@@ -120,15 +130,22 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     inputs_factors = [list(e.factors) for e in encoded]
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
     details: dict = {}
-    gate = 1.0
+    gate, known = 1.0, None
     if params.gated:
-        gate, details["familiarity"] = _familiarity_gate(
+        gate, known, details["familiarity"] = _familiarity_gate(
             encoded, alpha, artifact, required="familiarity_gate" in params.model_fields_set
         )
+    partial = _unfamiliar_inputs(known, alpha, params)
     with torch.no_grad():
-        z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
-        fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
-        factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params, gate)
+        if partial is not None:
+            factors = _partial_factors(
+                artifact, mu, cond, decoded, inputs_factors, masks, alpha, known, params
+            )
+            details["familiarity"].update(mode="partial", arithmetic_inputs=partial)
+        else:
+            z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
+            fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
+            factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params, gate)
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
         factors, refined = refine_latent(
@@ -172,13 +189,16 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
     return anchored_factors(fused, decoded, inputs_factors, masks, residual, layout)
 
 
-def _familiarity_gate(encoded, alpha: torch.Tensor, artifact, required: bool) -> tuple[float, dict]:
+def _familiarity_gate(
+    encoded, alpha: torch.Tensor, artifact, required: bool
+) -> tuple[float, torch.Tensor | None, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
     (:func:`engine.fvae.latent.familiarity`, against :func:`training_error`). The lowest, not a
-    mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term."""
+    mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term.
+    Also returns each input's familiarity ``[K]`` (None when the gate is off) and the details."""
     reference = training_error(artifact)
     if reference is None and not required:  # the default on an artifact without the figure
-        return 1.0, {"gate": 1.0, "reference_error": None}
+        return 1.0, None, {"gate": 1.0, "reference_error": None}
     if reference is None:
         raise FusionConfigError(
             "familiarity_gate needs the F-VAE's training reconstruction error (familiarity.reference "
@@ -188,7 +208,66 @@ def _familiarity_gate(encoded, alpha: torch.Tensor, artifact, required: bool) ->
     known = familiarity(errors, float(reference))
     weighted = known[alpha != 0]
     gate = float(weighted.min()) if weighted.numel() else 1.0
-    return gate, {"gate": gate, "recon_errors": errors.tolist(), "reference_error": float(reference)}
+    details = {
+        "gate": gate,
+        "recon_errors": errors.tolist(),
+        "reference_error": float(reference),
+        "mode": "min",
+    }
+    return gate, known, details
+
+
+def _unfamiliar_inputs(
+    known: torch.Tensor | None, alpha: torch.Tensor, params: IcmParams
+) -> list[int] | None:
+    """The inputs ``gate_mode: partial`` merges by task arithmetic (familiarity 0), or None when
+    partial fusion does not apply (gate off, 'min', refinement, another combine, or no input —
+    or every input — unfamiliar)."""
+    if known is None or params.gate_mode != "partial" or params.refine_steps or params.combine != "weighted":
+        return None
+    used = alpha != 0
+    unfamiliar, familiar = used & (known == 0), used & (known > 0)
+    if not bool(unfamiliar.any()) or not bool(familiar.any()) or float(alpha[familiar].sum()) <= 0:
+        return None
+    return unfamiliar.nonzero().flatten().tolist()
+
+
+def _partial_factors(artifact, mu, cond, decoded, inputs_factors, masks, alpha, known, params: IcmParams):
+    """``gate_mode: partial``: ``W_F * icm(F) + sum_{u unfamiliar} alpha_u dW_u``.
+
+    ``F``, the familiar inputs, are fused in latent space as a fusion of their own, with weights
+    ``alpha_F / W_F`` (``W_F = sum alpha_F``: the relative weights meta-training's episodes use)
+    and the displacement gated by the least familiarity among them; the result enters the task
+    arithmetic with the unfamiliar inputs' exact deltas at weight ``W_F``.
+    """
+    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
+    used = alpha != 0
+    familiar = (used & (known > 0)).nonzero().flatten()
+    unfamiliar = (used & (known == 0)).nonzero().flatten().tolist()
+    total = alpha[familiar].sum()
+    weights = alpha[familiar] / total
+    z_f, v_f = fuse_latents(mu[familiar], cond[familiar], weights, combine="weighted", project=params.project)
+    fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
+    sub = _decoded_factors(
+        fused,
+        decoded[familiar],
+        [inputs_factors[i] for i in familiar.tolist()],
+        masks[familiar],
+        weights,
+        layout,
+        params,
+        float(known[familiar].min()),
+    )
+    factors = []
+    for m, (A, B) in enumerate(sub):
+        A_parts, B_parts = [A], [B * total]
+        for u in unfamiliar:
+            if bool(masks[u, m]):
+                A_u, B_u = inputs_factors[u][m]
+                A_parts.append(A_u.to(A.dtype))
+                B_parts.append(B_u.to(B.dtype) * alpha[u])
+        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
+    return factors
 
 
 def training_error(artifact) -> float | None:
