@@ -287,6 +287,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             "path": str(fvae_dir),
             "config": config,
             "metrics": context["fvae"].meta.get("metrics"),
+            "familiarity": context["fvae"].meta.get("familiarity"),
         }
     out["unseen"] = unseen
     everything = []

@@ -60,6 +60,13 @@ class TrainSection(_Strict):
         None, ge=0, description="cosine only; default 5% of the steps, at most 100"
     )
     min_lr_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="cosine only: final lr / lr")
+    skip_spikes: float | None = pydantic.Field(
+        10.0,
+        gt=1,
+        description="skip the update of an episode whose loss (averaged over the workers) exceeds this "
+        "many times the median of the last 100 applied ones (after 20); non-finite losses are always "
+        "skipped; null: apply every update",
+    )
     max_tasks: int = pydantic.Field(4, gt=0, description="K_max: largest task subset of an episode")
     capacity_per_task: int = pydantic.Field(64, gt=0, description="adapters kept per task per worker")
     fusion_weight: float = pydantic.Field(1.0, ge=0)

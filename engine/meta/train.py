@@ -9,8 +9,10 @@ group from the last checkpoint (``FailureConfig``); ``resume`` continues the lat
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import math
 import os
 import tempfile
 import time
@@ -43,6 +45,8 @@ TRAIN_COLUMNS = ("id", "task", "weights", "mask")
 HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier head is a few KB)
 FAMILIARITY_PER_TASK = 16  # pooled adapters per task whose reconstruction the artifact records
 FAMILIARITY_QUANTILE = 0.9  # of those errors: the icm familiarity gate's reference
+LOSS_TERMS = ("loss", "recon", "kl", "fusion")  # what episode_loss returns
+SPIKE_WINDOW, SPIKE_WARMUP = 100, 20  # applied losses the spike guard compares with; when it starts
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
@@ -274,24 +278,47 @@ def split_summary(split: str, shares: list[pa.Table], workers: int) -> dict[str,
     }
 
 
-def _average_gradients(model: torch.nn.Module) -> None:
+def _average_gradients(model: torch.nn.Module, loss: torch.Tensor) -> float:
+    """Average the gradients and the episode ``loss`` over the workers; returns the mean loss
+    (what every worker's spike guard then decides on, so they skip the same steps)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    # One all-reduce of all gradients flattened together: one collective (one barrier between
-    # the workers) per step instead of one per parameter tensor.
+        return float(loss.detach())
+    # One all-reduce of all gradients flattened together (and the loss as one more element): one
+    # collective (one barrier between the workers) per step instead of one per parameter tensor.
     params = list(model.parameters())
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1).to(params[0].grad)])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
         offset += p.numel()
+    return float(flat[-1])
+
+
+class SpikeGuard:
+    """Decides whether to apply an episode's update: not when its loss is non-finite, nor when it
+    exceeds ``factor`` x the median of the last ``SPIKE_WINDOW`` applied losses (once
+    ``SPIKE_WARMUP`` are known). One outlier episode (an adapter the model maps to a huge code)
+    otherwise throws AdamW's moments off and the run spends hundreds of steps recovering."""
+
+    def __init__(self, factor: float | None):
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
+
+    def accept(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        warm = self.factor is not None and len(self.recent) >= SPIKE_WARMUP
+        if warm and loss > self.factor * float(np.median(self.recent)):
+            return False
+        self.recent.append(loss)
+        return True
 
 
 def _load_checkpoint(model, optimizer) -> int:
@@ -373,7 +400,8 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     rng = np.random.default_rng([cfg.train.seed, rank, start])
     sums: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, skipped = time.perf_counter(), 0, 0
+    guard = SpikeGuard(cfg.train.skip_spikes)
     for step in range(start + 1, cfg.train.steps + 1):
         episode = pool.sample(cfg.train.max_tasks, rng)
         batch = EpisodeBatch(
@@ -390,17 +418,22 @@ def train_loop(config: dict[str, Any]) -> None:
         losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
         optimizer.zero_grad()
         losses["loss"].backward()
-        _average_gradients(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        if guard.accept(_average_gradients(model, losses["loss"])):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+        else:
+            skipped += 1
         window_steps += 1
         is_checkpoint = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
         if step % cfg.train.report_every == 0 or is_checkpoint:
             elapsed = time.perf_counter() - window_start
-            metrics = {k: v / window_steps for k, v in sums.items()}
+            # loss terms: means over the window's applied episodes
+            applied = window_steps - skipped
+            metrics = {k: sums[k] / applied if applied else float("nan") for k in LOSS_TERMS}
             metrics.update(
+                skipped=skipped,
                 step=step,
                 start_step=start,  # > 0 when this attempt continued from a checkpoint
                 episodes_per_s=window_steps * context.get_world_size() / max(elapsed, 1e-9),
@@ -410,7 +443,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 print(
                     f"[icmf train] step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
                     f"recon {metrics['recon']:.4f} kl {metrics['kl']:.2f} fusion {metrics['fusion']:.4f} "
-                    f"{metrics['episodes_per_s']:.1f} episodes/s",
+                    f"{metrics['episodes_per_s']:.1f} episodes/s"
+                    + (f" ({skipped} spike(s) skipped)" if skipped else ""),
                     flush=True,
                 )
             extra = {
@@ -423,7 +457,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     model, normalizer, pool, store, vectors, layout, cfg.train.seed
                 )
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
-            sums, window_start, window_steps = {}, time.perf_counter(), 0
+            sums, window_start, window_steps, skipped = {}, time.perf_counter(), 0, 0
 
 
 # ----------------------------------------------------------------------------- driver side

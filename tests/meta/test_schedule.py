@@ -45,3 +45,18 @@ def test_schedule_faults_are_listed_together():
     bad["train"]["min_lr_ratio"] = 0.5
     with pytest.raises(MetaConfigError, match=r"warmup_steps must be < train\.steps"):
         load_config(bad)
+
+
+def test_spike_guard_skips_outliers_and_non_finite_losses_only():
+    from engine.meta.train import SPIKE_WARMUP, SpikeGuard
+
+    guard = SpikeGuard(10.0)
+    assert not guard.accept(float("nan")) and not guard.accept(float("inf"))
+    # before the warm-up every finite loss is applied, however large
+    assert all(guard.accept(v) for v in [1.0] * (SPIKE_WARMUP - 1) + [50.0])
+    assert guard.accept(9.9)  # the median of the applied ones is 1.0: under 10x
+    assert not guard.accept(10.5)
+    assert guard.accept(2.0)
+    assert len(guard.recent) == SPIKE_WARMUP + 2  # the skipped one is not remembered
+    off = SpikeGuard(None)
+    assert all(off.accept(v) for v in [1.0] * 50 + [1e9]) and not off.accept(float("nan"))
