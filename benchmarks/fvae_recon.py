@@ -13,7 +13,7 @@ plus the KL and how much the output moves when ``z`` does (``D(mu)`` vs ``D(0)``
 the linear reference: the best rank-``k`` linear code fitted on the training adapters.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.fvae_recon --suite encoder \
-        --set norm=none --set recon_reduction=sum
+        --set norm=none --set recon_reduction=sum [--pca] [--name fvae_geometry_encoder]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._common import RESULTS
+from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
 from engine.catalog import Catalog
 from engine.fvae.config import FVAEConfig
@@ -97,6 +97,23 @@ def pca_reference(normalizer, layout, x, masks, split, ks=(8, 32, 10_000)) -> di
     return out
 
 
+def adapter_geometry(normalizer, layout, x, masks, tasks) -> dict[str, float]:
+    """Mean cosine between normalised adapters (present slots) of the same task and of different
+    tasks: how much of an adapter a code of its task could predict at all. Adapters of one task
+    from different seeds share little in weight space (each LoRA's factors live in the subspace
+    its random initialisation picked), which bounds what any F-VAE reconstructs of an adapter it
+    did not train on."""
+    xn = normalizer.normalize(x) * slot_mask(masks, layout).float()
+    unit = torch.nn.functional.normalize(xn.double(), dim=1)
+    cos = unit @ unit.T
+    same = torch.as_tensor(tasks[:, None] == tasks[None, :])
+    off_diagonal = ~torch.eye(len(tasks), dtype=torch.bool)
+    return {
+        "within_task_cos": float(cos[same & off_diagonal].mean()),
+        "cross_task_cos": float(cos[~same].mean()),
+    }
+
+
 def parse_value(text: str):
     for kind in (int, float):
         try:
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], help="FVAEConfig field=value (repeatable)")
     parser.add_argument("--pca", action="store_true", help="also print the linear (PCA) reference")
     parser.add_argument("--every", type=int, default=100, help="print progress every this many steps")
+    parser.add_argument("--name", default=None, help="also write results/<name>.json")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -170,11 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
         rows = np.flatnonzero(split == part)
         result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows)
         print(f"  {part:8s} " + " ".join(f"{k} {v:.3f}" for k, v in result[part].items()))
+    result["geometry"] = adapter_geometry(normalizer, layout, x, masks, tasks)
+    print("  geometry " + " ".join(f"{k} {v:.3f}" for k, v in result["geometry"].items()))
     if args.pca:
         result["pca"] = pca_reference(normalizer, layout, x, masks, split)
         for name, row in result["pca"].items():
             print(f"  {name:8s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"  seconds {time.perf_counter() - start:.0f}")
+    if args.name:
+        write_json(args.name, {**result, "seed": args.seed, "environment": environment()})
     return result
 
 
