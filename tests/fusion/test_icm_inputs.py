@@ -275,7 +275,8 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
 
     partial = fuse(ADAPTERS, weights, {})
     details = partial.provenance["details"]["familiarity"]
-    assert details["mode"] == "partial" and details["arithmetic_inputs"] == [2] and details["gate"] == 0.0
+    # the gate reported is the latent part's: both its inputs are fully familiar
+    assert details["mode"] == "partial" and details["arithmetic_inputs"] == [2] and details["gate"] == 1.0
     # = 0.5 x icm(inputs 0, 1 with weights 0.6, 0.4; both familiar: ungated) + 0.5 x dW_2
     familiar = fuse(ADAPTERS[:2], [0.6, 0.4], {"familiarity_gate": False}).adapter
     want = {n: 0.5 * d for n, d in _dense(familiar).items()}
@@ -285,7 +286,7 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
-    # 'min' (and refinement, which 'partial' does not cover) fall back to arithmetic for all inputs
+    # 'min' falls back to arithmetic for all inputs
     whole = fuse(ADAPTERS, weights, {"gate_mode": "min"}).adapter
     arithmetic = {
         n: sum(w * _dense(a).get(n, 0) for w, a in zip(weights, ADAPTERS, strict=True)) for n in got

@@ -210,6 +210,31 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
         fuse_adapters(adapters, "icm", params={"refine_steps": 2}, context={"fvae": artifact}, **common)
 
 
+def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monkeypatch):
+    import engine.fusion.methods.icm as icm_module
+
+    catalog = lab_catalog.catalog
+    layout = catalog.layout()
+    artifact = tiny_artifact(layout)
+    artifact.meta["familiarity"] = {"reference": 0.3}
+    # copy is familiar, reverse cannot be represented: reverse enters by arithmetic
+    monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 0.0]))
+    objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
+    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    common = dict(tasks=["copy", "reverse"], seed=0, context={"fvae": artifact, "objective": objective})
+    plain = fuse_adapters(adapters, "icm", **common)
+    refined = fuse_adapters(
+        adapters, "icm", params={"refine_steps": 10, "refine_lr": 0.2, "refine_holdout": 0}, **common
+    )
+    for fused in (plain, refined):
+        assert fused.provenance["details"]["familiarity"]["arithmetic_inputs"] == [1]
+    record = refined.provenance["details"]["refine"]
+    # step 0 of the refinement is the unrefined partial fusion; the best step is no worse
+    assert record["support_loss_start"] == pytest.approx(objective.adapter_loss(plain.adapter), rel=1e-4)
+    assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_best"], rel=1e-4)
+    assert record["support_loss_best"] <= record["support_loss_start"]
+
+
 def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_path):
     from engine.cli.main import main
 

@@ -26,6 +26,7 @@ results are bit-identical with and without it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import pydantic
@@ -89,7 +90,7 @@ class IcmParams(pydantic.BaseModel):
         "familiarity (one unfamiliar input turns the fusion into task arithmetic); 'partial' leaves the "
         "inputs the F-VAE cannot represent at all (familiarity 0) out of the latent fusion and merges "
         "them by task arithmetic with the latent fusion of the others (gated by the least familiar of "
-        "those). 'partial' needs combine 'weighted' and no refinement; otherwise 'min' applies",
+        "those; refinement refines all weights). 'partial' needs combine 'weighted'; otherwise 'min' applies",
     )
 
     @pydantic.model_validator(mode="after")
@@ -110,7 +111,7 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     artifact = inputs.context.get("fvae")
     if artifact is None:
         raise FusionConfigError("icm needs a trained F-VAE: pass --model DIR (the output of `icmf train`)")
-    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
+    layout, model = artifact.layout, artifact.model
     model.eval()
     tasks = inputs.tasks or [f"input{i}" for i in range(len(inputs.adapters))]
     # The per-input half (canonical form, condition, encode, decode of mu, exact factors) is the
@@ -123,36 +124,30 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         params.task_vectors,
         _inputs_cache(inputs),
     )
-    mu = torch.stack([e.mu for e in encoded])  # [K, latent]
-    cond = torch.stack([e.cond for e in encoded])  # [K, d]
-    masks = torch.stack([e.mask for e in encoded])  # [K, M]
-    decoded = torch.stack([e.decoded for e in encoded]) if params.anchor else None  # [K, N]
-    inputs_factors = [list(e.factors) for e in encoded]
+    latents = _Latents(
+        mu=torch.stack([e.mu for e in encoded]),
+        cond=torch.stack([e.cond for e in encoded]),
+        masks=torch.stack([e.mask for e in encoded]),
+        decoded=torch.stack([e.decoded for e in encoded]) if params.anchor else None,
+        inputs_factors=[list(e.factors) for e in encoded],
+    )
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
     details: dict = {}
-    gate, known = 1.0, None
+    gate, split = 1.0, None
     if params.gated:
         gate, known, details["familiarity"] = _familiarity_gate(
             encoded, alpha, artifact, required="familiarity_gate" in params.model_fields_set
         )
-    partial = _unfamiliar_inputs(known, alpha, params)
+        split = _partial_split(known, alpha, params)
+        if split is not None:
+            details["familiarity"].update(mode="partial", arithmetic_inputs=split.unfamiliar, gate=split.gate)
     with torch.no_grad():
-        if partial is not None:
-            factors = _partial_factors(
-                artifact, mu, cond, decoded, inputs_factors, masks, alpha, known, params
-            )
-            details["familiarity"].update(mode="partial", arithmetic_inputs=partial)
-        else:
-            z_f, v_f = fuse_latents(mu, cond, alpha, combine=params.combine, project=params.project)
-            fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
-            factors = _decoded_factors(fused, decoded, inputs_factors, masks, alpha, layout, params, gate)
+        factors = _fused_factors(artifact, latents, alpha, params, gate, split)
     if params.refine_steps:
         objective = _objective(inputs, layout, tasks)
-        factors, refined = refine_latent(
-            model, normalizer, mu, cond, alpha, objective, tasks, params, inputs_factors, decoded, masks, gate
-        )
+        factors, refined = refine_latent(artifact, latents, alpha, objective, tasks, params, gate, split)
         details.update(refined)
-    mask = masks.any(dim=0)
+    mask = latents.masks.any(dim=0)
     modules = {}
     for spec, (A, B) in zip(layout.modules, factors, strict=True):
         if not bool(mask[layout.index[spec.name]]):
@@ -217,59 +212,6 @@ def _familiarity_gate(
     return gate, known, details
 
 
-def _unfamiliar_inputs(
-    known: torch.Tensor | None, alpha: torch.Tensor, params: IcmParams
-) -> list[int] | None:
-    """The inputs ``gate_mode: partial`` merges by task arithmetic (familiarity 0), or None when
-    partial fusion does not apply (gate off, 'min', refinement, another combine, or no input —
-    or every input — unfamiliar)."""
-    if known is None or params.gate_mode != "partial" or params.refine_steps or params.combine != "weighted":
-        return None
-    used = alpha != 0
-    unfamiliar, familiar = used & (known == 0), used & (known > 0)
-    if not bool(unfamiliar.any()) or not bool(familiar.any()) or float(alpha[familiar].sum()) <= 0:
-        return None
-    return unfamiliar.nonzero().flatten().tolist()
-
-
-def _partial_factors(artifact, mu, cond, decoded, inputs_factors, masks, alpha, known, params: IcmParams):
-    """``gate_mode: partial``: ``W_F * icm(F) + sum_{u unfamiliar} alpha_u dW_u``.
-
-    ``F``, the familiar inputs, are fused in latent space as a fusion of their own, with weights
-    ``alpha_F / W_F`` (``W_F = sum alpha_F``: the relative weights meta-training's episodes use)
-    and the displacement gated by the least familiarity among them; the result enters the task
-    arithmetic with the unfamiliar inputs' exact deltas at weight ``W_F``.
-    """
-    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    used = alpha != 0
-    familiar = (used & (known > 0)).nonzero().flatten()
-    unfamiliar = (used & (known == 0)).nonzero().flatten().tolist()
-    total = alpha[familiar].sum()
-    weights = alpha[familiar] / total
-    z_f, v_f = fuse_latents(mu[familiar], cond[familiar], weights, combine="weighted", project=params.project)
-    fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
-    sub = _decoded_factors(
-        fused,
-        decoded[familiar],
-        [inputs_factors[i] for i in familiar.tolist()],
-        masks[familiar],
-        weights,
-        layout,
-        params,
-        float(known[familiar].min()),
-    )
-    factors = []
-    for m, (A, B) in enumerate(sub):
-        A_parts, B_parts = [A], [B * total]
-        for u in unfamiliar:
-            if bool(masks[u, m]):
-                A_u, B_u = inputs_factors[u][m]
-                A_parts.append(A_u.to(A.dtype))
-                B_parts.append(B_u.to(B.dtype) * alpha[u])
-        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
-    return factors
-
-
 def training_error(artifact) -> float | None:
     """The reconstruction error an input may have and still count as familiar: the 90th percentile
     of the final F-VAE's errors on its training adapters (``familiarity.reference``, measured by
@@ -280,6 +222,102 @@ def training_error(artifact) -> float | None:
         return float(measured)
     recon = (artifact.meta.get("metrics") or {}).get("recon")
     return None if recon is None else float(recon)
+
+
+@dataclass
+class _Latents:
+    """The encoded inputs of one fusion. Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``masks
+    [K, M]``, ``decoded [K, N]`` (de-normalised ``D(mu_t)``; None without ``anchor``);
+    ``inputs_factors[t][m]`` = input t's exact ``(A, B)`` of module m."""
+
+    mu: torch.Tensor
+    cond: torch.Tensor
+    masks: torch.Tensor
+    decoded: torch.Tensor | None
+    inputs_factors: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def subset(self, index: list[int]) -> _Latents:
+        return _Latents(
+            self.mu[index],
+            self.cond[index],
+            self.masks[index],
+            None if self.decoded is None else self.decoded[index],
+            [self.inputs_factors[i] for i in index],
+        )
+
+
+@dataclass(frozen=True)
+class _PartialSplit:
+    """``gate_mode: partial``: the inputs fused in latent space, those merged by arithmetic, and
+    the gate of the latent part (the least familiarity among its inputs)."""
+
+    familiar: list[int]
+    unfamiliar: list[int]
+    gate: float
+
+
+def _partial_split(
+    known: torch.Tensor | None, alpha: torch.Tensor, params: IcmParams
+) -> _PartialSplit | None:
+    """The split ``gate_mode: partial`` makes (unfamiliar = familiarity 0), or None when it does
+    not apply (gate off, 'min', another combine than 'weighted', no unfamiliar input or no familiar
+    one, or familiar weights that do not sum to a positive total)."""
+    if known is None or params.gate_mode != "partial" or params.combine != "weighted":
+        return None
+    used = alpha != 0
+    unfamiliar, familiar = used & (known == 0), used & (known > 0)
+    if not bool(unfamiliar.any()) or not bool(familiar.any()) or float(alpha[familiar].sum()) <= 0:
+        return None
+    index = familiar.nonzero().flatten().tolist()
+    return _PartialSplit(index, unfamiliar.nonzero().flatten().tolist(), float(known[index].min()))
+
+
+def _fused_factors(
+    artifact,
+    latents: _Latents,
+    weights: torch.Tensor,
+    params: IcmParams,
+    gate: float,
+    split: _PartialSplit | None,
+    residual: torch.Tensor | None = None,
+    cond_residual: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-module factors of the fusion of ``latents`` with ``weights`` (differentiable in the
+    weights and the code / condition residuals that refinement adds).
+
+    Without ``split``: decode ``z_f`` (+ residual) and assemble (:func:`_decoded_factors`, gated by
+    ``gate``). With it: ``W_F * icm(F) + sum_{u unfamiliar} w_u dW_u``: the familiar inputs ``F``
+    are fused as a fusion of their own, with weights ``w_F / W_F`` (``W_F = sum w_F``: the relative
+    weights meta-training's episodes use) and the gate ``split.gate``, then merged by task
+    arithmetic with the unfamiliar inputs' exact deltas.
+    """
+    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
+    part, scale, gate_used = latents, None, gate
+    relative = weights
+    if split is not None:
+        part, scale, gate_used = latents.subset(split.familiar), weights[split.familiar].sum(), split.gate
+        relative = weights[split.familiar] / scale
+    z_f, v_f = fuse_latents(part.mu, part.cond, relative, combine=params.combine, project=params.project)
+    if residual is not None:
+        z_f = z_f + residual
+    if cond_residual is not None:
+        v_f = v_f + cond_residual
+    fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])  # [N]
+    factors = _decoded_factors(
+        fused, part.decoded, part.inputs_factors, part.masks, relative, layout, params, gate_used
+    )
+    if split is None:
+        return factors
+    merged = []
+    for m, (A, B) in enumerate(factors):
+        A_parts, B_parts = [A], [B * scale]
+        for u in split.unfamiliar:
+            if bool(latents.masks[u, m]):
+                A_u, B_u = latents.inputs_factors[u][m]
+                A_parts.append(A_u.to(A.dtype))
+                B_parts.append(B_u.to(B.dtype) * weights[u])
+        merged.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
+    return merged
 
 
 def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,25 +352,23 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
 
 
 def refine_latent(
-    model,
-    normalizer,
-    mu,
-    cond,
-    alpha,
+    artifact,
+    latents: _Latents,
+    alpha: torch.Tensor,
     objective,
     tasks,
-    params,
-    inputs_factors,
-    decoded=None,
-    masks=None,
+    params: IcmParams,
     gate: float = 1.0,
+    split: _PartialSplit | None = None,
 ):
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
     adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
     is frozen, so the adapter stays on the F-VAE's manifold, which is what keeps a few shots from
     overfitting. With ``decoded`` (the inputs' decoded reconstructions ``[K, N]``, ``anchor``),
-    the fused adapter is anchored on the inputs (:func:`engine.fvae.latent.anchored_factors`).
+    the fused adapter is anchored on the inputs (:func:`engine.fvae.latent.anchored_factors`);
+    with ``split`` (``gate_mode: partial``), the code is the familiar inputs' and the unfamiliar
+    ones enter by arithmetic, their weights refined too (:func:`_fused_factors`).
 
     With ``refine_span``, the fused adapter is the decoded one plus ``sum_t beta_t dW_t`` over the
     input adapters' exact deltas (``inputs_factors``), ``beta`` starting at 0 and refined too: the
@@ -342,11 +378,12 @@ def refine_latent(
     picks the step (early stopping; step 0 = no refinement), so few shots cannot make it worse
     than the unrefined fusion on data it was not fitted to.
 
-    Shapes: ``mu [K, latent]``, ``cond [K, d]``, ``alpha [K]``. Returns the per-module factors of
-    the best adapter seen (lowest held-out loss), detached, and a record.
+    Shapes: see :class:`_Latents`; ``alpha [K]``. Returns the per-module factors of the best
+    adapter seen (lowest held-out loss), detached, and a record.
     """
-    model.requires_grad_(False)
+    artifact.model.requires_grad_(False)
     layout = objective.host.layout
+    mu, cond, inputs_factors = latents.mu, latents.cond, latents.inputs_factors
     weights = alpha.clone().requires_grad_(params.refine_weights)
     residual = torch.zeros(mu.shape[1], requires_grad=True)
     cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
@@ -365,10 +402,7 @@ def refine_latent(
     best = (float("inf"), None, None, -1)
     history, checks = [], []
     for step in range(params.refine_steps + 1):
-        z_f, v_f = fuse_latents(mu, cond, weights, combine=params.combine, project=params.project)
-        z_f, v_f = z_f + residual, v_f + cond_residual
-        fused = normalizer.denormalize(model.decode(z_f[None], v_f[None])[0])
-        candidate = _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params, gate)
+        candidate = _fused_factors(artifact, latents, weights, params, gate, split, residual, cond_residual)
         if params.refine_span:
             candidate = _with_span(candidate, inputs_factors, beta)
         support = fit.loss(candidate, tasks)
