@@ -52,9 +52,10 @@ class TrainSection(_Strict):
     lr: float = pydantic.Field(2e-4, gt=0)
     weight_decay: float = pydantic.Field(0.01, ge=0)
     lr_schedule: Literal["constant", "cosine"] = pydantic.Field(
-        "cosine",
-        description="'cosine': linear warm-up, then a half cosine from lr down to min_lr_ratio x lr at "
-        "the last step (engine.meta.schedule); 'constant': lr throughout",
+        "constant",
+        description="'constant': lr throughout (the reference's); 'cosine': linear warm-up, then a half "
+        "cosine from lr down to min_lr_ratio x lr at the last step (engine.meta.schedule). On the lab's "
+        "generative suite, 4000 constant steps reached a lower training fusion loss (1.30 vs 1.40)",
     )
     warmup_steps: int | None = pydantic.Field(
         None, ge=0, description="cosine only; default 5% of the steps, at most 100"

@@ -19,9 +19,8 @@ def learning_rate(step: int, train: TrainSection) -> float:
     """The rate of optimiser step ``step`` (1-based).
 
     ``constant``: ``train.lr`` throughout. ``cosine``: a linear warm-up from ``lr / warmup`` to
-    ``lr`` over the warm-up steps, then a half cosine down to ``min_lr_ratio x lr`` at the last step.
-    A decaying rate is what keeps the end of a long run from the loss spikes a constant AdamW rate
-    shows there (the artifact is the last step's model).
+    ``lr`` over the warm-up steps, then a half cosine down to ``min_lr_ratio x lr`` at the last step,
+    so the last step's model (the artifact) is not taken at full rate, where a run can be mid-spike.
     """
     if train.lr_schedule == "constant":
         return train.lr

@@ -43,6 +43,7 @@ def config(catalog_uri: str, out: Path, steps: int, workers: int = 2, every: int
             "report_every": 5,
             "workers": workers,
             "lr": 1e-3,
+            "lr_schedule": "cosine",
         },
     }
 
