@@ -296,7 +296,8 @@ def _fused_factors(
     relative = weights
     if split is not None:
         part, scale, gate_used = latents.subset(split.familiar), weights[split.familiar].sum(), split.gate
-        relative = weights[split.familiar] / scale
+        # refinement moves the weights: keep the division finite if their total heads for 0
+        relative = weights[split.familiar] / scale.clamp_min(1e-3)
     z_f, v_f = fuse_latents(part.mu, part.cond, relative, combine=params.combine, project=params.project)
     if residual is not None:
         z_f = z_f + residual
