@@ -29,6 +29,7 @@ from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
 from engine.catalog import Catalog
 from engine.fvae.config import FVAEConfig
+from engine.fvae.latent import relative_error
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.step import slot_mask
@@ -72,7 +73,7 @@ def evaluate(model, normalizer, layout, x, masks, cond, rows) -> dict[str, float
         out = model.decode(mu, cond[rows])
         at_zero = model.decode(torch.zeros_like(mu), cond[rows])
         kl = float((-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean())
-    err = (((out - xn) ** 2) * weight).sum(1) / ((xn**2) * weight).sum(1)
+    err = relative_error(out, xn, weight)
     cos = (
         (out * xn * weight).sum(1) / ((out**2 * weight).sum(1).sqrt() * (xn**2 * weight).sum(1).sqrt())
     ).clamp(-1, 1)

@@ -144,7 +144,7 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
         reconstruction = model.decode(mu, cond)  # [1, N], normalised
         decoded = normalizer.denormalize(reconstruction)
     present = torch.from_numpy(layout.slot_mask(canonical.mask.numpy()))  # [N]
-    error = relative_error(reconstruction[0], xn, present)
+    error = float(relative_error(reconstruction[0], xn, present))
     # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
     factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
     return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error)

@@ -159,11 +159,14 @@ def anchored_factors(
     return factors
 
 
-def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """``||x_hat - x||^2 / ||x||^2`` over the slots in ``mask`` (all ``[N]``; normalised space)."""
+def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``||x_hat - x||^2 / ||x||^2`` over the slots in ``mask`` (normalised space).
+
+    Shapes: ``[..., N]`` each (a batch of adapters or one); returns ``[...]`` (0-d for one).
+    """
     weight = mask.to(target.dtype)
-    total = float((target.pow(2) * weight).sum())
-    return float(((reconstruction - target).pow(2) * weight).sum()) / max(total, 1e-12)
+    total = (target.pow(2) * weight).sum(dim=-1).clamp_min(1e-12)
+    return ((reconstruction - target).pow(2) * weight).sum(dim=-1) / total
 
 
 def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -180,8 +183,7 @@ def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: t
     """
     with torch.no_grad():
         mu, _ = model.encode(x, cond)
-        reconstruction = model.decode(mu, cond)
-    return torch.tensor([relative_error(r, t, m) for r, t, m in zip(reconstruction, x, present, strict=True)])
+        return relative_error(model.decode(mu, cond), x, present)
 
 
 def familiarity(errors: torch.Tensor, reference: float) -> torch.Tensor:

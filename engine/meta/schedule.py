@@ -1,11 +1,16 @@
-"""Learning-rate schedule of meta-training (pure Python; stateless, so a resumed run needs no
-scheduler state: the rate is a function of the step alone)."""
+"""Step control of meta-training, pure Python: the learning-rate schedule (stateless, so a resumed
+run needs no scheduler state: the rate is a function of the step alone) and the spike guard."""
 
 from __future__ import annotations
 
+import collections
 import math
 
+import numpy as np
+
 from engine.meta.config import TrainSection
+
+SPIKE_WINDOW, SPIKE_WARMUP = 100, 20  # applied losses the spike guard compares with; when it starts
 
 
 def warmup_steps(train: TrainSection) -> int:
@@ -31,3 +36,24 @@ def learning_rate(step: int, train: TrainSection) -> float:
     progress = min(1.0, (step - warmup - 1) / max(1, train.steps - warmup - 1))
     floor = train.min_lr_ratio
     return train.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class SpikeGuard:
+    """Decides whether to apply an episode's update: not when its loss is non-finite, nor when it
+    exceeds ``factor`` x the median of the last ``SPIKE_WINDOW`` applied losses (once
+    ``SPIKE_WARMUP`` are known), so an outlier episode's gradient (e.g. of an adapter the model
+    maps to a huge code) never reaches AdamW's moments. Workers must feed it the same losses
+    (their mean) so that they skip the same steps."""
+
+    def __init__(self, factor: float | None):
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
+
+    def accept(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        warm = self.factor is not None and len(self.recent) >= SPIKE_WARMUP
+        if warm and loss > self.factor * float(np.median(self.recent)):
+            return False
+        self.recent.append(loss)
+        return True

@@ -9,10 +9,8 @@ group from the last checkpoint (``FailureConfig``); ``resume`` continues the lat
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
-import math
 import os
 import tempfile
 import time
@@ -35,7 +33,7 @@ from engine.fvae.normalize import SlotNormalizer
 from engine.meta.artifact import FVAEArtifact
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
-from engine.meta.schedule import learning_rate
+from engine.meta.schedule import SpikeGuard, learning_rate
 from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss, slot_mask
 from engine.meta.taskvec import project
 
@@ -46,7 +44,6 @@ HEAD_CACHE_SIZE = 1024  # adapters' heads a worker keeps loaded (a classifier he
 FAMILIARITY_PER_TASK = 16  # pooled adapters per task whose reconstruction the artifact records
 FAMILIARITY_QUANTILE = 0.9  # of those errors: the icm familiarity gate's reference
 LOSS_TERMS = ("loss", "recon", "kl", "fusion")  # what episode_loss returns
-SPIKE_WINDOW, SPIKE_WARMUP = 100, 20  # applied losses the spike guard compares with; when it starts
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
@@ -299,26 +296,6 @@ def _average_gradients(model: torch.nn.Module, loss: torch.Tensor) -> float:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
         offset += p.numel()
     return float(flat[-1])
-
-
-class SpikeGuard:
-    """Decides whether to apply an episode's update: not when its loss is non-finite, nor when it
-    exceeds ``factor`` x the median of the last ``SPIKE_WINDOW`` applied losses (once
-    ``SPIKE_WARMUP`` are known). One outlier episode (an adapter the model maps to a huge code)
-    otherwise throws AdamW's moments off and the run spends hundreds of steps recovering."""
-
-    def __init__(self, factor: float | None):
-        self.factor = factor
-        self.recent: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
-
-    def accept(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return False
-        warm = self.factor is not None and len(self.recent) >= SPIKE_WARMUP
-        if warm and loss > self.factor * float(np.median(self.recent)):
-            return False
-        self.recent.append(loss)
-        return True
 
 
 def _load_checkpoint(model, optimizer) -> int:

@@ -49,7 +49,7 @@ def test_schedule_faults_are_listed_together():
 
 
 def test_spike_guard_skips_outliers_and_non_finite_losses_only():
-    from engine.meta.train import SPIKE_WARMUP, SpikeGuard
+    from engine.meta.schedule import SPIKE_WARMUP, SpikeGuard
 
     guard = SpikeGuard(10.0)
     assert not guard.accept(float("nan")) and not guard.accept(float("inf"))
