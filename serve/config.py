@@ -16,6 +16,9 @@ import yaml
 from engine.errors import IcmfError
 
 
+PATH_FIELDS = ("catalog", "base_model", "tokenizer", "fvae")
+
+
 class ServeConfigError(IcmfError, ValueError):
     """The serving config is invalid; the message lists every fault."""
 
@@ -102,7 +105,7 @@ class ServeConfig(pydantic.BaseModel):
     def missing_paths(self) -> list[str]:
         """Faults for local paths that do not exist (URIs such as ``s3://`` are not checked)."""
         faults = []
-        for name in ("catalog", "base_model", "tokenizer", "fvae"):
+        for name in PATH_FIELDS:
             value = getattr(self, name)
             if value and "://" not in value and not Path(value).exists():
                 faults.append(f"{name}: {value} does not exist")
@@ -112,8 +115,10 @@ class ServeConfig(pydantic.BaseModel):
 def load_serve_file(path: str | Path, check_paths: bool = True) -> tuple[dict[str, Any], ServeConfig]:
     """Read a Serve config YAML: ``(its http_options, the first application's validated args)``.
 
-    Relative paths in the args are resolved against the current directory (as ``serve run``
-    would see them).
+    Relative local paths in the args (``catalog``, ``base_model``, ``tokenizer``, ``fvae``) are
+    relative to the YAML file's folder and come back absolute. (Ray's own ``serve run`` hands the
+    args to :func:`serve.app.build_app` unresolved, so there they are relative to the directory
+    it is started from.)
 
     Raises:
         ServeConfigError: unreadable file, no application, or invalid args (all faults listed).
@@ -128,4 +133,10 @@ def load_serve_file(path: str | Path, check_paths: bool = True) -> tuple[dict[st
     apps = data.get("applications") if isinstance(data, dict) else None
     if not apps or not isinstance(apps, list):
         raise ServeConfigError(f"{path}: needs an 'applications' list (Serve config format)")
-    return dict(data.get("http_options") or {}), ServeConfig.from_args(apps[0].get("args") or {}, check_paths)
+    args = dict(apps[0].get("args") or {})
+    base = path.resolve().parent
+    for name in PATH_FIELDS:
+        value = args.get(name)
+        if isinstance(value, str) and value and "://" not in value:
+            args[name] = str((base / Path(value).expanduser()).resolve())
+    return dict(data.get("http_options") or {}), ServeConfig.from_args(args, check_paths)

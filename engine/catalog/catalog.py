@@ -137,8 +137,11 @@ class Catalog:
                 (:meth:`load_adapter`), e.g. for a server that fuses the same inputs again and
                 again. Ids are content hashes, so a cached adapter is never stale. 0: no cache.
         """
-        self.uri = str(uri)
-        self.fs, self.root = cfs.resolve_uri(self.uri)
+        self.fs, self.root = cfs.resolve_uri(uri)
+        # A local path is made absolute here, on the process that was given it: a relative
+        # ``uri`` handed on to Ray workers (whose working directory differs) would open another,
+        # empty catalog there.
+        self.uri = str(uri) if "://" in str(uri) else self.root
         self._manifests: dict[int, pa.Table] = {}
         self._layouts: dict[str, Layout] = {}
         self._adapter_cache = ByteBoundedLRU(adapter_cache_bytes)

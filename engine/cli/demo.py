@@ -11,7 +11,7 @@ def register(commands) -> None:
     p.add_argument("--per-task", type=int, default=2, help="adapters to train per task")
     p.add_argument("--steps", type=int, default=60, help="training steps per adapter")
     p.add_argument("--fvae-steps", type=int, default=150, help="F-VAE meta-training steps (0 skips ICM)")
-    p.set_defaults(func=demo)
+    p.set_defaults(func=demo, log_dir_of=lambda args: Path(args.workdir) / "logs")
 
 
 def demo(args) -> int:

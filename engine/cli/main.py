@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from datetime import datetime
+from pathlib import Path
 
 from engine import __version__
+from engine.cli._output import library_output_to
 from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
 from engine.cli import eval as eval_cmd
@@ -23,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="icmf", description="ICM-Fusion: fuse catalogs of LoRA adapters on Ray."
     )
     parser.add_argument("--version", action="version", version=f"icmf {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and the libraries' output here instead of in the log file "
+        "($ICMF_LOG_DIR, default ~/.cache/icmf/logs; the demo's: <workdir>/logs)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     catalog_cmd.register(commands)
     demo_cmd.register(commands)
@@ -36,11 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_log_file(args: argparse.Namespace) -> Path:
+    """Where a command's library and Ray output goes: ``args.log_dir_of(args)`` when the command sets it
+    (the demo: its workdir), else ``$ICMF_LOG_DIR`` or ``~/.cache/icmf/logs``."""
+    log_dir_of = getattr(args, "log_dir_of", None)
+    log_dir = log_dir_of(args) if log_dir_of else os.environ.get("ICMF_LOG_DIR") or "~/.cache/icmf/logs"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(log_dir).expanduser().absolute() / f"{args.command}-{stamp}-{os.getpid()}.log"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_file = None if args.verbose else command_log_file(args)
     try:
-        return int(args.func(args) or 0)
+        with library_output_to(log_file):
+            return int(args.func(args) or 0)
     except (IcmfError, ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"icmf: error: {exc}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(
-        build_app(app_entry.get("args") or {}),
+        build_app(config.model_dump()),
         name=app_entry.get("name", "icmf"),
         route_prefix=app_entry.get("route_prefix", "/"),
     )

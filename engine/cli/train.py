@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 
 def register(commands) -> None:
     p = commands.add_parser("train", help="meta-train the F-VAE on a catalog (Ray Train)")
@@ -9,6 +13,33 @@ def register(commands) -> None:
     p.add_argument("--resume", action="store_true", help="continue the latest run under the config's out")
     p.add_argument("--workers", type=int, help="training workers (overrides train.workers)")
     p.set_defaults(func=train)
+
+
+def report_line(report: dict[str, Any]) -> str:
+    """One training report as the user reads it."""
+    skipped = f" ({report['skipped']} spike(s) skipped)" if report.get("skipped") else ""
+    return (
+        f"step {report['step']}/{report['steps']} loss {report['loss']:.4f} recon {report['recon']:.4f} "
+        f"kl {report['kl']:.2f} fusion {report['fusion']:.4f} {report['episodes_per_s']:.1f} episodes/s{skipped}"
+    )
+
+
+@contextmanager
+def training_progress(steps: int, print_reports: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar on a terminal; elsewhere (logs, CI) one line per report if ``print_reports``."""
+    from engine.cli._output import console, progress_bar
+
+    with progress_bar("meta-train the F-VAE", total=steps) as advance:
+        done = 0
+
+        def show(report: dict[str, Any]) -> None:
+            nonlocal done
+            advance(report["step"] - done)
+            done = report["step"]
+            if print_reports and not console.is_terminal:
+                console.print(report_line(report), highlight=False)
+
+        yield show
 
 
 def train(args) -> int:
@@ -19,6 +50,7 @@ def train(args) -> int:
 
     cfg = load_config(args.config)
     ensure_ray()
-    path = train_fvae(cfg, resume=args.resume, workers=args.workers)
+    with training_progress(cfg.train.steps, print_reports=True) as show:
+        path = train_fvae(cfg, resume=args.resume, workers=args.workers, progress=show)
     console.print(f"trained F-VAE written to {path}")
     return 0

@@ -11,9 +11,12 @@ import time
 import warnings
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
+from rich import box
 from rich.rule import Rule
 from rich.table import Table
 
@@ -21,6 +24,7 @@ from engine._ray import ensure_ray
 from engine.catalog import Catalog
 from engine.cli._output import console, progress_bar
 from engine.demo.tiny import TASKS, build_tiny_llama, save_tiny_llama, task_loss, train_lora
+from engine.tasks.lab import save_lab_tokenizer
 
 BASE_MODEL_ID = "icmf-demo/tiny-llama"
 
@@ -50,27 +54,30 @@ def train_adapters(workdir: Path, tasks: list[str], per_task: int, steps: int) -
 
 
 def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int = 150) -> dict:
+    """The demo in ``workdir``; returns its figures. Prints steps, tables and paths only: library
+    and Ray output is the caller's to route (``icmf demo`` sends it to ``<workdir>/logs``)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = list(TASKS)
     save_tiny_llama(workdir / "base")
+    save_lab_tokenizer(workdir / "base")
 
-    console.print(Rule("1. real PEFT adapters on a tiny Llama"))
+    console.print(Rule("1. real PEFT LoRA adapters on a tiny Llama"))
+    t0 = time.perf_counter()
     adapters = train_adapters(workdir, tasks, per_task, steps)
+    count = sum(len(paths) for paths in adapters.values())
+    console.print(
+        f"{count} adapters ({per_task} per task: {', '.join(tasks)}; ranks 4 and 8 on q, v, o) "
+        f"in {time.perf_counter() - t0:.0f}s: {workdir / 'adapters'}"
+    )
 
-    console.print(Rule("2. ingest into the catalog"))
+    console.print(Rule("2. the catalog: ingest, stream with Ray Data, per-slot statistics"))
     catalog = Catalog(workdir / "catalog")
-    for task, paths in adapters.items():
-        report = catalog.ingest(paths, task=task)
-        console.print(
-            f"{task}: {len(report.added)} added, {len(report.duplicates)} already present "
-            f"(version {report.version})"
-        )
-
-    console.print(Rule("3. stream with Ray Data and compute per-slot statistics"))
+    added = sum(len(catalog.ingest(paths, task=task).added) for task, paths in adapters.items())
     ensure_ray()
     layout = catalog.layout()
     t0 = time.perf_counter()
@@ -80,24 +87,18 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int 
         rows += len(batch["weights"])
     stream_s = time.perf_counter() - t0
     stats = catalog.compute_stats()
-
-    console.print(Rule("4. the catalog"))
-    table = Table(title=f"{catalog.uri} (version {catalog.version()}, layout {layout.layout_id})")
-    table.add_column("id", no_wrap=True)
-    for column in ("task", "rank", "params"):
-        table.add_column(column)
-    for e in catalog.entries():
-        table.add_row(e["id"], e["task"], str(e["rank"]), f"{e['num_params']:,}")
-    console.print(table)
     summary = stats.summary()
     console.print(
-        f"layout: {layout.num_modules} modules, r_max {layout.r_max}, N = {layout.size} floats per adapter; "
+        f"{added} new adapters in {workdir / 'catalog'} (version {catalog.version()}); layout "
+        f"{layout.num_modules} modules, r_max {layout.r_max}, N = {layout.size} floats per adapter"
+    )
+    console.print(
         f"streamed {rows} adapters in {stream_s:.2f}s; slot std mean {summary['mean_std']:.4g} "
         f"(min {summary['min_std']:.3g}, max {summary['max_std']:.3g})"
     )
 
-    console.print(Rule("5. export and check with stock PEFT"))
-    losses = Table(title="answer-token loss on held-out examples (lower is better)")
+    console.print(Rule("3. export to stock PEFT and check"))
+    losses = Table(title="answer-token loss on held-out examples (lower is better)", box=box.SIMPLE_HEAD)
     for column in ("task", "base model", "exported catalog adapter"):
         losses.add_column(column)
     base = build_tiny_llama()
@@ -111,14 +112,52 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int 
     console.print(losses)
 
     quality = {}
+    fvae_dir = None
     if fvae_steps > 0:
-        console.print(Rule("6. meta-train the F-VAE (Ray Train, 2 workers) and fuse all tasks"))
+        console.print(Rule("4. ICM-Fusion: task vectors, F-VAE meta-training (Ray Train, 2 workers)"))
         register_tasks(catalog, workdir, tasks)
         compute_demo_task_vectors(catalog, tasks)
-        artifact_dir = train_demo_fvae(catalog, workdir, fvae_steps)
-        quality = compare_methods(catalog, workdir, tasks, artifact_dir)
-    console.print(f"demo finished in {time.perf_counter() - start:.1f}s; artifacts in {workdir}")
-    return {"adapters": rows, "losses": results, "stats": summary, "quality": quality}
+        fvae_dir = train_demo_fvae(catalog, workdir, fvae_steps)
+        console.print(Rule(f"5. fuse all {len(tasks)} tasks and evaluate"))
+        quality = compare_methods(catalog, workdir, tasks, fvae_dir)
+    serve_file = write_serve_config(workdir, catalog, fvae_dir)
+    console.print(Rule("done"))
+    console.print(f"serve the result: icmf serve {serve_file}  (OpenAI API on http://127.0.0.1:8000/v1)")
+    console.print(
+        f"demo finished in {time.perf_counter() - start:.0f}s; artifacts in {workdir}, logs in {workdir / 'logs'}"
+    )
+    return {"adapters": rows, "losses": results, "stats": summary, "quality": quality, "serve": serve_file}
+
+
+def write_serve_config(workdir: Path, catalog: Catalog, fvae_dir: Path | None) -> Path:
+    """A Serve config for the demo's base model, tokenizer, catalog and F-VAE: ``workdir/serve.yaml``.
+
+    Paths are stored absolute, so the file works from any directory and with Ray's own
+    ``serve run`` too.
+    """
+    base = (workdir / "base").resolve()
+    args = {
+        "catalog": catalog.uri,
+        "base_model": str(base),
+        "tokenizer": str(base),
+        "tokenizer_kind": "hf",
+        "base_aliases": [BASE_MODEL_ID],
+        "cache_size": 8,
+        "limits": {"max_prompt_chars": 256, "max_tokens": 16},
+    }
+    if fvae_dir is not None:
+        args["fvae"] = str(fvae_dir.resolve())
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {"name": "icmf", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args}
+        ],
+    }
+    path = workdir / "serve.yaml"
+    header = "# Written by `icmf demo`: serve its result with `icmf serve " + str(path) + "`.\n"
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def register_tasks(catalog: Catalog, workdir: Path, tasks: list[str]) -> None:
@@ -168,7 +207,22 @@ def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
             "lr": 1e-3,
         },
     }
-    train_fvae(load_config(config))
+    from engine.cli.train import training_progress
+
+    t0 = time.perf_counter()
+    last: dict = {}
+    with training_progress(steps, print_reports=False) as show:
+
+        def record(report: dict) -> None:
+            last.update(report)
+            show(report)
+
+        train_fvae(load_config(config), progress=record)
+    console.print(
+        f"F-VAE meta-trained for {steps} steps in {time.perf_counter() - t0:.0f}s"
+        + (f" (last window: loss {last['loss']:.3f}, recon {last['recon']:.3f})" if last else "")
+        + f": {out}"
+    )
     return out
 
 
@@ -193,18 +247,23 @@ def compare_methods(catalog: Catalog, workdir: Path, tasks: list[str], artifact_
     artifact = FVAEArtifact.load(str(artifact_dir))
     objective = FewShotObjective.from_catalog(catalog, tasks, artifact.layout)
     context = {"fvae": artifact, "objective": objective, "loss_fn": objective.adapter_loss}
-    table = Table(title=f"fusing {len(tasks)} tasks: gap closure G on held-out examples (1 = own adapter)")
+    table = Table(
+        title=f"fusing {len(tasks)} tasks: gap closure G on held-out examples (1 = own adapter)",
+        box=box.SIMPLE_HEAD,
+    )
     for column in ("method", "mean G", "worst G", "worst task"):
         table.add_column(column)
     quality = {}
-    for label, params in DEMO_METHODS.items():
-        method = label.split("+")[0]
-        result = fuse_from_catalog(catalog, method, tasks=tasks, params=params, context=context)
-        out = result.save(workdir / "fused" / label, overwrite=True)
-        report = evaluate_fusion(catalog, tasks, out)
-        quality[label] = {"mean_gap": report.mean_gap, "worst_gap": report.worst_gap}
-        fmt = lambda g: "n/a" if g is None else f"{g:.3f}"  # noqa: E731
-        table.add_row(label, fmt(report.mean_gap), fmt(report.worst_gap), str(report.worst_task))
+    with progress_bar("fuse and evaluate", total=len(DEMO_METHODS)) as advance:
+        for label, params in DEMO_METHODS.items():
+            method = label.split("+")[0]
+            result = fuse_from_catalog(catalog, method, tasks=tasks, params=params, context=context)
+            out = result.save(workdir / "fused" / label, overwrite=True)
+            report = evaluate_fusion(catalog, tasks, out)
+            quality[label] = {"mean_gap": report.mean_gap, "worst_gap": report.worst_gap}
+            fmt = lambda g: "n/a" if g is None else f"{g:.3f}"  # noqa: E731
+            table.add_row(label, fmt(report.mean_gap), fmt(report.worst_gap), str(report.worst_task))
+            advance()
     console.print(table)
     chart = write_chart(quality, workdir / "fusion_quality.png", len(tasks))
     console.print(f"chart: {chart}")

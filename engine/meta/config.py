@@ -156,8 +156,19 @@ class MetaTrainConfig(_Strict):
         return [t for t in chosen if t not in self.exclude_tasks]
 
 
+def _local_path(value: str, base: Path) -> str:
+    """A URI unchanged; a local path absolute, relative ones taken against ``base``."""
+    if "://" in value:
+        return value
+    return str((base / Path(value).expanduser()).resolve())
+
+
 def load_config(source: str | Path | dict) -> MetaTrainConfig:
-    """Parse and validate a config file (or dict); raise :class:`MetaConfigError` listing every fault."""
+    """Parse and validate a config file (or dict); raise :class:`MetaConfigError` listing every fault.
+
+    Relative ``catalog`` and ``out`` paths are relative to the YAML file's folder (to the current
+    directory for a dict) and come back absolute.
+    """
     if isinstance(source, dict):
         data, where = source, "config"
     else:
@@ -171,6 +182,9 @@ def load_config(source: str | Path | dict) -> MetaTrainConfig:
         where = str(path)
     if not isinstance(data, dict):
         raise MetaConfigError(f"{where}: must be a mapping of sections")
+    # Resolved once, here on the driver: Ray Train workers run in another working directory.
+    base = Path(source).resolve().parent if not isinstance(source, dict) else Path.cwd()
+    data = {**data, **{k: _local_path(data[k], base) for k in ("catalog", "out") if isinstance(data.get(k), str)}}
     try:
         return MetaTrainConfig.model_validate(data)
     except pydantic.ValidationError as exc:

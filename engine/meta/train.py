@@ -13,8 +13,11 @@ import functools
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -347,7 +350,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg = MetaTrainConfig.model_validate(config["cfg"])
     layout = Layout.from_dict(config["layout"])
-    normalizer = SlotNormalizer(torch.as_tensor(config["mean"]), torch.as_tensor(config["std"]))
+    # Copies: the arrays arrive read-only from Ray's object store.
+    normalizer = SlotNormalizer(torch.tensor(config["mean"]), torch.tensor(config["std"]))
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
@@ -424,6 +428,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     + (f" ({skipped} spike(s) skipped)" if skipped else ""),
                     flush=True,
                 )
+                if config.get("progress") is not None:  # the driver's progress display
+                    config["progress"].put_nowait({"step": step, "steps": cfg.train.steps, **metrics})
             extra = {
                 "pool_sizes": {t: len(s) for t, s in pool.slots.items()},
                 "streamed": dict(pool.seen),
@@ -460,10 +466,49 @@ def _storage_path(out: str) -> str:
     return path.rstrip("/") + "/runs" + sep + query
 
 
-def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None = None) -> str:
+@contextmanager
+def _forward_progress(queue, progress: Callable[[dict[str, Any]], None] | None):
+    """While the block runs, hand each report put on ``queue`` by rank 0 to ``progress``."""
+    if queue is None or progress is None:
+        yield
+        return
+    from ray.util.queue import Empty
+
+    done = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                progress(queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # the queue actor is gone (Ray shutting down): stop showing progress
+                return
+
+    thread = threading.Thread(target=drain, name="icmf-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        import ray
+
+        ray.kill(queue.actor)
+
+
+def train_fvae(
+    cfg: MetaTrainConfig,
+    resume: bool = False,
+    workers: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> str:
     """Meta-train an F-VAE on a catalog with Ray Train; returns the artifact location.
 
     Needs a running Ray (``engine._ray.ensure_ray``). Statistics are recomputed when stale.
+    ``progress`` is called on the driver with each report of rank 0 (``step``, ``steps`` and the
+    window's metrics), from a background thread.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -497,6 +542,12 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
         vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
     shares = worker_shares(catalog, layout.layout_id, tasks, num_workers, cfg.train.data_split)
     name, resuming = _run_name(cfg.out, resume)
+    progress_queue = None
+    if progress is not None:
+        from ray.util.queue import Queue
+
+        # No CPU: the training workers and Ray Data hold them all.
+        progress_queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -509,6 +560,7 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             "cond_dim": int(vector_source["dim"]),
             "fusion_loss": fusion_loss,
             "num_shares": len(shares),
+            "progress": progress_queue,
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
@@ -525,7 +577,8 @@ def train_fvae(cfg: MetaTrainConfig, resume: bool = False, workers: int | None =
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    result = trainer.fit()
+    with _forward_progress(progress_queue, progress):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as directory:

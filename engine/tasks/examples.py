@@ -17,7 +17,9 @@ labels are then parsed as integers. Splitting is deterministic (see :class:`Spli
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.tasks.errors import ExamplesError
-from engine.tasks.spec import EXAMPLE_FORMATS, SplitSpec, TaskDefinition, infer_format
+from engine.tasks.spec import CATALOG_RELATIVE, EXAMPLE_FORMATS, SplitSpec, TaskDefinition, infer_format
 
 if TYPE_CHECKING:
     import datasets
@@ -130,6 +132,7 @@ def _normalize(
     raw: datasets.Dataset, columns: Mapping[str, str], source: str, num_labels: int | None
 ) -> datasets.Dataset:
     import datasets
+    from datasets.table import InMemoryTable
 
     data, faults = {}, []
     for role, column in columns.items():
@@ -144,7 +147,11 @@ def _normalize(
         if len(faults) > MAX_FAULTS:
             shown.append(f"... and {len(faults) - MAX_FAULTS} more")
         raise ExamplesError(source, shown)
-    return datasets.Dataset.from_dict(data)
+    # Our own fingerprint: ``Dataset.from_dict`` would hash the Arrow table with dill, whose
+    # global-variable scan swaps ``sys.stdout`` and, racing another thread of a Ray worker, prints
+    # a bytecode disassembly into the user's terminal.
+    fingerprint = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return datasets.Dataset(InMemoryTable.from_pydict(data), fingerprint=fingerprint)
 
 
 def _convert_column(values: Sequence[Any], convert: Callable, role: str, column: str):
@@ -266,9 +273,15 @@ def _hashable(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------- task level
 def examples_uri(definition: TaskDefinition, catalog: Catalog | None = None) -> str:
-    """Where a task's examples are: a URI or absolute path as stored, or relative to the catalog root."""
+    """Where a task's examples are: a URI or absolute path as stored, or, for ``catalog:PATH``
+    (and, from definitions written before that form, a bare relative path), ``PATH`` under the
+    catalog root."""
     source = definition.examples
-    if "://" in source or os.path.isabs(source) or catalog is None:
+    if source.startswith(CATALOG_RELATIVE):
+        source = source[len(CATALOG_RELATIVE) :].lstrip("/")
+    elif "://" in source or os.path.isabs(source):
+        return source
+    if catalog is None:
         return source
     if "://" in catalog.uri:
         return f"{catalog.uri.rstrip('/')}/{source}"

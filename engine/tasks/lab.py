@@ -77,3 +77,24 @@ def write_lab_examples(path: str | Path, task: str, n: int, seed: int = 0) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(e) + "\n" for e in lab_examples(task, n, seed)))
     return path
+
+
+def save_lab_tokenizer(path: str | Path) -> Path:
+    """Save :data:`LAB_VOCAB` as a transformers tokenizer (``AutoTokenizer.from_pretrained(path)``).
+
+    One token per whitespace-separated word, the same ids as :func:`lab_model_spec`'s tokenizer, no
+    BOS added; ``<sep>`` ends a sequence. A server (``tokenizer_kind: hf``) or any transformers
+    code can then talk to the tiny Llama in text.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    unknown = next(token for token in LAB_VOCAB if token.startswith("<unused"))
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(LAB_VOCAB)}, unk_token=unknown))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<sep>", unk_token=unknown
+    )
+    path = Path(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -19,6 +19,7 @@ Example model spec (YAML)::
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -307,6 +308,17 @@ class SplitSpec(_Strict):
         return n_eval, self.support, rest if self.train is None else self.train
 
 
+CATALOG_RELATIVE = "catalog:"
+
+
+def absolute_location(location: str) -> str:
+    """``location`` as it must be stored: URIs, absolute paths and ``catalog:PATH`` unchanged, a
+    relative path made absolute against the current directory (where the user wrote it)."""
+    if "://" in location or location.startswith(CATALOG_RELATIVE) or os.path.isabs(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
 class TaskDefinition(_Strict):
     """A task as stored in a catalog (``tasks/<name>.json``).
 
@@ -314,8 +326,9 @@ class TaskDefinition(_Strict):
         format: schema version of this file.
         name: task name (the ``task`` of its catalog adapters); ``[A-Za-z0-9._-]``.
         model: the model spec.
-        examples: the examples file: an absolute path, a URI, or a path relative to the catalog
-            root.
+        examples: the examples file: a URI, an absolute path, or ``catalog:PATH`` for a file under
+            the catalog root. A relative path is relative to the current directory and is made
+            absolute when the definition is stored (:func:`absolute_locations`).
         examples_format: ``json`` (JSON Lines), ``csv`` or ``parquet``; default from the suffix.
         fields: role -> column name where they differ (roles: ``prompt``/``completion``,
             ``text``/``label`` or ``input``/``label`` by model kind).
@@ -358,6 +371,18 @@ class TaskDefinition(_Strict):
                 f"set it to one of {list(EXAMPLE_FORMATS)}"
             )
         return faults
+
+    def absolute_locations(self) -> TaskDefinition:
+        """A copy whose examples file, model directory and tokenizer directory are URIs, absolute
+        paths or ``catalog:PATH``, so the stored definition means the same from any directory, on
+        any Ray worker."""
+        model = self.model
+        if model.path is not None:
+            model = model.model_copy(update={"path": absolute_location(model.path)})
+        if model.tokenizer is not None and model.tokenizer.path is not None:
+            tokenizer = model.tokenizer.model_copy(update={"path": absolute_location(model.tokenizer.path)})
+            model = model.model_copy(update={"tokenizer": tokenizer})
+        return self.model_copy(update={"examples": absolute_location(self.examples), "model": model})
 
     @property
     def columns(self) -> dict[str, str]:

@@ -27,6 +27,9 @@ def task_path(catalog: Catalog, name: str) -> str:
 def save_task(catalog: Catalog | str, definition: TaskDefinition, overwrite: bool = False) -> str:
     """Store ``definition`` in the catalog; returns the file's path.
 
+    Relative paths in it (examples, model and tokenizer directories) are relative to the current
+    directory and stored absolute; ``catalog:PATH`` keeps a path under the catalog root.
+
     Raises:
         CatalogError: if the task exists and ``overwrite`` is false.
     """
@@ -36,6 +39,7 @@ def save_task(catalog: Catalog | str, definition: TaskDefinition, overwrite: boo
         raise CatalogError(
             f"task {definition.name!r} already exists in {catalog.uri}; pick another name or overwrite it"
         )
+    definition = definition.absolute_locations()
     if definition.created is None:
         definition = definition.model_copy(update={"created": datetime.now(timezone.utc).isoformat()})
     data = json.dumps(definition.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
