@@ -15,7 +15,6 @@ import yaml
 
 from engine.errors import IcmfError
 
-
 PATH_FIELDS = ("catalog", "base_model", "tokenizer", "fvae")
 
 

@@ -9,7 +9,6 @@ from datetime import datetime
 from pathlib import Path
 
 from engine import __version__
-from engine.cli._output import library_output_to
 from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
 from engine.cli import eval as eval_cmd
@@ -19,6 +18,7 @@ from engine.cli import serve as serve_cmd
 from engine.cli import task as task_cmd
 from engine.cli import taskvec as taskvec_cmd
 from engine.cli import train as train_cmd
+from engine.cli._output import library_output_to
 from engine.errors import IcmfError
 
 

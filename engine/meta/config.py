@@ -184,7 +184,10 @@ def load_config(source: str | Path | dict) -> MetaTrainConfig:
         raise MetaConfigError(f"{where}: must be a mapping of sections")
     # Resolved once, here on the driver: Ray Train workers run in another working directory.
     base = Path(source).resolve().parent if not isinstance(source, dict) else Path.cwd()
-    data = {**data, **{k: _local_path(data[k], base) for k in ("catalog", "out") if isinstance(data.get(k), str)}}
+    data = {
+        **data,
+        **{k: _local_path(data[k], base) for k in ("catalog", "out") if isinstance(data.get(k), str)},
+    }
     try:
         return MetaTrainConfig.model_validate(data)
     except pydantic.ValidationError as exc:
