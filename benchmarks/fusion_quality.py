@@ -267,7 +267,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     unseen: list[str] = []
     icm_rows: list[MethodRow] = []
     if not args.no_icm:
-        from engine.meta.artifact import FVAEArtifact
+        from engine.fvae.artifact import FVAEArtifact
 
         unseen = unseen_tasks(name, harness.tasks, args.seed)
         overrides: dict[str, Any] = {}
@@ -335,7 +335,7 @@ def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict
 
 def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:
     """icm with an F-VAE meta-trained on the long-tailed catalog: tail tasks' gap closure."""
-    from engine.meta.artifact import FVAEArtifact
+    from engine.fvae.artifact import FVAEArtifact
 
     overrides = {"train": {"steps": args.longtail_steps}}
     fvae_dir, config = trained_fvae(suite, name, "longtail", unseen, args.seed, overrides, log)

@@ -7,8 +7,8 @@ import os
 from rich.console import Console
 from rich.table import Table
 
+from engine._output import console, print_json
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import console, print_json
 
 
 def table_console() -> Console:

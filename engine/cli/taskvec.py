@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from engine._output import err_console, print_json
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import err_console, print_json
 from engine.cli.task import quiet_libraries, table_console
 
 

@@ -12,8 +12,8 @@ def register(commands) -> None:
 
 
 def train(args) -> int:
+    from engine._output import console
     from engine._ray import ensure_ray
-    from engine.cli._output import console
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
 

@@ -26,16 +26,16 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
+from engine.fvae.artifact import FVAEArtifact
 from engine.fvae.config import FVAEConfig
 from engine.fvae.latent import reconstruction_errors
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
-from engine.meta.artifact import FVAEArtifact
+from engine.fvae.taskvec import project
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
 from engine.meta.schedule import SpikeGuard, learning_rate
 from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss, slot_mask
-from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
 # Columns a Train worker streams (``id`` is a few bytes next to the [N] weights).
