@@ -24,6 +24,10 @@ class AdapterError(IcmfError, ValueError):
         super().__init__(f"{self.source}: {cause}")
 
 
+class InvalidNameError(IcmfError, ValueError):
+    """An id or name (adapter, task, layout, method) breaks the naming rule; ids never become paths."""
+
+
 class CatalogError(IcmfError, ValueError):
     """A catalog cannot be opened, read or written as asked."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from engine import __version__
 from engine.cli import catalog as catalog_cmd
@@ -36,17 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user causes and can fix: the engine's own (every one names the file or field at fault)
+# and a path that is missing or not readable. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (IcmfError, FileNotFoundError, PermissionError)
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error, distinct from a user error's 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (IcmfError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except USER_ERRORS as exc:
         print(f"icmf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("icmf: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"icmf: internal error in `icmf {args.command}`: this is a bug in icmf {__version__}, not in "
+            "your input; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

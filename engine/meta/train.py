@@ -444,7 +444,7 @@ def _run_name(out: str, resume: bool) -> tuple[str, bool]:
     marker = cfs.join(root, RUN_FILE)
     if resume:
         if not cfs.exists(fs, marker):
-            raise ValueError(f"--resume: no run to resume under {out} (missing {RUN_FILE})")
+            raise MetaConfigError(f"--resume: no run to resume under {out} (missing {RUN_FILE})")
         return json.loads(cfs.read_bytes(fs, marker))["name"], True
     name = f"fvae-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     cfs.write_bytes_atomic(fs, marker, json.dumps({"name": name}).encode())
