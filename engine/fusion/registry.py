@@ -22,7 +22,7 @@ import pydantic
 import torch
 
 from engine.adapters.lora import LoraAdapter
-from engine.errors import IcmfError
+from engine.errors import IcmfError, pydantic_faults
 from engine.fusion.context import CONTEXT_HINTS, FusionContext
 
 
@@ -86,9 +86,7 @@ class FusionMethod:
         try:
             return self.params.model_validate(raw or {})
         except pydantic.ValidationError as exc:
-            faults = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors()
-            )
+            faults = "; ".join(pydantic_faults(exc.errors(), top="params"))
             valid = ", ".join(self.params.model_fields) or "none"
             raise FusionConfigError(
                 f"invalid parameters for method {self.name!r}: {faults} (valid parameters: {valid})"
