@@ -75,6 +75,34 @@ def test_weights_must_match_adapters():
         fuse_adapters([adapter], "cat", weights=[1.0, 2.0])
 
 
+def test_methods_declare_their_context_in_the_signature(monkeypatch):
+    """Keyword-only arguments name the context fields a method reads (required without a default,
+    checked before it runs); details go to the provenance, never into PEFT's config."""
+    from engine.fusion import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    seen = {}
+
+    @registry.fusion_method("probe")
+    def probe(inputs, params, *, loss_fn, task_vectors=None):
+        seen.update(loss_fn=loss_fn, task_vectors=task_vectors)
+        return inputs.adapters[0], {"score": 1.5}
+
+    method = registry.get_method("probe")
+    assert (method.needs, method.accepts) == (("loss_fn",), ("loss_fn", "task_vectors"))
+    adapters = [random_adapter({"x": 2}, 0)]
+    with pytest.raises(FusionConfigError, match=r"method 'probe' needs few-shot examples.*'loss_fn'"):
+        fuse_adapters(adapters, "probe", context=FusionContext(fvae=object()))
+    result = fuse_adapters(adapters, "probe", context=FusionContext(loss_fn=len, task_vectors={"t": 1}))
+    assert seen == {"loss_fn": len, "task_vectors": {"t": 1}}
+    assert result.provenance["details"] == {"score": 1.5} and "icmf_details" not in result.adapter.config
+    with pytest.raises(ValueError, match="'fvea' is not a FusionContext field"):
+
+        @registry.fusion_method("typo")
+        def typo(inputs, params, *, fvea):
+            return inputs.adapters[0], {}
+
+
 def test_cat_and_task_arithmetic_are_exact_with_mixed_ranks_and_missing_modules():
     a = random_adapter({"x": 2, "y": 3}, 0)
     b = random_adapter({"x": 4}, 1)
