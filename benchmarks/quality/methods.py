@@ -73,11 +73,11 @@ def run_row(
     tasks: Sequence[str],
     seed: int,
     objective: Callable[[], FewShotObjective] | None = None,
-    context: dict[str, Any] | None = None,
+    fusion_args: dict[str, Any] | None = None,
 ) -> tuple[LoraAdapter, dict[str, Any]]:
     """Fuse ``adapters`` as ``row`` says; returns the adapter and what was chosen (e.g. λ).
 
-    ``context``: keyword arguments of :func:`engine.fusion.fusion_context` (``fvae``,
+    ``fusion_args``: keyword arguments of :func:`engine.fusion.fusion_context` (``fvae``,
     ``task_vectors``); ``objective`` makes the few-shot objective, called only for rows that need it.
     """
     weights = row.weights_for(len(adapters))
@@ -86,7 +86,7 @@ def run_row(
     if row.label == "task_arithmetic-fitted":
         return _fitted_task_arithmetic(adapters, tasks, objective(), row.params.get("steps", FITTED_STEPS))
     fused_context = fusion_context(
-        row.method, row.params, tasks=tasks, objective=objective, **(context or {})
+        row.method, row.params, tasks=tasks, objective=objective, **(fusion_args or {})
     )
     result = fuse_adapters(
         list(adapters), row.method, weights, row.params, seed=seed, tasks=list(tasks), context=fused_context
