@@ -51,7 +51,8 @@ class FusionContext:
 
 # What to give when a method needs a field that is unset (the registry's error message).
 CONTEXT_HINTS = {
-    "fvae": "a trained F-VAE: pass --model DIR (the output of `icmf train`)",
+    "fvae": "a trained F-VAE, the output of `icmf train` (`icmf fuse --model DIR`; serving: the "
+    "config's `fvae`)",
     "task_vectors": "in-context task vectors: compute them with `icmf taskvec`",
     "objective": "few-shot examples of the fused tasks to refine on: define the tasks with examples "
     "in the catalog (`icmf task add`)",
