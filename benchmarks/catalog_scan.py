@@ -156,7 +156,7 @@ def scan_pyarrow(catalog, batch_size: int) -> tuple[int, float]:
     shards = sorted(set(catalog.manifest()["shard"].to_pylist()))
     rows, total = 0, 0.0
     for shard in shards:
-        source = pq.ParquetFile(catalog._path(shard), filesystem=catalog.fs)
+        source = pq.ParquetFile(catalog.path(shard), filesystem=catalog.fs)
         # The same columns the Ray path reads (engine.catalog.streaming.adapter_dataset).
         for batch in source.iter_batches(batch_size=batch_size, columns=["id", "weights", "mask"]):
             column = batch.column("weights")

@@ -50,7 +50,7 @@ def evaluate_sets(
     subsets: list[list[str]],
     seed: int,
     log,
-    context: dict[str, Any] | None = None,
+    fusion_args: dict[str, Any] | None = None,
     support_k: int | None = None,
     unseen: list[str] = (),
     adapters: dict[str, Any] | None = None,
@@ -67,7 +67,7 @@ def evaluate_sets(
         for row in rows:
             start = time.perf_counter()
             fused, details = run_row(
-                row, inputs, subset, seed, lambda s=subset: harness.objective(s, support_k), context
+                row, inputs, subset, seed, lambda s=subset: harness.objective(s, support_k), fusion_args
             )
             fuse_s = time.perf_counter() - start
             scored = harness.score(fused, subset)
@@ -263,37 +263,39 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         "primary_gap": "gap_accuracy" if "accuracy" in next(iter(harness.own_metrics.values())) else "gap",
         "by_k": {},
     }
-    context: dict[str, Any] = {}
+    fusion_args: dict[str, Any] = {}  # keyword arguments of engine.fusion.fusion_context
     unseen: list[str] = []
     icm_rows: list[MethodRow] = []
     if not args.no_icm:
-        from engine.meta.artifact import FVAEArtifact
+        from engine.fvae.artifact import FVAEArtifact
 
         unseen = unseen_tasks(name, harness.tasks, args.seed)
         overrides: dict[str, Any] = {}
         if args.task_vectors == "context":
-            context["task_vectors"] = context_task_vectors(suite, harness.tasks, args.seed, log)
+            fusion_args["task_vectors"] = context_task_vectors(suite, harness.tasks, args.seed, log)
             overrides["task_vectors"] = {"source": "context"}
         if args.meta_steps:
             overrides["train"] = {"steps": args.meta_steps}
         fvae_dir, config = trained_fvae(
             suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
         )
-        context["fvae"] = FVAEArtifact.load(fvae_dir)
+        fusion_args["fvae"] = FVAEArtifact.load(fvae_dir)
         icm_rows = [
             r for r in suite_icm_rows(name) if not args.icm_methods or r.label in args.icm_methods.split(",")
         ]
         out["fvae"] = {
             "path": str(fvae_dir),
             "config": config,
-            "metrics": context["fvae"].meta.get("metrics"),
-            "familiarity": context["fvae"].meta.get("familiarity"),
+            "metrics": fusion_args["fvae"].meta.get("metrics"),
+            "familiarity": fusion_args["fvae"].meta.get("familiarity"),
         }
     out["unseen"] = unseen
     everything = []
     for k in [k for k in args.ks if k <= len(harness.tasks)]:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
-        entries = evaluate_sets(harness, rows + icm_rows, subsets, args.seed, log, context, support_k, unseen)
+        entries = evaluate_sets(
+            harness, rows + icm_rows, subsets, args.seed, log, fusion_args, support_k, unseen
+        )
         if suite["kind"] == "causal-lm" and not args.no_ceiling:
             add_ceiling(harness, suite, entries, args.seed, log)
         everything += entries
@@ -311,7 +313,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         fewshot_rows = [r for r in rows + icm_rows if r.label in FEWSHOT_ROWS]
         subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
         entries = evaluate_sets(
-            harness, fewshot_rows, subsets, args.seed, log, context, args.fewshot_k, unseen
+            harness, fewshot_rows, subsets, args.seed, log, fusion_args, args.fewshot_k, unseen
         )
         out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
     if icm_rows and args.longtail_steps and name in args.longtail_suites.split(","):
@@ -335,17 +337,17 @@ def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict
 
 def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:
     """icm with an F-VAE meta-trained on the long-tailed catalog: tail tasks' gap closure."""
-    from engine.meta.artifact import FVAEArtifact
+    from engine.fvae.artifact import FVAEArtifact
 
     overrides = {"train": {"steps": args.longtail_steps}}
     fvae_dir, config = trained_fvae(suite, name, "longtail", unseen, args.seed, overrides, log)
-    context = {"fvae": FVAEArtifact.load(fvae_dir)}
+    fusion_args = {"fvae": FVAEArtifact.load(fvae_dir)}
     counts = {t: len(ids) for t, ids in suite["catalogs"]["longtail"]["adapters"].items()}
     chosen = [
         r for r in rows + icm_rows if r.label in ("lorahub", "task_arithmetic-fitted") or r.method == "icm"
     ]
     subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
-    entries = evaluate_sets(harness, chosen, subsets, args.seed, log, context, support_k, unseen)
+    entries = evaluate_sets(harness, chosen, subsets, args.seed, log, fusion_args, support_k, unseen)
     seen_counts = {t: c for t, c in counts.items() if t not in unseen}
     tail = sorted(seen_counts, key=lambda t: seen_counts[t])[: max(1, len(seen_counts) // 3)]
     return {

@@ -32,8 +32,8 @@ from engine.fvae.config import FVAEConfig
 from engine.fvae.latent import relative_error
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
+from engine.fvae.taskvec import project
 from engine.meta.step import slot_mask
-from engine.meta.taskvec import project
 
 LAB = RESULTS / "lab" / "standard-seed0"
 

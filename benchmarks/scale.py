@@ -174,7 +174,7 @@ def train_config(args: argparse.Namespace, out: str) -> dict[str, Any]:
 
 
 def child_train(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.meta.artifact import FVAEArtifact
+    from engine.fvae.artifact import FVAEArtifact
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
 

@@ -3,11 +3,53 @@ names the file or field, the constraint that failed and, where there is one, the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 
 class IcmfError(Exception):
     """Base class of every error the engine raises on purpose."""
+
+
+class FaultsError(IcmfError, ValueError):
+    """An input with faults, every one listed at once (as torchtune reports a config).
+
+    The message is ``source: fault`` for one fault, ``source: N fault(s):`` and one ``  - fault``
+    line each for several, or ``source`` alone when no faults are given (a complete message).
+
+    Args:
+        source: the file, field or object at fault (or the whole message).
+        faults: one line per fault, each ``field: problem (fix)``.
+    """
+
+    def __init__(self, source: str, faults: Sequence[str] = ()):
+        self.source = str(source)
+        self.faults = list(faults)
+        if not self.faults:
+            message = self.source
+        elif len(self.faults) == 1:
+            message = f"{self.source}: {self.faults[0]}"
+        else:
+            lines = "\n".join(f"  - {f}" for f in self.faults)
+            message = f"{self.source}: {len(self.faults)} fault(s):\n{lines}"
+        super().__init__(message)
+
+
+def pydantic_faults(errors: Iterable[Mapping[str, Any]], top: str = "(top level)") -> list[str]:
+    """One line per pydantic error (``ValidationError.errors()``): ``field.path: problem``, with
+    the offending value (shortened) for wrong values; ``top`` names a fault of the whole input."""
+    faults = []
+    for error in errors:
+        where = ".".join(str(p) for p in error["loc"]) or top
+        if error["type"] == "missing":
+            faults.append(f"{where}: required")
+        elif error["type"] == "extra_forbidden":
+            faults.append(f"{where}: unknown field; remove it (check the spelling)")
+        else:
+            value = repr(error.get("input"))
+            value = value if len(value) <= 60 else value[:57] + "..."
+            faults.append(f"{where}: {error['msg']} (got {value})")
+    return list(dict.fromkeys(faults))
 
 
 class AdapterError(IcmfError, ValueError):
@@ -22,6 +64,10 @@ class AdapterError(IcmfError, ValueError):
         self.source = str(source)
         self.cause = cause
         super().__init__(f"{self.source}: {cause}")
+
+
+class InvalidNameError(IcmfError, ValueError):
+    """An id or name (adapter, task, layout, method) breaks the naming rule; ids never become paths."""
 
 
 class CatalogError(IcmfError, ValueError):

@@ -13,12 +13,12 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from engine.errors import IcmfError
+from engine.errors import FaultsError, pydantic_faults
 
 PATH_FIELDS = ("catalog", "base_model", "tokenizer", "fvae")
 
 
-class ServeConfigError(IcmfError, ValueError):
+class ServeConfigError(FaultsError):
     """The serving config is invalid; the message lists every fault."""
 
 
@@ -94,11 +94,10 @@ class ServeConfig(pydantic.BaseModel):
         try:
             config = cls.model_validate(args or {})
         except pydantic.ValidationError as exc:
-            faults = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-            raise ServeConfigError("invalid serve config:\n  " + "\n  ".join(faults)) from None
+            raise ServeConfigError("invalid serve config", pydantic_faults(exc.errors())) from None
         faults = config.missing_paths() if check_paths else []
         if faults:
-            raise ServeConfigError("invalid serve config:\n  " + "\n  ".join(faults))
+            raise ServeConfigError("invalid serve config", faults)
         return config
 
     def missing_paths(self) -> list[str]:

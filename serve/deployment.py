@@ -43,6 +43,33 @@ def error_result(status: int, message: str) -> dict[str, Any]:
 
 
 # Helpers come before the deployment: Serve pickles the class when it is decorated.
+def fuse_spec(catalog, spec: dict[str, Any], fvae=None, icm_inputs=None):
+    """The adapter a canonical fusion spec names, fused as ``icmf fuse`` fuses it (one
+    :func:`engine.fusion.fusion_context`: the F-VAE, the catalog's stored task vectors), except
+    that a request never loads task models for a few-shot objective."""
+    from engine.fusion.api import fuse_from_catalog, fusion_context
+
+    selection = {"adapter_ids": spec.get("adapters"), "tasks": spec.get("tasks")}
+    context = fusion_context(
+        spec["method"],
+        spec["params"],
+        catalog=catalog,
+        fvae=fvae,
+        few_shot=False,
+        icm_inputs_cache=icm_inputs,
+        **selection,
+    )
+    return fuse_from_catalog(
+        catalog,
+        spec["method"],
+        weights=spec["weights"],
+        params=spec["params"],
+        seed=spec["seed"],
+        context=context,
+        **selection,
+    ).adapter
+
+
 def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore) -> list[list[int]]:
     """One forward pass per distinct adapter in the batch (the alternative to mixed batches)."""
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -76,7 +103,7 @@ class AdapterModel:
         self.icm_inputs = None
         if self.config.fvae:
             from engine.fusion.icm_inputs import IcmInputsCache
-            from engine.meta.artifact import FVAEArtifact
+            from engine.fvae.artifact import FVAEArtifact
 
             self.fvae = FVAEArtifact.load(self.config.fvae)
             if self.config.icm_cache_mib:
@@ -118,34 +145,16 @@ class AdapterModel:
         return model_id
 
     def _load_sync(self, model_id: str, spec: dict[str, Any] | None) -> None:
-        from engine.fusion.api import fuse_from_catalog
-
         try:
             if spec is None:
                 adapter = self.catalog.load_adapter(model_id)
             else:
-                adapter = fuse_from_catalog(
-                    self.catalog,
-                    spec["method"],
-                    adapter_ids=spec.get("adapters"),
-                    tasks=spec.get("tasks"),
-                    weights=spec["weights"],
-                    params=spec["params"],
-                    seed=spec["seed"],
-                    context=self._fusion_context(),
-                ).adapter
+                adapter = fuse_spec(self.catalog, spec, self.fvae, self.icm_inputs)
         except CatalogError as exc:
             raise LoadError(str(exc), 404) from None
         except ValueError as exc:  # fusion config faults, name rules
             raise LoadError(str(exc), 422) from None
         self.host.add(model_id, adapter)
-
-    def _fusion_context(self) -> dict[str, Any] | None:
-        if self.fvae is None:
-            return None
-        from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY
-
-        return {"fvae": self.fvae, CACHE_CONTEXT_KEY: self.icm_inputs}
 
     async def _unload(self, model_id: str, _value: str) -> None:
         await self._run(self.host.remove, model_id)

@@ -62,6 +62,22 @@ def test_bad_input_fails_with_the_reason(tmp_path, capsys, adapters):
     assert code == 1 and "invalid layout" in err
 
 
+def test_a_bug_prints_its_traceback_and_says_it_is_a_bug(tmp_path, capsys, monkeypatch, adapters):
+    """A user error is one line; anything else (here a ValueError no user input explains) keeps its
+    traceback and is called a bug, not shown as if the input were at fault."""
+    from engine.catalog import Catalog
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr(Catalog, "entries", broken)
+    code, _, err = run(capsys, "catalog", "ls", "--catalog", str(tmp_path / "cat"))
+    assert (
+        code == 70 and "Traceback (most recent call last)" in err and "ValueError: internal invariant" in err
+    )
+    assert "this is a bug in icmf" in err.splitlines()[-1] and "icmf: error:" not in err
+
+
 def test_installed_command_exits_non_zero_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli.main", "catalog", "show", "nope", "--catalog", str(tmp_path)],

@@ -72,7 +72,7 @@ def context_task_vectors(suite: dict[str, Any], tasks: list[str], seed: int, log
     Data actor pool and stored in the suite's main catalog (meta-training with ``task_vectors.source:
     context`` reads the training tasks' ones from there). Deterministic in ``seed``.
 
-    Returns ``{task: [d] tensor}``: what fusion passes as ``context["task_vectors"]``, so a task
+    Returns ``{task: [d] tensor}``: what fusion reads as the context's ``task_vectors``, so a task
     kept out of meta-training is conditioned on a vector from k of its examples, never on data the
     F-VAE saw.
     """

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.adapters.lora import LoraAdapter
-from engine.fusion import fuse_adapters
+from engine.fusion import fuse_adapters, fusion_context
 from engine.tasks.fewshot import FewShotObjective
 
 TUNED_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -73,21 +73,23 @@ def run_row(
     tasks: Sequence[str],
     seed: int,
     objective: Callable[[], FewShotObjective] | None = None,
-    context: dict[str, Any] | None = None,
+    fusion_args: dict[str, Any] | None = None,
 ) -> tuple[LoraAdapter, dict[str, Any]]:
-    """Fuse ``adapters`` as ``row`` says; returns the adapter and what was chosen (e.g. λ)."""
-    context = dict(context or {})
+    """Fuse ``adapters`` as ``row`` says; returns the adapter and what was chosen (e.g. λ).
+
+    ``fusion_args``: keyword arguments of :func:`engine.fusion.fusion_context` (``fvae``,
+    ``task_vectors``); ``objective`` makes the few-shot objective, called only for rows that need it.
+    """
     weights = row.weights_for(len(adapters))
     if row.label == "task_arithmetic-tuned":
         return _tuned_task_arithmetic(adapters, tasks, weights, seed, objective())
     if row.label == "task_arithmetic-fitted":
         return _fitted_task_arithmetic(adapters, tasks, objective(), row.params.get("steps", FITTED_STEPS))
-    if row.few_shot and row.method == "lorahub":
-        context["loss_fn"] = objective().adapter_loss
-    if row.few_shot and row.method == "icm":
-        context["objective"] = objective()
+    fused_context = fusion_context(
+        row.method, row.params, tasks=tasks, objective=objective, **(fusion_args or {})
+    )
     result = fuse_adapters(
-        list(adapters), row.method, weights, row.params, seed=seed, tasks=list(tasks), context=context
+        list(adapters), row.method, weights, row.params, seed=seed, tasks=list(tasks), context=fused_context
     )
     return result.adapter, result.provenance.get("details") or {}
 
@@ -145,5 +147,5 @@ def _fitted_task_arithmetic(adapters, tasks, objective: FewShotObjective, steps:
         A = torch.cat([p.A.float() for p, _ in parts])
         B = torch.cat([p.B.float() * (p.scaling * w) for p, w in parts], dim=1)
         modules[name] = LoraModule(A=A, B=B, scaling=1.0)
-    fused = fused_adapter(FusionInputs(list(adapters), [1.0] * len(adapters), list(tasks), 0, {}), modules)
+    fused = fused_adapter(FusionInputs(list(adapters), [1.0] * len(adapters), list(tasks), 0), modules)
     return fused, {"weights": best[1].tolist(), "holdout_loss": best[0], "best_step": best[2]}

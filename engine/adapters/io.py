@@ -31,6 +31,8 @@ from engine.errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+# How a fused adapter was made (method, inputs, weights), written next to its PEFT files.
+PROVENANCE_FILE = "icmf_provenance.json"
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # LoRA variants this engine does not fuse; named so the error can say which one it met.

@@ -149,12 +149,13 @@ class Catalog:
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """The path of ``parts`` under the catalog's root, in its filesystem (``self.fs``)."""
         return cfs.join(self.root, *parts)
 
     # ------------------------------------------------------------------ settings and versions
     def settings(self) -> dict[str, Any] | None:
-        path = self._path(SETTINGS_FILE)
+        path = self.path(SETTINGS_FILE)
         if not cfs.exists(self.fs, path):
             return None
         return json.loads(cfs.read_bytes(self.fs, path))
@@ -170,7 +171,7 @@ class Catalog:
             }
             if persist:
                 data = json.dumps(settings).encode()
-                cfs.write_bytes_atomic(self.fs, self._path(SETTINGS_FILE), data)
+                cfs.write_bytes_atomic(self.fs, self.path(SETTINGS_FILE), data)
         elif settings.get("format") != CATALOG_FORMAT:
             raise CatalogError(f"{self.uri}: unsupported catalog format {settings.get('format')!r}")
         elif gauge is not None and bool(gauge) != settings["gauge"]:
@@ -184,7 +185,7 @@ class Catalog:
         """Latest committed version (0 for an empty or missing catalog)."""
         versions = [
             int(m.group(1))
-            for name in cfs.list_names(self.fs, self._path(MANIFEST_DIR))
+            for name in cfs.list_names(self.fs, self.path(MANIFEST_DIR))
             if (m := MANIFEST_FILE.match(name))
         ]
         return max(versions, default=0)
@@ -195,7 +196,7 @@ class Catalog:
         if version == 0:
             return MANIFEST_SCHEMA.empty_table()
         if version not in self._manifests:
-            path = self._path(MANIFEST_DIR, manifest_name(version))
+            path = self.path(MANIFEST_DIR, manifest_name(version))
             try:
                 self._manifests[version] = pq.read_table(path, filesystem=self.fs)
             except FileNotFoundError:
@@ -236,7 +237,7 @@ class Catalog:
                 )
             layout_id = ids[0]
         if layout_id not in self._layouts:
-            path = self._path(LAYOUT_DIR, f"{check_name('layout id', layout_id)}.json")
+            path = self.path(LAYOUT_DIR, f"{check_name('layout id', layout_id)}.json")
             if not cfs.exists(self.fs, path):
                 raise CatalogError(f"{self.uri}: no layout {layout_id!r}")
             self._layouts[layout_id] = Layout.from_dict(json.loads(cfs.read_bytes(self.fs, path)))
@@ -255,7 +256,7 @@ class Catalog:
         """:meth:`read_vector` of a manifest row already looked up (one manifest lookup per read)."""
         adapter_id = entry["id"]
         table = pq.read_table(
-            self._path(entry["shard"]), filesystem=self.fs, filters=[("id", "=", adapter_id)]
+            self.path(entry["shard"]), filesystem=self.fs, filters=[("id", "=", adapter_id)]
         )
         if table.num_rows != 1:
             raise CatalogError(f"{self.uri}: shard {entry['shard']} lacks adapter {adapter_id!r}")
@@ -482,8 +483,8 @@ class Catalog:
             for layout, batch in _group_into_shards(records):
                 self._write_layout(layout)
                 shard = cfs.join(WEIGHTS_DIR, layout.layout_id, f"{uuid.uuid4().hex}.parquet")
-                written.append(self._path(shard))
-                self._write_shard(self._path(shard), layout, batch)
+                written.append(self.path(shard))
+                self._write_shard(self.path(shard), layout, batch)
                 now = datetime.now(timezone.utc)
                 rows.extend(dict(r.meta, shard=shard, created=now) for r in batch)
             if not rows:
@@ -495,7 +496,7 @@ class Catalog:
             raise
 
     def _write_layout(self, layout: Layout) -> None:
-        path = self._path(LAYOUT_DIR, f"{layout.layout_id}.json")
+        path = self.path(LAYOUT_DIR, f"{layout.layout_id}.json")
         if not cfs.exists(self.fs, path):  # content-addressed: an existing file is identical
             data = json.dumps(layout.to_dict(), sort_keys=True).encode()
             cfs.write_bytes_atomic(self.fs, path, data)
@@ -527,7 +528,7 @@ class Catalog:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         version = base_version + 1
-        path = self._path(MANIFEST_DIR, manifest_name(version))
+        path = self.path(MANIFEST_DIR, manifest_name(version))
         cfs.write_bytes_atomic(self.fs, path, buffer.getvalue(), exclusive=True)
         self._manifests[version] = table
         return version
@@ -567,14 +568,14 @@ class Catalog:
                 {"manifest_version": str(version), "num_adapters": str(count)}
             ),
         )
-        cfs.write_parquet_atomic(self.fs, self._path(STATS_DIR, f"{layout.layout_id}.parquet"), table)
+        cfs.write_parquet_atomic(self.fs, self.path(STATS_DIR, f"{layout.layout_id}.parquet"), table)
         return stats
 
     def stats(self, layout_id: str | None = None) -> SlotStats | None:
         """Stored statistics of a layout, or None if never computed. Check ``manifest_version``
         against :meth:`version` to know whether they are current."""
         layout = self.layout(layout_id)
-        path = self._path(STATS_DIR, f"{layout.layout_id}.parquet")
+        path = self.path(STATS_DIR, f"{layout.layout_id}.parquet")
         if not cfs.exists(self.fs, path):
             return None
         table = pq.read_table(path, filesystem=self.fs)

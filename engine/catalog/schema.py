@@ -16,6 +16,8 @@ import re
 
 import pyarrow as pa
 
+from engine.errors import InvalidNameError
+
 CATALOG_FORMAT = 1
 SETTINGS_FILE = "catalog.json"
 MANIFEST_DIR = "manifest"
@@ -77,7 +79,7 @@ def stats_schema(size: int) -> pa.Schema:
 
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ValueError(
+        raise InvalidNameError(
             f"invalid {kind} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )

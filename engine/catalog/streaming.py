@@ -213,7 +213,7 @@ def adapter_dataset(
         [
             pa.table(
                 {
-                    "path": [catalog._path(shard)],
+                    "path": [catalog.path(shard)],
                     "ids": per_shard["id_list"].slice(i, 1),
                     "tasks": per_shard["task_list"].slice(i, 1),
                 }

@@ -21,6 +21,7 @@ from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout, ModuleSpec
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.catalog.catalog import AdapterRecord, Catalog, adapter_id
+from engine.errors import CatalogError
 
 # name -> (layers, module names, hidden size, r_max)
 PRESETS: dict[str, tuple[int, tuple[str, ...], int, int]] = {
@@ -42,11 +43,14 @@ def parse_layout(spec: str, base_model: str = "synthetic/llama") -> Layout:
     if spec in PRESETS:
         return build_layout(*PRESETS[spec], base_model=base_model)
     if Path(spec).is_file():
-        return Layout.from_dict(json.loads(Path(spec).read_text()))
+        try:
+            return Layout.from_dict(json.loads(Path(spec).read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # bad JSON or not a layout's fields
+            raise CatalogError(f"{spec}: not a layout JSON file ({exc!r})") from None
     fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
     unknown = set(fields) - _SPEC_KEYS
     if not fields or unknown or not re.fullmatch(r"[\w=,+.]+", spec):
-        raise ValueError(
+        raise CatalogError(
             f"invalid layout {spec!r}: use a preset ({', '.join(PRESETS)}), a layout JSON file, or "
             "'layers=4,d=256,r=8,modules=q_proj+v_proj'"
         )
@@ -60,13 +64,13 @@ def parse_layout(spec: str, base_model: str = "synthetic/llama") -> Layout:
             base_model=base_model,
         )
     except ValueError as exc:
-        raise ValueError(f"invalid layout {spec!r}: {exc}") from None
+        raise CatalogError(f"invalid layout {spec!r}: {exc}") from None
 
 
 def long_tail_counts(n: int, num_tasks: int, exponent: float = 1.0) -> list[int]:
     """Split ``n`` adapters over ``num_tasks`` tasks with Zipf-like counts (each task >= 1)."""
     if n < num_tasks:
-        raise ValueError(f"need at least one adapter per task: n={n} < tasks={num_tasks}")
+        raise CatalogError(f"need at least one adapter per task: n={n} < tasks={num_tasks}")
     weights = 1.0 / np.arange(1, num_tasks + 1) ** exponent
     counts = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(int)
     counts[0] += n - counts.sum()
@@ -144,7 +148,7 @@ def synthesize(
     known = set(catalog.manifest()["sha256"].to_pylist())
     existing = catalog.layout_for_base_model(layout.base_model)
     if existing is not None and existing.layout_id != layout.layout_id:
-        raise ValueError(
+        raise CatalogError(
             f"catalog already holds base model {layout.base_model!r} with another layout "
             f"({existing.layout_id}); use another catalog or base model"
         )

@@ -6,9 +6,9 @@ import argparse
 
 from rich.table import Table
 
+from engine._output import console, err_console, print_json, progress_bar
 from engine.catalog import Catalog
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import console, err_console, print_json, progress_bar
 
 
 def register(commands) -> None:

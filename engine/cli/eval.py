@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from engine._output import err_console, print_json, progress_bar
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import err_console, print_json, progress_bar
 from engine.cli.task import quiet_libraries, table_console
 
 

@@ -6,8 +6,8 @@ import argparse
 
 import yaml
 
+from engine._output import console
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import console
 
 
 def _csv(value: str) -> list[str]:
@@ -69,18 +69,19 @@ def register(commands) -> None:
 
 def fuse(args) -> int:
     from engine.catalog import Catalog
-    from engine.fusion import fuse_from_catalog
+    from engine.fusion import fuse_from_catalog, fusion_context
 
     catalog = Catalog(args.catalog)
-    context = {}
-    if args.model:
-        from engine.meta.artifact import FVAEArtifact
-
-        context["fvae"] = FVAEArtifact.load(args.model)
-        context["task_vectors"] = _stored_task_vectors(catalog, _fused_tasks(catalog, args))
     params = dict(args.param)
-    if args.method == "lorahub" or (args.method == "icm" and params.get("refine_steps")):
-        context.update(_few_shot_context(catalog, args, context.get("fvae")))
+    context = fusion_context(
+        args.method,
+        params,
+        catalog=catalog,
+        adapter_ids=args.adapters,
+        tasks=args.tasks,
+        fvae=args.model,
+        shots=args.shots,
+    )
     result = fuse_from_catalog(
         catalog,
         args.method,
@@ -98,33 +99,3 @@ def fuse(args) -> int:
         f"fused [{inputs}] with {args.method} -> {path} (rank {'/'.join(map(str, ranks))})", markup=False
     )
     return 0
-
-
-def _fused_tasks(catalog, args) -> list[str]:
-    if args.tasks:
-        return list(args.tasks)
-    return list(dict.fromkeys(catalog.get(i)["task"] for i in args.adapters))
-
-
-def _stored_task_vectors(catalog, tasks: list[str]) -> dict:
-    """In-context vectors stored in the catalog (``icmf taskvec``) for the tasks that have one: how
-    icm conditions on a task its F-VAE never saw."""
-    from engine.task_vectors import load_task_vectors, vector_tasks
-
-    stored = set(vector_tasks(catalog))
-    return {t: v.vector for t, v in load_task_vectors(catalog, [t for t in tasks if t in stored]).items()}
-
-
-def _few_shot_context(catalog, args, artifact) -> dict:
-    """The few-shot objective over the fused tasks' support examples (task definitions in the catalog)."""
-    from engine.tasks.fewshot import FewShotObjective
-
-    tasks = _fused_tasks(catalog, args)
-    if args.tasks:
-        layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
-    else:
-        layout = catalog.layout(catalog.get(args.adapters[0])["layout_id"])
-    if artifact is not None:
-        layout = artifact.layout
-    objective = FewShotObjective.from_catalog(catalog, tasks, layout, k=args.shots)
-    return {"objective": objective, "loss_fn": objective.adapter_loss}

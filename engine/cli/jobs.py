@@ -7,7 +7,7 @@ import os
 import sys
 from datetime import datetime
 
-from engine.cli._output import console, err_console, print_json
+from engine._output import console, err_console, print_json
 
 EPILOG = """examples:
   icmf submit --address http://HEAD:8265 --working-dir . --wait -- icmf train train.yaml
@@ -102,10 +102,12 @@ def _follow(client, job_id: str) -> int:
 
 
 def submit(args) -> int:
+    from engine.cli.main import build_parser
     from engine.jobs import build_entrypoint, build_runtime_env
     from engine.jobs.runtime_env import load_runtime_env, parse_env_vars
 
-    entrypoint = build_entrypoint(args.command)  # checked locally, before the cluster is contacted
+    # checked locally with the CLI's own parser, before the cluster is contacted
+    entrypoint = build_entrypoint(args.command, build_parser())
     base = load_runtime_env(args.runtime_env) if args.runtime_env else None
     runtime_env = build_runtime_env(base, args.working_dir, parse_env_vars(args.env))
     client = _client(args)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 from engine import __version__
+from engine._output import library_output_to
 from engine.cli import catalog as catalog_cmd
 from engine.cli import demo as demo_cmd
 from engine.cli import eval as eval_cmd
@@ -18,7 +20,6 @@ from engine.cli import serve as serve_cmd
 from engine.cli import task as task_cmd
 from engine.cli import taskvec as taskvec_cmd
 from engine.cli import train as train_cmd
-from engine.cli._output import library_output_to
 from engine.errors import IcmfError
 
 
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user causes and can fix: the engine's own (every one names the file or field at fault)
+# and a path that is missing or not readable. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (IcmfError, FileNotFoundError, PermissionError)
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error, distinct from a user error's 1
+
+
 def command_log_file(args: argparse.Namespace) -> Path:
     """Where a command's library and Ray output goes: ``args.log_dir_of(args)`` when the command sets it
     (the demo: its workdir), else ``$ICMF_LOG_DIR`` or ``~/.cache/icmf/logs``."""
@@ -62,12 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with library_output_to(log_file):
             return int(args.func(args) or 0)
-    except (IcmfError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except USER_ERRORS as exc:
         print(f"icmf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("icmf: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"icmf: internal error in `icmf {args.command}`: this is a bug in icmf {__version__}, not in "
+            "your input; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from engine.cli._output import console
+from engine._output import console
 
 
 def register(commands: argparse._SubParsersAction) -> None:

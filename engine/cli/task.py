@@ -7,8 +7,9 @@ import os
 from rich.console import Console
 from rich.table import Table
 
+from engine._output import console, print_json
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import console, print_json
+from engine.tasks.errors import TaskError
 
 
 def table_console() -> Console:
@@ -78,7 +79,7 @@ def parse_pairs(values: list[str], option: str) -> dict[str, str]:
     for item in (part for value in values for part in value.split(",") if part.strip()):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
+            raise TaskError(f"{option} {item!r}: expected KEY=VALUE")
         pairs[key.strip()] = value.strip()
     return pairs
 
@@ -103,7 +104,7 @@ def add(args) -> int:
     }
     definition = validate_spec(TaskDefinition, data, "icmf task add")
     if not args.overwrite and definition.name in task_names(catalog):
-        raise ValueError(
+        raise TaskError(
             f"task {definition.name!r} already exists in {catalog.uri}; pass --overwrite to replace it"
         )
     summary = ""

@@ -5,9 +5,10 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from engine._output import err_console, print_json
 from engine.cli._args import add_catalog_arg
-from engine.cli._output import err_console, print_json
 from engine.cli.task import quiet_libraries, table_console
+from engine.tasks.errors import TaskError
 
 
 def register(commands) -> None:
@@ -68,7 +69,7 @@ def check_args(args, tasks: list[str]) -> None:
     if args.concurrency is not None and args.concurrency < 1:
         faults.append(f"--concurrency must be >= 1, got {args.concurrency}")
     if faults:
-        raise ValueError("; ".join(faults))
+        raise TaskError("; ".join(faults))
 
 
 def run_taskvec(args) -> int:
@@ -87,7 +88,7 @@ def run_taskvec(args) -> int:
     if args.all:
         tasks = task_names(catalog)
         if not tasks:
-            raise ValueError(f"catalog {catalog.uri} has no task definitions; add them with `icmf task add`")
+            raise TaskError(f"catalog {catalog.uri} has no task definitions; add them with `icmf task add`")
     adapters = args.adapter if args.adapter in ("first", "all") else _split_list([args.adapter])
     start = time.perf_counter()
     vectors = compute_task_vectors(

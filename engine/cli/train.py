@@ -27,7 +27,7 @@ def report_line(report: dict[str, Any]) -> str:
 @contextmanager
 def training_progress(steps: int, print_reports: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A progress bar on a terminal; elsewhere (logs, CI) one line per report if ``print_reports``."""
-    from engine.cli._output import console, progress_bar
+    from engine._output import console, progress_bar
 
     with progress_bar("meta-train the F-VAE", total=steps) as advance:
         done = 0
@@ -43,8 +43,8 @@ def training_progress(steps: int, print_reports: bool) -> Iterator[Callable[[dic
 
 
 def train(args) -> int:
+    from engine._output import console
     from engine._ray import ensure_ray
-    from engine.cli._output import console
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
 

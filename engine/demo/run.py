@@ -20,11 +20,11 @@ from rich import box
 from rich.rule import Rule
 from rich.table import Table
 
+from engine._output import console, progress_bar
 from engine._ray import ensure_ray
 from engine.catalog import Catalog
-from engine.cli._output import console, progress_bar
+from engine.demo.tasks import save_lab_tokenizer
 from engine.demo.tiny import TASKS, build_tiny_llama, save_tiny_llama, task_loss, train_lora
-from engine.tasks.lab import save_lab_tokenizer
 
 BASE_MODEL_ID = "icmf-demo/tiny-llama"
 
@@ -162,8 +162,8 @@ def write_serve_config(workdir: Path, catalog: Catalog, fvae_dir: Path | None) -
 
 def register_tasks(catalog: Catalog, workdir: Path, tasks: list[str]) -> None:
     """Task definitions (model spec + examples) so fused adapters can be evaluated."""
+    from engine.demo.tasks import lab_model_spec, write_lab_examples
     from engine.tasks import TaskDefinition, save_task
-    from engine.tasks.lab import lab_model_spec, write_lab_examples
 
     for i, task in enumerate(tasks):
         examples = write_lab_examples(workdir / "examples" / f"{task}.jsonl", task, 96, seed=500 + i)
@@ -239,14 +239,11 @@ DEMO_METHODS = {
 
 def compare_methods(catalog: Catalog, workdir: Path, tasks: list[str], artifact_dir: Path) -> dict:
     """Fuse all tasks with each method, evaluate gap closure on held-out examples, chart it."""
-    from engine.fusion import fuse_from_catalog
-    from engine.meta.artifact import FVAEArtifact
+    from engine.fusion import fuse_from_catalog, fusion_context
+    from engine.fvae.artifact import FVAEArtifact
     from engine.tasks import evaluate_fusion
-    from engine.tasks.fewshot import FewShotObjective
 
     artifact = FVAEArtifact.load(str(artifact_dir))
-    objective = FewShotObjective.from_catalog(catalog, tasks, artifact.layout)
-    context = {"fvae": artifact, "objective": objective, "loss_fn": objective.adapter_loss}
     table = Table(
         title=f"fusing {len(tasks)} tasks: gap closure G on held-out examples (1 = own adapter)",
         box=box.SIMPLE_HEAD,
@@ -257,6 +254,7 @@ def compare_methods(catalog: Catalog, workdir: Path, tasks: list[str], artifact_
     with progress_bar("fuse and evaluate", total=len(DEMO_METHODS)) as advance:
         for label, params in DEMO_METHODS.items():
             method = label.split("+")[0]
+            context = fusion_context(method, params, catalog=catalog, tasks=tasks, fvae=artifact)
             result = fuse_from_catalog(catalog, method, tasks=tasks, params=params, context=context)
             out = result.save(workdir / "fused" / label, overwrite=True)
             report = evaluate_fusion(catalog, tasks, out)

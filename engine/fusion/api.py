@@ -1,26 +1,32 @@
 """Fusing adapters: from adapters in memory, or from catalog ids or task names, to a PEFT adapter
-directory with provenance."""
+directory with provenance; and :func:`fusion_context`, the one place the inputs of data-driven
+methods (F-VAE, stored task vectors, few-shot objective) are assembled."""
 
 from __future__ import annotations
 
 import json
 import platform
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine import __version__
-from engine.adapters.io import save_adapter
+from engine.adapters.io import PROVENANCE_FILE, save_adapter
 from engine.adapters.lora import LoraAdapter
 from engine.catalog.catalog import Catalog
 from engine.catalog.fs import upload_dir
+from engine.fusion.context import FusionContext
 from engine.fusion.registry import FusionConfigError, FusionInputs, get_method
 
-PROVENANCE_FILE = "icmf_provenance.json"
+if TYPE_CHECKING:
+    from engine.fusion.icm_inputs import IcmInputsCache
+    from engine.fvae.artifact import FVAEArtifact
+    from engine.tasks.fewshot import FewShotObjective
 
 
 @dataclass
@@ -61,7 +67,7 @@ def fuse_adapters(
     params: dict[str, Any] | None = None,
     seed: int = 0,
     tasks: list[str] | None = None,
-    context: dict[str, Any] | None = None,
+    context: FusionContext | None = None,
     inputs_meta: list[dict[str, Any]] | None = None,
 ) -> FusionResult:
     """Fuse ``adapters`` with a registered method.
@@ -73,22 +79,22 @@ def fuse_adapters(
         params: the method's parameters (validated; every fault listed).
         seed: seed of the method's random draws.
         tasks: task of each adapter.
-        context: extra inputs of data-driven methods.
+        context: extra inputs of data-driven methods (:func:`fusion_context` builds it).
         inputs_meta: per-adapter provenance (catalog id, task, sha256).
 
     Raises:
-        FusionConfigError: unknown method, bad parameters or weights, non-finite output.
+        FusionConfigError: unknown method, bad parameters or weights, a context field the
+            method needs is unset, non-finite output.
     """
     if not adapters:
         raise FusionConfigError("nothing to fuse: give at least one adapter")
     spec = get_method(method)
     parsed = spec.parse_params(params)
     weights = _check_weights(weights, len(adapters))
-    inputs = FusionInputs(adapters, weights, list(tasks or []), seed, dict(context or {}))
-    fused = spec.fuse(inputs, parsed)
-    # Methods may report what they found (e.g. searched weights); it goes to provenance, not PEFT's config.
-    details = fused.config.pop("icmf_details", None)
-    final_weights = (details or {}).get("weights", weights)
+    inputs = FusionInputs(adapters, weights, list(tasks or []), seed)
+    # Methods report what they found (e.g. searched weights) in ``details``: provenance, not PEFT's config.
+    fused, details = spec.call(inputs, parsed, context or FusionContext())
+    final_weights = details.get("weights", weights)
     bad = [
         n for n, m in fused.modules.items() if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all())
     ]
@@ -102,7 +108,7 @@ def fuse_adapters(
         "params": parsed.model_dump(),
         "reference": spec.reference,
         "inputs": [dict(m, weight=w) for m, w in zip(meta, final_weights, strict=True)],
-        "details": details,
+        "details": details or None,
         "seed": seed,
         "icm_fusion_version": __version__,
         "torch_version": torch.__version__,
@@ -146,7 +152,7 @@ def fuse_from_catalog(
     weights: list[float] | None = None,
     params: dict[str, Any] | None = None,
     seed: int = 0,
-    context: dict[str, Any] | None = None,
+    context: FusionContext | None = None,
 ) -> FusionResult:
     """Fuse catalog adapters named by id, or one adapter per task (its first-ingested one)."""
     entries = _select_entries(catalog, adapter_ids, tasks)
@@ -164,3 +170,94 @@ def fuse_from_catalog(
     )
     result.adapter.config["base_model_name_or_path"] = entries[0]["base_model"]
     return result
+
+
+def fusion_context(
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    catalog: Catalog | None = None,
+    adapter_ids: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    fvae: FVAEArtifact | str | Path | None = None,
+    task_vectors: Mapping[str, torch.Tensor] | None = None,
+    objective: FewShotObjective | Callable[[], FewShotObjective] | None = None,
+    shots: int | None = None,
+    few_shot: bool = True,
+    icm_inputs_cache: IcmInputsCache | None = None,
+) -> FusionContext:
+    """The context ``method`` with ``params`` reads, built one way for the CLI, the server, the demo
+    and the benchmarks (so ``icmf fuse`` and a served spec fuse the same adapter).
+
+    Args:
+        method: registry name; its declaration says which fields are read or needed.
+        params: the method's parameters (they may require more, e.g. icm's ``refine_steps``).
+        catalog: where the fused adapters live; the source of stored task vectors and task
+            definitions when those are not given.
+        adapter_ids: the fused adapters' catalog ids, or
+        tasks: the fused tasks (one adapter each).
+        fvae: the trained F-VAE, or its directory/URI (loaded here).
+        task_vectors: in-context vectors by task; default, when the method reads them and an
+            F-VAE is given: the catalog's stored ones of the fused tasks (``icmf taskvec``).
+        objective: the few-shot objective, or a function making it, called only when this call
+            needs it (``lorahub``, icm refinement); default then: built from the fused tasks'
+            definitions in the catalog, ``shots`` examples each (their support split when None),
+            on the F-VAE's layout when there is one.
+        few_shot: False: never build an objective from the catalog (a server does not load task
+            models per request; the method then reports what it needs).
+        icm_inputs_cache: a cache of icm's per-input encodings (servers).
+
+    Raises:
+        FusionConfigError: unknown method or invalid parameters.
+    """
+    spec = get_method(method)
+    required = spec.required(spec.parse_params(dict(params or {})))
+    if isinstance(fvae, str | Path):
+        from engine.fvae.artifact import FVAEArtifact
+
+        fvae = FVAEArtifact.load(str(fvae))
+
+    def fused_tasks() -> list[str]:
+        if tasks:
+            return list(tasks)
+        return list(dict.fromkeys(catalog.get(i)["task"] for i in adapter_ids or ()))
+
+    if task_vectors is None:
+        task_vectors = {}
+        if catalog is not None and fvae is not None and "task_vectors" in spec.accepts:
+            task_vectors = _stored_task_vectors(catalog, fused_tasks())
+    wanted = {"objective", "loss_fn"} & set(required)
+    if wanted and callable(objective):
+        objective = objective()  # a factory: only a call that needs the objective pays for it
+    elif not wanted:
+        objective = None
+    if wanted and objective is None and catalog is not None and few_shot:
+        objective = _catalog_objective(catalog, fused_tasks(), adapter_ids, fvae, shots)
+    return FusionContext(
+        fvae=fvae, task_vectors=task_vectors, objective=objective, icm_inputs_cache=icm_inputs_cache
+    )
+
+
+def _stored_task_vectors(catalog: Catalog, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """In-context vectors stored in the catalog (``icmf taskvec``) for the tasks that have one: how
+    icm conditions on a task its F-VAE never saw."""
+    from engine.task_vectors import load_task_vectors, vector_tasks
+
+    stored = set(vector_tasks(catalog))
+    return {t: v.vector for t, v in load_task_vectors(catalog, [t for t in tasks if t in stored]).items()}
+
+
+def _catalog_objective(
+    catalog: Catalog, tasks: list[str], adapter_ids: Sequence[str] | None, fvae, shots: int | None
+) -> FewShotObjective:
+    """The few-shot objective over the fused tasks' support examples (task definitions in the
+    catalog), on the F-VAE's layout, else on the fused adapters' layout."""
+    from engine.tasks.fewshot import FewShotObjective
+
+    if fvae is not None:
+        layout = fvae.layout
+    elif adapter_ids:
+        layout = catalog.layout(catalog.get(adapter_ids[0])["layout_id"])
+    else:
+        layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
+    return FewShotObjective.from_catalog(catalog, tasks, layout, k=shots)

@@ -9,7 +9,7 @@ inputs nor the fusion weights. :func:`encode_input` computes it once as a frozen
 anchored assembly are left per fusion spec (:mod:`engine.fusion.methods.icm`).
 
 A server that fuses new weights over the same catalog adapters passes an
-:class:`IcmInputsCache` as ``context["icm_inputs_cache"]``: a thread-safe, byte-bounded LRU
+:class:`IcmInputsCache` as the fusion context's ``icm_inputs_cache``: a thread-safe, byte-bounded LRU
 keyed by content — the F-VAE's fingerprint, the adapter's sha256 and where its condition comes
 from (a training task's vector, a given vector's sha256, or the adapter-derived projection).
 Each input is encoded on its own (a batch of one) with or without the cache, so a cached result
@@ -30,11 +30,10 @@ from engine.adapters.lora import LoraAdapter
 from engine.digest import update_with_tensor
 from engine.fusion.registry import FusionConfigError
 from engine.fvae.latent import relative_error
+from engine.fvae.taskvec import project
 from engine.lru import ByteBoundedLRU
-from engine.meta.taskvec import project
 from engine.tasks.functional import adapter_factors
 
-CACHE_CONTEXT_KEY = "icm_inputs_cache"  # FusionInputs.context key of an IcmInputsCache
 DEFAULT_CACHE_BYTES = 256 * 2**20
 
 TaskVectorMode = Literal["trained", "adapter"]
@@ -115,7 +114,7 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
         return Condition("projection", "")
     raise FusionConfigError(
         f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
-        "from k examples with `icmf taskvec --task ...` (or pass context['task_vectors'])"
+        "from k examples with `icmf taskvec --task ...` (or pass the fusion context's task_vectors)"
     )
 
 
@@ -129,7 +128,7 @@ def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch
 
 
 def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
-    """Encode one adapter with the F-VAE of ``artifact`` (an :class:`engine.meta.artifact.FVAEArtifact`
+    """Encode one adapter with the F-VAE of ``artifact`` (an :class:`engine.fvae.artifact.FVAEArtifact`
     whose model is in eval mode) and decode its posterior mean, as a batch of one.
 
     Raises:

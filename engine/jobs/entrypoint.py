@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from collections.abc import Sequence
 
@@ -15,9 +16,12 @@ class EntrypointError(IcmfError, ValueError):
     """The command given after ``--`` is not a valid ``icmf`` command."""
 
 
-def check_command(argv: Sequence[str]) -> list[str]:
+def check_command(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
     """Validate ``icmf SUBCOMMAND ...`` with the CLI's own parser (so a typo fails here, not after the
     job waited in the cluster's queue); returns the arguments after ``icmf``.
+
+    ``parser`` is ``engine.cli.main.build_parser()``: the CLI sits above this package, so it hands
+    its parser down rather than this module importing it.
 
     Raises:
         EntrypointError: empty command, not ``icmf``, a cluster-side command, or arguments the
@@ -37,22 +41,20 @@ def check_command(argv: Sequence[str]) -> list[str]:
         )
     if len(argv) > 1 and argv[1] in NOT_IN_A_JOB:
         raise EntrypointError(f"`icmf {argv[1]}` runs on your machine, not inside a job")
-    _parse(argv[1:])
+    _parse(parser, argv[1:])
     return argv[1:]
 
 
-def build_entrypoint(argv: Sequence[str]) -> str:
-    """The shell command line Ray runs for ``argv`` (``icmf ...``), each argument quoted."""
-    return shlex.join(["icmf", *check_command(argv)])
+def build_entrypoint(argv: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """The shell command line Ray runs for ``argv`` (``icmf ...``, checked with ``parser``), each
+    argument quoted."""
+    return shlex.join(["icmf", *check_command(argv, parser)])
 
 
-def _parse(args: list[str]) -> None:
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> None:
     import contextlib
     import io
 
-    from engine.cli.main import build_parser  # late: engine.cli imports this module
-
-    parser = build_parser()
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):

@@ -8,10 +8,10 @@ from typing import Literal
 import pydantic
 import yaml
 
-from engine.errors import IcmfError
+from engine.errors import FaultsError, pydantic_faults
 
 
-class MetaConfigError(IcmfError, ValueError):
+class MetaConfigError(FaultsError):
     """A training config with faults; the message lists all of them."""
 
 
@@ -191,7 +191,4 @@ def load_config(source: str | Path | dict) -> MetaTrainConfig:
     try:
         return MetaTrainConfig.model_validate(data)
     except pydantic.ValidationError as exc:
-        faults = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()]
-        raise MetaConfigError(
-            f"{where}: {len(faults)} fault(s):\n" + "\n".join(f"  - {f}" for f in faults)
-        ) from None
+        raise MetaConfigError(where, pydantic_faults(exc.errors())) from None

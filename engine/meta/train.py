@@ -29,16 +29,16 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
+from engine.fvae.artifact import FVAEArtifact
 from engine.fvae.config import FVAEConfig
 from engine.fvae.latent import reconstruction_errors
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
-from engine.meta.artifact import FVAEArtifact
+from engine.fvae.taskvec import project
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
 from engine.meta.schedule import SpikeGuard, learning_rate
 from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss, slot_mask
-from engine.meta.taskvec import project
 
 RUN_FILE = "current_run.json"
 # Columns a Train worker streams (``id`` is a few bytes next to the [N] weights).
@@ -450,7 +450,7 @@ def _run_name(out: str, resume: bool) -> tuple[str, bool]:
     marker = cfs.join(root, RUN_FILE)
     if resume:
         if not cfs.exists(fs, marker):
-            raise ValueError(f"--resume: no run to resume under {out} (missing {RUN_FILE})")
+            raise MetaConfigError(f"--resume: no run to resume under {out} (missing {RUN_FILE})")
         return json.loads(cfs.read_bytes(fs, marker))["name"], True
     name = f"fvae-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     cfs.write_bytes_atomic(fs, marker, json.dumps({"name": name}).encode())

@@ -22,7 +22,7 @@ def _catalog(catalog: Catalog | str) -> Catalog:
 
 def vector_path(catalog: Catalog, task: str) -> str:
     """Path of a task's vector file inside the catalog (``task`` is validated, never a path)."""
-    return catalog._path(VECTORS_DIR, f"{check_name('task name', task)}.json")
+    return catalog.path(VECTORS_DIR, f"{check_name('task name', task)}.json")
 
 
 def save_task_vectors(catalog: Catalog | str, vectors: Mapping[str, TaskVector]) -> list[str]:
@@ -45,7 +45,7 @@ def save_task_vectors(catalog: Catalog | str, vectors: Mapping[str, TaskVector])
 def vector_tasks(catalog: Catalog | str) -> list[str]:
     """Tasks with a stored vector, sorted."""
     catalog = _catalog(catalog)
-    names = cfs.list_names(catalog.fs, catalog._path(VECTORS_DIR))
+    names = cfs.list_names(catalog.fs, catalog.path(VECTORS_DIR))
     return sorted(n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith("."))
 
 

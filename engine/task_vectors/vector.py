@@ -106,12 +106,13 @@ def mean_vector(hidden: torch.Tensor) -> torch.Tensor:
     """``[n, d]`` hidden states (or ``[a, d]`` per-adapter means) -> ``[d]`` float32 mean.
 
     Raises:
-        ValueError: if ``hidden`` is not 2-D with at least one row, or holds non-finite values.
+        ValueError: if ``hidden`` is not 2-D with at least one row.
+        TaskError: if it holds non-finite values (a model spec's dtype or adapter at fault).
     """
     if hidden.dim() != 2 or hidden.shape[0] == 0:
         raise ValueError(f"expected hidden states [n, d] with n >= 1, got shape {tuple(hidden.shape)}")
     if not torch.isfinite(hidden).all():
-        raise ValueError("hidden states hold NaN or inf; check the model spec's dtype and the adapter")
+        raise TaskError("hidden states hold NaN or inf; check the model spec's dtype and the adapter")
     # float64 accumulation: the mean does not depend on how rows were batched or ordered
     return hidden.double().mean(dim=0).float()
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.adapters import load_adapter, save_adapter
+from engine.adapters.io import PROVENANCE_FILE
 from engine.catalog import Catalog
-from engine.fusion.api import PROVENANCE_FILE
 from engine.tasks.apply import adapted, check_adapter_dir
 from engine.tasks.base import task_model
 from engine.tasks.errors import TaskError

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from engine.catalog.schema import NAME_RE
+from engine.errors import pydantic_faults
 from engine.tasks.errors import SpecError
 
 ModelKind = Literal["causal_lm", "seq_cls", "custom"]
@@ -426,7 +427,7 @@ def validate_spec(cls: type[_Strict], data: Any, source: str = "<dict>"):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        faults = [_format_error(e) for e in exc.errors() if e["type"] != _CROSS]
+        faults = pydantic_faults(e for e in exc.errors() if e["type"] != _CROSS)
         faults += _raw_cross_faults(cls, data, "")
         raise SpecError(source, list(dict.fromkeys(faults))) from None
 
@@ -455,17 +456,6 @@ def _with_defaults(cls: type[_Strict], data: dict[str, Any]) -> dict[str, Any]:
 def _nested_spec(annotation: Any) -> type[_Strict] | None:
     candidates = getattr(annotation, "__args__", (annotation,))
     return next((c for c in candidates if isinstance(c, type) and issubclass(c, _Strict)), None)
-
-
-def _format_error(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    if error["type"] == "missing":
-        return f"{where}: required"
-    if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field; remove it (check the spelling)"
-    value = repr(error.get("input"))
-    value = value if len(value) <= 60 else value[:57] + "..."
-    return f"{where}: {error['msg']} (got {value})"
 
 
 def read_spec_file(path: str | Path) -> Any:

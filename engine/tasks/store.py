@@ -21,7 +21,7 @@ def _catalog(catalog: Catalog | str) -> Catalog:
 
 def task_path(catalog: Catalog, name: str) -> str:
     """Path of a task's definition file inside the catalog (``name`` is validated, never a path)."""
-    return catalog._path(TASKS_DIR, f"{check_name('task name', name)}.json")
+    return catalog.path(TASKS_DIR, f"{check_name('task name', name)}.json")
 
 
 def save_task(catalog: Catalog | str, definition: TaskDefinition, overwrite: bool = False) -> str:
@@ -74,7 +74,7 @@ def load_task(catalog: Catalog | str, name: str) -> TaskDefinition:
 def task_names(catalog: Catalog | str) -> list[str]:
     """Names of the catalog's tasks, sorted."""
     catalog = _catalog(catalog)
-    names = cfs.list_names(catalog.fs, catalog._path(TASKS_DIR))
+    names = cfs.list_names(catalog.fs, catalog.path(TASKS_DIR))
     return sorted(n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith("."))
 
 

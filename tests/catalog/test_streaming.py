@@ -217,7 +217,7 @@ def test_dataset_of_ids_streams_only_them_and_skips_other_row_groups(ray_session
     rows = catalog.dataset(ids=wanted, rows_per_block=2).take_all()
     assert sorted(r["id"] for r in rows) == sorted(wanted)
     assert all(r["task"] == catalog.get(r["id"])["task"] for r in rows)
-    reader = pq.ParquetFile(catalog._path(entries[0]["shard"]))
+    reader = pq.ParquetFile(catalog.path(entries[0]["shard"]))
     assert reader.num_row_groups == 5
     assert _row_groups_holding(reader, pa_ids(wanted)) == [1, 4]
     assert _row_groups_holding(reader, pa_ids([e["id"] for e in entries])) is None

@@ -14,6 +14,7 @@ import ray
 import yaml
 
 import engine
+from engine.cli.main import build_parser
 from engine.jobs.entrypoint import check_command
 from engine.jobs.runtime_env import build_runtime_env, load_runtime_env
 from engine.meta.config import load_config
@@ -179,7 +180,9 @@ def test_rayjob_commands_parse_and_its_config_is_valid():
     commands = icmf_commands(job["spec"]["entrypoint"])
     assert [c[1] for c in commands] == ["train", "fuse"]
     for command in commands:
-        check_command(command)  # the real argparse parser: raises on any bad flag or subcommand
+        check_command(
+            command, build_parser()
+        )  # the real argparse parser: raises on any bad flag or subcommand
     # The config file the entrypoint names is the ConfigMap mounted on the head, and it validates.
     config_path = Path(commands[0][2])
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -248,6 +251,6 @@ def test_icmf_commands_in_comments_parse():
             for command in icmf_commands(line):
                 if command[1] == "submit":
                     command = command[command.index("--") + 1 :]
-                check_command(command)
+                check_command(command, build_parser())
                 found += 1
     assert found >= 4

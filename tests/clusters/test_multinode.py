@@ -13,9 +13,9 @@ import yaml
 
 from engine.catalog import fs as cfs
 from engine.cli.main import main
+from engine.fvae.artifact import FVAEArtifact
 from engine.jobs import JobsClient
 from engine.jobs.client import STOPPED_EXIT
-from engine.meta.artifact import FVAEArtifact
 from tests.clusters.local_cluster import LocalCluster, free_port
 from tests.conftest import make_adapter
 

@@ -11,7 +11,14 @@ from peft import PeftModel
 from engine.adapters import LoraAdapter, LoraModule, load_adapter
 from engine.catalog import Catalog
 from engine.cli.main import main
-from engine.fusion import PROVENANCE_FILE, FusionConfigError, fuse_adapters, fuse_from_catalog, get_method
+from engine.fusion import (
+    PROVENANCE_FILE,
+    FusionConfigError,
+    FusionContext,
+    fuse_adapters,
+    fuse_from_catalog,
+    get_method,
+)
 from engine.fusion.lowrank import dense_to_lowrank, lowrank_weighted_sum, truncate_lowrank
 from engine.fusion.methods.pruning import SignParams, merge_tensors
 from tests.conftest import make_adapter, tiny_llama
@@ -66,6 +73,34 @@ def test_weights_must_match_adapters():
     adapter = random_adapter({"m": 2}, 0)
     with pytest.raises(FusionConfigError, match="2 weight"):
         fuse_adapters([adapter], "cat", weights=[1.0, 2.0])
+
+
+def test_methods_declare_their_context_in_the_signature(monkeypatch):
+    """Keyword-only arguments name the context fields a method reads (required without a default,
+    checked before it runs); details go to the provenance, never into PEFT's config."""
+    from engine.fusion import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    seen = {}
+
+    @registry.fusion_method("probe")
+    def probe(inputs, params, *, loss_fn, task_vectors=None):
+        seen.update(loss_fn=loss_fn, task_vectors=task_vectors)
+        return inputs.adapters[0], {"score": 1.5}
+
+    method = registry.get_method("probe")
+    assert (method.needs, method.accepts) == (("loss_fn",), ("loss_fn", "task_vectors"))
+    adapters = [random_adapter({"x": 2}, 0)]
+    with pytest.raises(FusionConfigError, match=r"method 'probe' needs few-shot examples.*'loss_fn'"):
+        fuse_adapters(adapters, "probe", context=FusionContext(fvae=object()))
+    result = fuse_adapters(adapters, "probe", context=FusionContext(loss_fn=len, task_vectors={"t": 1}))
+    assert seen == {"loss_fn": len, "task_vectors": {"t": 1}}
+    assert result.provenance["details"] == {"score": 1.5} and "icmf_details" not in result.adapter.config
+    with pytest.raises(ValueError, match="'fvea' is not a FusionContext field"):
+
+        @registry.fusion_method("typo")
+        def typo(inputs, params, *, fvea):
+            return inputs.adapters[0], {}
 
 
 def test_cat_and_task_arithmetic_are_exact_with_mixed_ranks_and_missing_modules():
@@ -185,7 +220,7 @@ def test_lorahub_finds_weights_that_lower_the_few_shot_loss():
         return float(((candidate.modules["x"].delta() - target) ** 2).mean())
 
     result = fuse_adapters(
-        adapters, "lorahub", params={"budget": 150, "l1": 0.0}, seed=3, context={"loss_fn": loss_fn}
+        adapters, "lorahub", params={"budget": 150, "l1": 0.0}, seed=3, context=FusionContext(loss_fn=loss_fn)
     )
     details = result.provenance["details"]
     assert details["objective"] < 0.05 * details["start_objective"]
@@ -210,10 +245,10 @@ class _ConstantDecoder(torch.nn.Module):
 
 
 def _artifact(layout, model=None):
+    from engine.fvae.artifact import FVAEArtifact
     from engine.fvae.config import FVAEConfig
     from engine.fvae.model import FVAE
     from engine.fvae.normalize import SlotNormalizer
-    from engine.meta.artifact import FVAEArtifact
 
     torch.manual_seed(0)
     config = FVAEConfig(input_dim=layout.size, cond_dim=4, depth=3, channels=2, max_channels=4, latent_dim=8)
@@ -232,16 +267,18 @@ def test_icm_is_anchored_on_its_inputs():
     constant = torch.randn(layout.size, generator=torch.Generator().manual_seed(9))
     untrained, collapsed = _artifact(layout), _artifact(layout, lambda c: _ConstantDecoder(c, constant))
     for name in ("q", "v"):
-        one = fuse_adapters(adapters[:1], "icm", [1.0], context={"fvae": untrained}).adapter
+        one = fuse_adapters(adapters[:1], "icm", [1.0], context=FusionContext(fvae=untrained)).adapter
         assert rel(one.modules[name].delta(), adapters[0].modules[name].delta()) < 1e-5
-    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context={"fvae": collapsed}).adapter
+    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context=FusionContext(fvae=collapsed)).adapter
     ta = fuse_adapters(adapters, "task_arithmetic", [0.5, 0.5]).adapter
     for name in ("q", "v"):
         expected = ta.modules[name].delta() + (0.5 if name == "v" else 0.0) * _constant_delta(
             constant, layout, name
         )  # only the input targeting "v" cancels half of the constant there
         assert rel(fused.modules[name].delta(), expected) < 1e-5
-    absolute = fuse_adapters(adapters, "icm", [0.5, 0.5], {"anchor": False}, context={"fvae": collapsed})
+    absolute = fuse_adapters(
+        adapters, "icm", [0.5, 0.5], {"anchor": False}, context=FusionContext(fvae=collapsed)
+    )
     assert rel(absolute.adapter.modules["q"].delta(), _constant_delta(constant, layout, "q")) < 1e-5
 
 

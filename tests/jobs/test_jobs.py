@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from engine.cli.main import main
+from engine.cli.main import build_parser, main
 from engine.jobs import build_entrypoint, build_runtime_env, exit_status
 from engine.jobs.client import STOPPED_EXIT, auth_headers, normalise_address
 from engine.jobs.entrypoint import EntrypointError
@@ -24,11 +24,12 @@ def closed_port() -> int:
 
 def test_entrypoint_is_the_quoted_icmf_command():
     argv = ["--", "icmf", "fuse", "--catalog", "s3://b/c", "--tasks", "a,b", "--method", "ties"]
-    assert build_entrypoint([*argv, "--out", "out dir"]) == (
+    assert build_entrypoint([*argv, "--out", "out dir"], build_parser()) == (
         "icmf fuse --catalog s3://b/c --tasks a,b --method ties --out 'out dir'"
     )
     assert (
-        build_entrypoint(["icmf", "train", "cfg.yaml", "--workers", "4"]) == "icmf train cfg.yaml --workers 4"
+        build_entrypoint(["icmf", "train", "cfg.yaml", "--workers", "4"], build_parser())
+        == "icmf train cfg.yaml --workers 4"
     )
 
 
@@ -47,7 +48,7 @@ def test_entrypoint_is_the_quoted_icmf_command():
 )
 def test_bad_commands_are_refused_before_submitting(argv, message):
     with pytest.raises(EntrypointError, match=message):
-        build_entrypoint(argv)
+        build_entrypoint(argv, build_parser())
 
 
 def test_runtime_env_merges_file_and_flags(tmp_path):

@@ -16,8 +16,8 @@ from engine.adapters import load_adapter
 from engine.catalog import Catalog
 from engine.catalog.synth import parse_layout, synthesize
 from engine.cli.main import main
-from engine.fusion import PROVENANCE_FILE, fuse_from_catalog
-from engine.meta.artifact import FVAEArtifact
+from engine.fusion import PROVENANCE_FILE, FusionContext, fuse_from_catalog
+from engine.fvae.artifact import FVAEArtifact
 from engine.meta.config import MetaConfigError, load_config
 from engine.meta.train import train_fvae
 
@@ -83,7 +83,7 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
         "icm",
         tasks=["synth-01", "synth-03"],
         params={"task_vectors": "adapter", "rank": 2},
-        context={"fvae": artifact},
+        context=FusionContext(fvae=artifact),
     )
     assert max(m.rank for m in unseen.adapter.modules.values()) <= 2
     assert main([*argv, "--out", str(tmp_path / "nomodel")]) == 1

@@ -16,8 +16,8 @@ SPLIT = {"eval": 4, "support": 8, "seed": 0}
 @pytest.fixture(scope="session")
 def tv_catalog(tmp_path_factory):
     from engine.catalog import Catalog
+    from engine.demo.tasks import lab_model_spec, write_lab_examples
     from engine.tasks import ModelSpec, TaskDefinition, save_task, task_model
-    from engine.tasks.lab import lab_model_spec, write_lab_examples
     from tests.conftest import make_adapter
 
     root = tmp_path_factory.mktemp("taskvec")

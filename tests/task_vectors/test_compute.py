@@ -74,7 +74,7 @@ def test_definition_adapter_and_base_alone(tv_catalog):
 
 
 def test_examples_file_and_model_for_a_task_without_definition(tv_catalog, tmp_path):
-    from engine.tasks.lab import lab_examples
+    from engine.demo.tasks import lab_examples
 
     rows = lab_examples("copy", 6, seed=7)
     path = write_jsonl(tmp_path / "new.jsonl", rows)

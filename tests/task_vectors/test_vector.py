@@ -48,7 +48,7 @@ def test_example_id_is_content_hash_independent_of_key_order():
 
 
 def test_spec_hash_of_dict_and_model_agree():
-    from engine.tasks.lab import lab_model_spec
+    from engine.demo.tasks import lab_model_spec
 
     spec = lab_model_spec()
     assert spec_hash(spec) == spec_hash(spec.model_dump(mode="json")) != spec_hash(lab_model_spec(seed=1))

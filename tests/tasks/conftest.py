@@ -11,8 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from engine.demo.tasks import lab_model_spec
 from engine.tasks import ModelSpec, task_model
-from engine.tasks.lab import lab_model_spec
 
 WORDS = ["good", "bad", "fine", "awful", "great", "meh", "film", "book", "very", "not"]
 BERT_VOCAB = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", *WORDS]
@@ -119,8 +119,8 @@ def lab_catalog(tmp_path_factory, lab_spec):
     from types import SimpleNamespace
 
     from engine.catalog import Catalog
+    from engine.demo.tasks import write_lab_examples
     from engine.tasks import TaskDefinition, save_task
-    from engine.tasks.lab import write_lab_examples
 
     root = tmp_path_factory.mktemp("lab")
     catalog = Catalog(root / "catalog")

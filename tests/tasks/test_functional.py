@@ -11,7 +11,7 @@ import torch
 from engine.adapters import load_adapter
 from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout
-from engine.fusion import fuse_adapters
+from engine.fusion import FusionContext, fuse_adapters
 from engine.tasks import TaskDefinition, load_task, load_task_examples, save_task, task_model
 from engine.tasks.apply import adapted
 from engine.tasks.errors import ExamplesError, TaskError
@@ -159,10 +159,10 @@ def test_predefined_split_column(lab_spec, tmp_path, lab_catalog):
 
 
 def tiny_artifact(layout):
+    from engine.fvae.artifact import FVAEArtifact
     from engine.fvae.config import FVAEConfig
     from engine.fvae.model import FVAE
     from engine.fvae.normalize import SlotNormalizer
-    from engine.meta.artifact import FVAEArtifact
 
     torch.manual_seed(0)
     model = FVAE(
@@ -182,12 +182,14 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
     # The untrained decoder's absolute output (anchor off) is what the latent residual can move
     # most; anchored, the inputs' exact deltas dominate this toy decoder's displacement.
     common = dict(tasks=["copy", "reverse"], seed=0)
-    plain = fuse_adapters(adapters, "icm", params={"anchor": False}, context={"fvae": artifact}, **common)
+    plain = fuse_adapters(
+        adapters, "icm", params={"anchor": False}, context=FusionContext(fvae=artifact), **common
+    )
     refined = fuse_adapters(
         adapters,
         "icm",
         params={"refine_steps": 15, "refine_lr": 0.2, "anchor": False},
-        context={"fvae": artifact, "objective": objective},
+        context=FusionContext(fvae=artifact, objective=objective),
         **common,
     )
     record = refined.provenance["details"]["refine"]
@@ -198,7 +200,7 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
         adapters,
         "icm",
         params={"refine_steps": 15, "refine_lr": 0.2, "refine_holdout": 0, "anchor": False},
-        context={"fvae": artifact, "objective": objective},
+        context=FusionContext(fvae=artifact, objective=objective),
         **common,
     )
     record = without_holdout.provenance["details"]["refine"]
@@ -207,7 +209,9 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
         record["support_loss_best"], rel=1e-4
     )
     with pytest.raises(ValueError, match="needs few-shot examples"):
-        fuse_adapters(adapters, "icm", params={"refine_steps": 2}, context={"fvae": artifact}, **common)
+        fuse_adapters(
+            adapters, "icm", params={"refine_steps": 2}, context=FusionContext(fvae=artifact), **common
+        )
 
 
 def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monkeypatch):
@@ -221,7 +225,9 @@ def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monk
     monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 0.0]))
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
     adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
-    common = dict(tasks=["copy", "reverse"], seed=0, context={"fvae": artifact, "objective": objective})
+    common = dict(
+        tasks=["copy", "reverse"], seed=0, context=FusionContext(fvae=artifact, objective=objective)
+    )
     plain = fuse_adapters(adapters, "icm", **common)
     refined = fuse_adapters(
         adapters, "icm", params={"refine_steps": 10, "refine_lr": 0.2, "refine_holdout": 0}, **common
@@ -269,16 +275,25 @@ def test_icm_conditions_unseen_tasks_on_given_in_context_vectors(lab_catalog):
     adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
     common = dict(tasks=["copy", "reverse"], seed=0)
     with pytest.raises(ValueError, match=r"no task vector.*icmf taskvec"):
-        fuse_adapters(adapters, "icm", context={"fvae": artifact}, **common)
+        fuse_adapters(adapters, "icm", context=FusionContext(fvae=artifact), **common)
     with pytest.raises(ValueError, match="has 3 values"):
         fuse_adapters(
-            adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": torch.ones(3)}}, **common
+            adapters,
+            "icm",
+            context=FusionContext(fvae=artifact, task_vectors={"reverse": torch.ones(3)}),
+            **common,
         )
     one = fuse_adapters(
-        adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": torch.ones(8)}}, **common
+        adapters,
+        "icm",
+        context=FusionContext(fvae=artifact, task_vectors={"reverse": torch.ones(8)}),
+        **common,
     )
     two = fuse_adapters(
-        adapters, "icm", context={"fvae": artifact, "task_vectors": {"reverse": -torch.ones(8)}}, **common
+        adapters,
+        "icm",
+        context=FusionContext(fvae=artifact, task_vectors={"reverse": -torch.ones(8)}),
+        **common,
     )
     name = next(iter(one.adapter.modules))
     assert not torch.allclose(one.adapter.modules[name].B, two.adapter.modules[name].B)  # the vector matters

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 
 from engine.demo import tiny
+from engine.demo.tasks import lab_examples
 from engine.tasks import TaskError, TaskModel, adapted, apply_adapter, task_model
-from engine.tasks.lab import lab_examples
 from engine.tasks.models.custom import last_linear_name
 from tests.tasks.conftest import bert_spec_dict, custom_spec_dict, save_lora, sentiment_rows
 
@@ -109,7 +109,7 @@ def test_exact_match_is_greedy_reproduction(lab):
 
 
 def tiny_word(token_id: int) -> str:
-    from engine.tasks.lab import LAB_VOCAB
+    from engine.demo.tasks import LAB_VOCAB
 
     return LAB_VOCAB[token_id]
 
@@ -243,7 +243,7 @@ def test_hf_tokenizer_from_a_local_directory(tmp_path, lab_spec):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from engine.tasks.lab import LAB_VOCAB
+    from engine.demo.tasks import LAB_VOCAB
 
     vocab = {w: i for i, w in enumerate(LAB_VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))

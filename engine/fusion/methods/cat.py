@@ -20,6 +20,6 @@ def _cat_module(name: str, modules: list[LoraModule], weights: list[float]):
 
 
 @fusion_method("cat", reference="https://github.com/huggingface/peft (add_weighted_adapter, cat)")
-def cat(inputs: FusionInputs, params: NoParams) -> LoraAdapter:
+def cat(inputs: FusionInputs, params: NoParams) -> tuple[LoraAdapter, dict]:
     """Exact weighted sum of the deltas; output rank = sum of input ranks."""
-    return fuse_by_module(inputs, _cat_module)
+    return fuse_by_module(inputs, _cat_module), {}

@@ -17,28 +17,34 @@ towards task arithmetic rather than being pulled towards its training tasks; wit
 partial`` (the default) inputs it cannot represent at all are merged by task arithmetic with the
 latent fusion of the others instead of switching the whole fusion to arithmetic.
 
-Needs ``context["fvae"]``: an :class:`engine.meta.artifact.FVAEArtifact` (CLI: ``--model DIR``).
-Optional ``context["icm_inputs_cache"]``: an :class:`engine.fusion.icm_inputs.IcmInputsCache`
-that keeps each input's encoding across fusions (a server fusing new weights over the same
+Needs the context's ``fvae``: an :class:`engine.fvae.artifact.FVAEArtifact` (CLI: ``--model DIR``);
+reads its ``task_vectors`` (stored in-context vectors of tasks the F-VAE never saw) and, with
+``refine_steps``, its few-shot ``objective``. Optional ``icm_inputs_cache``: an
+:class:`engine.fusion.icm_inputs.IcmInputsCache` that keeps each input's encoding across fusions (a server fusing new weights over the same
 adapters then pays only for the latent combination, one decode and the anchored assembly);
 results are bit-identical with and without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pydantic
 import torch
 
 from engine.adapters.codec import unflatten
 from engine.adapters.lora import LoraAdapter, LoraModule
-from engine.fusion.icm_inputs import CACHE_CONTEXT_KEY, IcmInputsCache, encode_inputs
+from engine.fusion.icm_inputs import IcmInputsCache, encode_inputs
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
 from engine.fvae.latent import anchored_factors, familiarity, fuse_latents, residual_weights
+
+if TYPE_CHECKING:
+    from engine.fvae.artifact import FVAEArtifact
+    from engine.tasks.fewshot import FewShotObjective
 
 
 class IcmParams(pydantic.BaseModel):
@@ -104,13 +110,24 @@ class IcmParams(pydantic.BaseModel):
     def gated(self) -> bool:
         return self.familiarity_gate and self.anchor
 
+    @property
+    def required_context(self) -> tuple[str, ...]:
+        """Refinement fits on few-shot examples: the context's objective is needed then only."""
+        return ("objective",) if self.refine_steps else ()
+
 
 @fusion_method("icm", IcmParams, reference="https://arxiv.org/abs/2508.04153 (ICM-Fusion)")
-def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
+def icm(
+    inputs: FusionInputs,
+    params: IcmParams,
+    *,
+    fvae: FVAEArtifact,
+    task_vectors: Mapping[str, torch.Tensor] | None = None,
+    objective: FewShotObjective | None = None,
+    icm_inputs_cache: IcmInputsCache | None = None,
+) -> tuple[LoraAdapter, dict]:
     """Fuse in the latent space of a meta-trained F-VAE (ICM-Fusion)."""
-    artifact = inputs.context.get("fvae")
-    if artifact is None:
-        raise FusionConfigError("icm needs a trained F-VAE: pass --model DIR (the output of `icmf train`)")
+    artifact = fvae
     layout, model = artifact.layout, artifact.model
     model.eval()
     tasks = inputs.tasks or [f"input{i}" for i in range(len(inputs.adapters))]
@@ -120,9 +137,9 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         artifact,
         inputs.adapters,
         tasks,
-        inputs.context.get("task_vectors"),
+        task_vectors,
         params.task_vectors,
-        _inputs_cache(inputs),
+        icm_inputs_cache,
     )
     latents = _Latents(
         mu=torch.stack([e.mu for e in encoded]),
@@ -144,7 +161,7 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
     with torch.no_grad():
         factors = _fused_factors(artifact, latents, alpha, params, gate, split)
     if params.refine_steps:
-        objective = _objective(inputs, layout, tasks)
+        _check_objective(objective, layout, tasks)
         factors, refined = refine_latent(artifact, latents, alpha, objective, tasks, params, gate, split)
         details.update(refined)
     mask = latents.masks.any(dim=0)
@@ -156,20 +173,7 @@ def icm(inputs: FusionInputs, params: IcmParams) -> LoraAdapter:
         if params.rank is not None:
             A, B = truncate_lowrank(A, B, params.rank)
         modules[spec.name] = LoraModule(A=A, B=B, scaling=1.0)
-    adapter = fused_adapter(inputs, modules)
-    if details:
-        adapter.config["icmf_details"] = details
-    return adapter
-
-
-def _inputs_cache(inputs: FusionInputs) -> IcmInputsCache | None:
-    cache = inputs.context.get(CACHE_CONTEXT_KEY)
-    if cache is not None and not isinstance(cache, IcmInputsCache):
-        raise FusionConfigError(
-            f"context[{CACHE_CONTEXT_KEY!r}] must be an engine.fusion.icm_inputs.IcmInputsCache, "
-            f"got {type(cache).__name__}"
-        )
-    return cache
+    return fused_adapter(inputs, modules), details
 
 
 def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams, gate=1.0):
@@ -332,13 +336,7 @@ def _drop_null_components(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tenso
     return A[keep].clone(), B[:, keep].clone()
 
 
-def _objective(inputs: FusionInputs, layout, tasks: list[str]):
-    objective = inputs.context.get("objective")
-    if objective is None:
-        raise FusionConfigError(
-            "icm refine_steps > 0 needs few-shot examples of the fused tasks: pass context={'objective': "
-            "FewShotObjective} (CLI: tasks defined in the catalog with `icmf task add`)"
-        )
+def _check_objective(objective: FewShotObjective, layout, tasks: list[str]) -> None:
     if objective.host.layout.layout_id != layout.layout_id:
         raise FusionConfigError(
             f"the few-shot objective uses layout {objective.host.layout.layout_id}, the F-VAE "
@@ -349,7 +347,6 @@ def _objective(inputs: FusionInputs, layout, tasks: list[str]):
         raise FusionConfigError(
             f"no few-shot examples for task(s) {missing}: refinement needs k examples each"
         )
-    return objective
 
 
 def refine_latent(

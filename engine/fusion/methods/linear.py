@@ -43,6 +43,6 @@ def _linear_module(name: str, modules: list[LoraModule], weights: list[float]):
 
 
 @fusion_method("linear", reference="https://github.com/huggingface/peft (add_weighted_adapter, linear)")
-def linear(inputs: FusionInputs, params: NoParams) -> LoraAdapter:
+def linear(inputs: FusionInputs, params: NoParams) -> tuple[LoraAdapter, dict]:
     """Weighted sum of the A factors and of the B factors separately (PEFT's linear)."""
-    return fuse_by_module(inputs, _linear_module)
+    return fuse_by_module(inputs, _linear_module), {}

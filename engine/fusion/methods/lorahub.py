@@ -7,8 +7,8 @@ the exact weighted sum of the deltas (``compose="delta"``, any ranks). The searc
 (mu, lambda) evolution strategy with step-size adaptation (the reference uses nevergrad's Shiwa),
 seeded by the fusion's ``seed``, within ``[lower, upper]`` per weight.
 
-The method needs ``context["loss_fn"]``: ``LoraAdapter -> float``, the fused candidate's mean loss
-on the few-shot examples of all tasks (e.g. built from :mod:`engine.tasks`).
+The method needs the context's ``loss_fn``: ``LoraAdapter -> float``, the fused candidate's mean
+loss on the few-shot examples of all tasks (the few-shot objective's, by default).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pydantic
 
 from engine.adapters.lora import LoraAdapter
-from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
+from engine.fusion.registry import FusionInputs, fusion_method
 
 
 class LoraHubParams(pydantic.BaseModel):
@@ -72,21 +72,18 @@ def evolve(
 
 
 @fusion_method("lorahub", LoraHubParams, reference="https://arxiv.org/abs/2307.13269 (LoraHub)")
-def lorahub(inputs: FusionInputs, params: LoraHubParams) -> LoraAdapter:
+def lorahub(
+    inputs: FusionInputs, params: LoraHubParams, *, loss_fn: Callable[[LoraAdapter], float]
+) -> tuple[LoraAdapter, dict]:
     """Search the fusion weights on few-shot examples without gradients (LoRAHub)."""
-    loss_fn = inputs.context.get("loss_fn")
-    if loss_fn is None:
-        raise FusionConfigError(
-            "lorahub scores candidates on few-shot examples: pass context={'loss_fn': ...} "
-            "(icmf fuse --method lorahub needs task definitions with examples)"
-        )
     from engine.fusion.registry import get_method
 
     compose = get_method("cat" if params.compose == "delta" else "linear")
 
     def build(w: np.ndarray) -> LoraAdapter:
         candidate = FusionInputs(inputs.adapters, [float(x) for x in w], inputs.tasks, inputs.seed)
-        return compose.fuse(candidate, compose.parse_params({}))
+        adapter, _ = compose.fuse(candidate, compose.parse_params({}))
+        return adapter
 
     def objective(w: np.ndarray) -> float:
         return float(loss_fn(build(w))) + params.l1 * float(np.abs(w).sum())
@@ -96,11 +93,10 @@ def lorahub(inputs: FusionInputs, params: LoraHubParams) -> LoraAdapter:
     best, best_value, history = evolve(
         objective, start, params.budget, params.sigma, (params.lower, params.upper), rng
     )
-    fused = build(best)
-    fused.config["icmf_details"] = {
+    details = {
         "weights": best.tolist(),
         "objective": best_value,
         "start_objective": history[0],
         "evaluations": len(history),
     }
-    return fused
+    return build(best), details

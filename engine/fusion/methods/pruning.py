@@ -90,7 +90,7 @@ def merge_tensors(
     return (torch.stack(pruned) * w).sum(0)
 
 
-def _fuse(kind: Kind, inputs: FusionInputs, params: PruneParams) -> LoraAdapter:
+def _fuse(kind: Kind, inputs: FusionInputs, params: PruneParams) -> tuple[LoraAdapter, dict]:
     generator = inputs.generator()
 
     def fuse(name: str, modules: list[LoraModule], weights: list[float]):
@@ -104,7 +104,7 @@ def _fuse(kind: Kind, inputs: FusionInputs, params: PruneParams) -> LoraAdapter:
         merged = merge_tensors(kind, deltas, torch.tensor(weights), params, generator)
         return dense_to_lowrank(merged, params.rank or max(m.rank for m in modules), params.clamp)
 
-    return fuse_by_module(inputs, fuse)
+    return fuse_by_module(inputs, fuse), {}
 
 
 TIES_REF = "https://arxiv.org/abs/2306.01708 (TIES-Merging)"
@@ -112,19 +112,19 @@ DARE_REF = "https://arxiv.org/abs/2311.03099 (DARE: Language Models are Super Ma
 
 
 @fusion_method("ties", SignParams, reference=TIES_REF)
-def ties(inputs: FusionInputs, params: SignParams) -> LoraAdapter:
+def ties(inputs: FusionInputs, params: SignParams) -> tuple[LoraAdapter, dict]:
     """Trim to the top-density magnitudes, elect signs, average the agreeing entries (TIES)."""
     return _fuse("ties", inputs, params)
 
 
 @fusion_method("dare_ties", SignParams, reference=DARE_REF)
-def dare_ties(inputs: FusionInputs, params: SignParams) -> LoraAdapter:
+def dare_ties(inputs: FusionInputs, params: SignParams) -> tuple[LoraAdapter, dict]:
     """Drop entries at random (rescaled by 1/density), then TIES sign election and merge."""
     return _fuse("dare_ties", inputs, params)
 
 
 @fusion_method("dare_linear", PruneParams, reference=DARE_REF)
-def dare_linear(inputs: FusionInputs, params: PruneParams) -> LoraAdapter:
+def dare_linear(inputs: FusionInputs, params: PruneParams) -> tuple[LoraAdapter, dict]:
     """Drop entries at random (rescaled by 1/density), then the weighted sum."""
     return _fuse("dare_linear", inputs, params)
 
@@ -132,6 +132,6 @@ def dare_linear(inputs: FusionInputs, params: PruneParams) -> LoraAdapter:
 @fusion_method(
     "magnitude_prune", PruneParams, reference="https://github.com/huggingface/peft (magnitude_prune)"
 )
-def magnitude_prune(inputs: FusionInputs, params: PruneParams) -> LoraAdapter:
+def magnitude_prune(inputs: FusionInputs, params: PruneParams) -> tuple[LoraAdapter, dict]:
     """Keep each task's top-density magnitudes, then the weighted sum."""
     return _fuse("magnitude_prune", inputs, params)

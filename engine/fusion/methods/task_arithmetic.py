@@ -38,14 +38,14 @@ class SvdParams(pydantic.BaseModel):
     TaskArithmeticParams,
     reference="https://arxiv.org/abs/2212.04089 (Editing Models with Task Arithmetic)",
 )
-def task_arithmetic(inputs: FusionInputs, params: TaskArithmeticParams) -> LoraAdapter:
+def task_arithmetic(inputs: FusionInputs, params: TaskArithmeticParams) -> tuple[LoraAdapter, dict]:
     """lambda * sum_i w_i dW_i, exact or truncated to a rank without forming dW."""
 
     def fuse(name: str, modules: list[LoraModule], weights: list[float]):
         factors = [folded(m) for m in modules]
         return lowrank_weighted_sum(factors, [params.lam * w for w in weights], params.rank)
 
-    return fuse_by_module(inputs, fuse)
+    return fuse_by_module(inputs, fuse), {}
 
 
 def peft_split(A: torch.Tensor, B: torch.Tensor, clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ def peft_split(A: torch.Tensor, B: torch.Tensor, clamp: float | None) -> tuple[t
 
 
 @fusion_method("svd", SvdParams, reference="https://github.com/huggingface/peft (add_weighted_adapter, svd)")
-def svd(inputs: FusionInputs, params: SvdParams) -> LoraAdapter:
+def svd(inputs: FusionInputs, params: SvdParams) -> tuple[LoraAdapter, dict]:
     """sum_i w_i dW_i truncated by SVD to the largest input rank (PEFT's svd, computed exactly low-rank)."""
 
     def fuse(name: str, modules: list[LoraModule], weights: list[float]):
@@ -67,4 +67,4 @@ def svd(inputs: FusionInputs, params: SvdParams) -> LoraAdapter:
         A, B = lowrank_weighted_sum([folded(m) for m in modules], weights, rank)
         return peft_split(A, B, params.clamp)
 
-    return fuse_by_module(inputs, fuse)
+    return fuse_by_module(inputs, fuse), {}

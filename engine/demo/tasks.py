@@ -1,4 +1,4 @@
-"""The tiny lab model of :mod:`engine.demo.tiny` as a task model, and its tasks as text examples.
+"""The demo's tiny Llama (:mod:`engine.demo.tiny`) as a task model, and its tasks as text examples.
 
 The whitespace vocabulary below reproduces the demo's token ids exactly, so a demo adapter
 evaluated through :class:`~engine.tasks.models.CausalLMTask` sees the same tokens it was trained on:

@@ -79,6 +79,7 @@ def library_output_to(log_file: Path | None):
         try:
             yield
         finally:
+            link_ray_logs(log_file.parent)
             set_worker_logs_to_driver(True)
             sys.stdout.flush()
             sys.stderr.flush()
