@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -104,3 +105,28 @@ def link_ray_logs(log_dir: Path) -> None:
         link.symlink_to(target, target_is_directory=True)
     except OSError:
         pass  # a read-only or odd folder: the log file still names nothing wrong
+
+
+def report_line(report: dict[str, Any]) -> str:
+    """One training report as the user reads it."""
+    skipped = f" ({report['skipped']} spike(s) skipped)" if report.get("skipped") else ""
+    return (
+        f"step {report['step']}/{report['steps']} loss {report['loss']:.4f} recon {report['recon']:.4f} "
+        f"kl {report['kl']:.2f} fusion {report['fusion']:.4f} {report['episodes_per_s']:.1f} episodes/s{skipped}"
+    )
+
+
+@contextmanager
+def training_progress(steps: int, print_reports: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar on a terminal; elsewhere (logs, CI) one line per report if ``print_reports``."""
+    with progress_bar("meta-train the F-VAE", total=steps) as advance:
+        done = 0
+
+        def show(report: dict[str, Any]) -> None:
+            nonlocal done
+            advance(report["step"] - done)
+            done = report["step"]
+            if print_reports and not console.is_terminal:
+                console.print(report_line(report), highlight=False)
+
+        yield show

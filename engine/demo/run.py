@@ -207,7 +207,7 @@ def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
             "lr": 1e-3,
         },
     }
-    from engine.cli.train import training_progress
+    from engine._output import training_progress
 
     t0 = time.perf_counter()
     last: dict = {}
