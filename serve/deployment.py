@@ -98,7 +98,9 @@ def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore, sampli
 
 
 def _kind(model_id: str) -> str:
-    return "base" if model_id == BASE_MODEL_ID else "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
+    return (
+        "base" if model_id == BASE_MODEL_ID else "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
+    )
 
 
 # A short health-check period: Serve notices a dead or stuck replica in seconds, not Serve's 10 s.

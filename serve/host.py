@@ -68,9 +68,15 @@ class HFTokenizer:
         self.pad_token_id = (
             self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
         )
+        self.chat_template = getattr(self._tok, "chat_template", None)  # None: chat is not served
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A chat rendered by the tokenizer's template, ready for the assistant's reply."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

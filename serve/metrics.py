@@ -98,7 +98,9 @@ class RequestMetrics:
         from ray.serve import metrics
 
         self._requests = metrics.Counter(
-            "icmf_requests", description="requests by route and HTTP status", tag_keys=TAG_KEYS["icmf_requests"]
+            "icmf_requests",
+            description="requests by route and HTTP status",
+            tag_keys=TAG_KEYS["icmf_requests"],
         )
 
     def count(self, route: str, status: int) -> None:

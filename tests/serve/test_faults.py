@@ -103,9 +103,11 @@ def test_only_request_faults_are_negative_cached():
         return None
 
     async def run():
-        cache = AdapterCache(loader, unloader, capacity=2, negative_ttl_s=60, remember_failure=LoadError.is_user_fault)
+        cache = AdapterCache(
+            loader, unloader, capacity=2, negative_ttl_s=60, remember_failure=LoadError.is_user_fault
+        )
         for adapter_id in ("user", "user", "server", "server"):
-            with pytest.raises(Exception):
+            with pytest.raises((LoadError, RuntimeError)):
                 async with cache.lease(adapter_id):
                     pass
         return cache
@@ -166,8 +168,18 @@ def test_sampling_parameters_are_accepted_and_defaults_are_harmless():
 
     body = parse_completion_body(
         json.dumps(
-            {"model": "base", "prompt": "a", "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ["\n"],
-             "logprobs": None, "n": 1, "presence_penalty": 0, "user": "me"}
+            {
+                "model": "base",
+                "prompt": "a",
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "seed": 3,
+                "stop": ["\n"],
+                "logprobs": None,
+                "n": 1,
+                "presence_penalty": 0,
+                "user": "me",
+            }
         ).encode()
     )
     assert body.sampling() == {"temperature": 0.7, "top_p": 0.9, "seed": 3}
@@ -218,3 +230,23 @@ def test_chat_prompt_needs_a_chat_template():
     with pytest.raises(ApiError) as info:
         chat_prompt_ids(NoTemplate(), [{"role": "user", "content": "hi"}])
     assert info.value.status == 404 and "chat template" in str(info.value)
+
+
+def test_chat_prompt_uses_the_tokenizer_template(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from serve.app import chat_prompt_ids
+    from serve.host import HFTokenizer
+
+    words = ["<unk>", "</s>", "<user>", "<assistant>", "hello", "there"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    fast.save_pretrained(tmp_path)
+    ids = chat_prompt_ids(HFTokenizer(tmp_path), [{"role": "user", "content": "hello there"}])
+    assert ids == [2, 4, 5, 3]
