@@ -151,6 +151,16 @@ def test_metric_names_and_labels_are_bounded():
         assert "adapter" not in tags, name  # client-chosen ids never become label values
 
 
+def test_readme_lists_the_metrics_as_prometheus_sees_them():
+    from pathlib import Path
+
+    from serve import metrics
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name in metrics.scraped_names():
+        assert f"`{name}" in readme, name
+
+
 # ---------------------------------------------------------------- 8. OpenAI parameters
 @pytest.mark.parametrize("field", ["logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "foo"])
 def test_unsupported_parameters_are_a_400_naming_them(field):
