@@ -210,7 +210,7 @@ def _succeeded(task: asyncio.Future) -> bool:
 
 
 def describe(cache: AdapterCache[Any]) -> dict[str, Any]:
-    """A JSON-able snapshot of ``cache`` (for /healthz and debugging)."""
+    """A JSON-able snapshot of ``cache`` (for /status and debugging)."""
     return {
         "capacity": cache.capacity,
         "cached": cache.cached_ids(),

@@ -98,9 +98,10 @@ def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore, sampli
 
 
 def _kind(model_id: str) -> str:
-    return (
-        "base" if model_id == BASE_MODEL_ID else "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
-    )
+    """The metric label of a model id (a fixed set: ids themselves are client-chosen)."""
+    if model_id == BASE_MODEL_ID:
+        return "base"
+    return "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
 
 
 # A short health-check period: Serve notices a dead or stuck replica in seconds, not Serve's 10 s.
@@ -170,11 +171,13 @@ class AdapterModel:
     async def _load(self, model_id: str) -> str:
         spec = self._specs.get(model_id)
         start = time.perf_counter()
-        await self._run(self._load_sync, model_id, spec)
+        try:
+            await self._run(self._load_sync, model_id, spec)
+        finally:
+            if self.icm_inputs is not None:  # a failed icm fusion may have used the cache too
+                icm = self.icm_inputs.describe()
+                self.metrics.icm_inputs(icm["hits"], icm["misses"])
         self.metrics.load_seconds("fusion" if spec else "stored", time.perf_counter() - start)
-        if self.icm_inputs is not None:
-            icm = self.icm_inputs.describe()
-            self.metrics.icm_inputs(icm["hits"], icm["misses"])
         return model_id
 
     def _load_sync(self, model_id: str, spec: dict[str, Any] | None) -> None:
