@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -106,7 +106,7 @@ class GenerationRequest(pydantic.BaseModel):
     echo: bool | None = False
     suffix: str | None = None
 
-    NO_OP: dict[str, tuple[Any, ...]] = {
+    NO_OP: ClassVar[dict[str, tuple[Any, ...]]] = {
         "n": (1, None),
         "best_of": (1, None),
         "logprobs": (None, False, 0),

@@ -162,7 +162,9 @@ def test_readme_lists_the_metrics_as_prometheus_sees_them():
 
 
 # ---------------------------------------------------------------- 8. OpenAI parameters
-@pytest.mark.parametrize("field", ["logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "foo"])
+@pytest.mark.parametrize(
+    "field", ["logprobs", "best_of", "logit_bias", "suffix", "frequency_penalty", "foo", "NO_OP"]
+)
 def test_unsupported_parameters_are_a_400_naming_them(field):
     from serve.app import ApiError, parse_completion_body
 
