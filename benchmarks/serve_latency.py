@@ -11,6 +11,12 @@ its adapter) and ``grouped`` (one forward per adapter within a Serve batch).
 
     python -m benchmarks.serve_latency                       # standard lab, writes results/serve_latency.*
     python -m benchmarks.serve_latency --lab DIR --fvae DIR --quick
+    python -m benchmarks.serve_latency --large-base          # results/serve_latency_large_base.*
+
+``--large-base`` times the replica's decode path alone (:class:`serve.host.LoraHost`, no HTTP or
+Ray: the router and transport cost the same with or without an adapter) on a random Llama of
+hidden 512 and 8 layers, where the matmuls outweigh the fixed per-module cost of the LoRA wrapper:
+base-only against one cached rank-8 adapter on every attention and MLP projection, interleaved.
 """
 
 from __future__ import annotations
@@ -175,6 +181,72 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+LARGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def large_base(hidden: int, layers: int, rank: int, requests: int, rounds: int, max_tokens: int) -> dict:
+    """p50 of base-only vs a cached adapter on the decode path of a larger random base."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.adapters.lora import LoraAdapter, LoraModule
+    from serve.host import BASE_ADAPTER, LoraHost
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # as a replica runs (torch_threads: 1)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    modules = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LARGE_TARGETS:
+            a = torch.randn(rank, module.in_features) / module.in_features**0.5
+            modules[name] = LoraModule(A=a, B=torch.randn(module.out_features, rank) * 0.01, scaling=2.0)
+    host = LoraHost(model, eos_token_id=2, pad_token_id=0)
+    host.add("adapter", LoraAdapter(modules=modules, config={"r": rank}))
+    prompt = list(range(3, 3 + 15))
+    scenarios = {"base_only": BASE_ADAPTER, "cached_adapter": "adapter"}
+    for name in scenarios.values():  # warm-up
+        host.generate([prompt], [name], [max_tokens], [True])
+    seconds: dict[str, list[float]] = {k: [] for k in scenarios}
+    for _ in range(rounds):
+        for key, name in scenarios.items():
+            for _ in range(max(requests // rounds, 1)):
+                start = time.perf_counter()
+                host.generate([prompt], [name], [max_tokens], [True])
+                seconds[key].append(time.perf_counter() - start)
+    p50 = {k: float(np.median(v)) * 1e3 for k, v in seconds.items()}
+    return {
+        "config": {"hidden": hidden, "layers": layers, "rank": rank, "targets": list(LARGE_TARGETS)},
+        "requests": {k: len(v) for k, v in seconds.items()},
+        "p50_ms": {k: round(v, 2) for k, v in p50.items()},
+        "p99_ms": {k: round(float(np.percentile(v, 99)) * 1e3, 2) for k, v in seconds.items()},
+        "cached_adapter_over_base_p50": round(p50["cached_adapter"] / p50["base_only"], 3),
+    }
+
+
+def main_large_base(args) -> int:
+    result = {
+        "loadavg_before": os.getloadavg(),
+        "note": "LoraHost decode path only (no HTTP, no Ray); scenarios interleaved per round",
+        "max_tokens": args.max_tokens,
+        **large_base(512, 8, 8, args.requests, args.rounds, args.max_tokens),
+        "loadavg_after": os.getloadavg(),
+        "environment": environment(),
+    }
+    result["goals"] = {"cached_adapter_p50_le_1.10x_base": result["cached_adapter_over_base_p50"] <= 1.10}
+    write_json("serve_latency_large_base", result, Path(args.out))
+    print(json.dumps({k: result[k] for k in ("p50_ms", "cached_adapter_over_base_p50", "goals")}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lab", default=str(RESULTS / "lab" / "standard-seed0"))
@@ -188,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="round-robin chunks per scenario")
     parser.add_argument("--quick", action="store_true", help="a few requests each (smoke test)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--large-base", action="store_true", help="only the hidden-512, 8-layer decode-path run"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.mixed_requests, args.rounds = 8, 32, 2
+    if args.large_base:
+        return main_large_base(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     from ray import serve

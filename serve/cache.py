@@ -6,7 +6,9 @@ an in-flight request is using. This cache fixes each of those and is pure asynci
 torch), so its tests run in milliseconds:
 
 * a load that fails never evicts anything: eviction happens only after a successful load;
-* a failure is remembered for ``negative_ttl_s`` (negative cache) and re-raised without retrying;
+* a failure is remembered for ``negative_ttl_s`` (negative cache) and re-raised without retrying
+  when ``remember_failure`` says it is deterministic (a bad request); a transient one (a server
+  fault) is not remembered, so the next request tries again;
 * concurrent requests for the same missing id share one load, and the loaded entry arrives
   already leased to all of them (so another load finishing first cannot evict it before they run);
 * an entry leased by an in-flight request is never evicted (entries are immutable: ids are content
@@ -73,6 +75,7 @@ class AdapterCache(Generic[V]):
         negative_ttl_s: how long a failed load is remembered (0 disables the negative cache).
         clock: monotonic seconds (injectable for tests).
         on_event: optional hook called with ``(event, id, seconds)`` for metrics.
+        remember_failure: which load failures the negative cache keeps (default: every one).
     """
 
     loader: Loader
@@ -81,6 +84,7 @@ class AdapterCache(Generic[V]):
     negative_ttl_s: float = 5.0
     clock: Callable[[], float] = time.monotonic
     on_event: EventHook | None = None
+    remember_failure: Callable[[BaseException], bool] | None = None
     stats: CacheStats = field(default_factory=CacheStats)
     _entries: OrderedDict[str, _Entry[V]] = field(default_factory=OrderedDict)
     _loading: dict[str, _Pending] = field(default_factory=dict)
@@ -167,7 +171,8 @@ class AdapterCache(Generic[V]):
         except BaseException as exc:
             self.stats.load_failures += 1
             self._emit("load_failure", adapter_id, self.clock() - start)
-            if self.negative_ttl_s > 0 and isinstance(exc, Exception):
+            remember = self.remember_failure is None or self.remember_failure(exc)
+            if self.negative_ttl_s > 0 and isinstance(exc, Exception) and remember:
                 self._failures[adapter_id] = _Failure(exc, self.clock() + self.negative_ttl_s)
             raise
         finally:
@@ -205,7 +210,7 @@ def _succeeded(task: asyncio.Future) -> bool:
 
 
 def describe(cache: AdapterCache[Any]) -> dict[str, Any]:
-    """A JSON-able snapshot of ``cache`` (for /healthz and debugging)."""
+    """A JSON-able snapshot of ``cache`` (for /status and debugging)."""
     return {
         "capacity": cache.capacity,
         "cached": cache.cached_ids(),

@@ -53,6 +53,8 @@ class ServeConfig(pydantic.BaseModel):
             it). An entry is about 2 x 4 bytes per layout slot (~150 KB for the lab's model).
         batching: ``mixed`` (one forward per batch, each sample routed to its adapter) or
             ``grouped`` (one forward per adapter within a batch).
+        fingerprint_check_s: how often each replica re-hashes its base weights in the background
+            to prove no swap wrote them (0: only once, at start-up).
         auth_token: bearer token clients must send; ``auth_token_env`` names an environment
             variable that holds it instead (the env var wins when both are set).
     """
@@ -74,6 +76,7 @@ class ServeConfig(pydantic.BaseModel):
     num_replicas: int = pydantic.Field(1, ge=1)
     num_cpus: float = pydantic.Field(1.0, gt=0, description="CPUs per model replica")
     torch_threads: int = pydantic.Field(1, ge=1)
+    fingerprint_check_s: float = pydantic.Field(300.0, ge=0)
     limits: Limits = pydantic.Field(default_factory=Limits)
     auth_token: str | None = None
     auth_token_env: str | None = "ICMF_SERVE_TOKEN"

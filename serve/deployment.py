@@ -9,11 +9,18 @@ Serve's own LRU never unloads weights.
 
 Every model operation (load, unload, forward) runs on one worker thread: the host's adapter dicts
 must not change under a running forward, and the event loop stays free for streaming.
+
+A load that fails because of the request (unknown input, invalid spec, a fusion that breaks down
+or gives a non-finite or out-of-bounds adapter) is a :class:`LoadError` with a 4xx status and is
+negative-cached; anything else is a server fault, answered 500 and retried by the next request.
+The base weights' fingerprint is taken once at start-up and re-checked every
+``fingerprint_check_s`` in the background, never per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,9 +32,13 @@ from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
 from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
 from serve.metrics import ServeMetrics
-from serve.spec import BASE_MODEL_ID
+from serve.spec import BASE_MODEL_ID, FUSED_PREFIX
 
 ROUTING_IDS_PER_REPLICA = 256
+# Largest |entry| of a servable LoRA factor (A, or B times its scaling): trained and fused adapters
+# stay orders of magnitude below; beyond it the activations overflow and the output is garbage.
+MAX_FACTOR_ABS = 1e4
+logger = logging.getLogger(__name__)
 
 
 class LoadError(Exception):
@@ -36,6 +47,32 @@ class LoadError(Exception):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+    @staticmethod
+    def is_user_fault(exc: BaseException) -> bool:
+        """Whether ``exc`` is deterministic for its id (a 4xx): only those are negative-cached."""
+        return isinstance(exc, LoadError) and exc.status < 500
+
+
+def check_servable(adapter) -> None:
+    """Refuse an adapter whose factors are not finite or exceed :data:`MAX_FACTOR_ABS`.
+
+    Raises:
+        LoadError: 422, naming the first offending module.
+    """
+    import torch
+
+    for name, module in adapter.modules.items():
+        for label, factor in (("A", module.A), ("B", module.B * module.scaling)):
+            if not torch.isfinite(factor).all():
+                raise LoadError(f"the fused adapter is not finite (module {name!r}, {label})", 422)
+            peak = float(factor.abs().max()) if factor.numel() else 0.0
+            if peak > MAX_FACTOR_ABS:
+                raise LoadError(
+                    f"the fused adapter is out of bounds (module {name!r}, |{label}| = {peak:.3g} > "
+                    f"{MAX_FACTOR_ABS:g}); use smaller weights or parameters",
+                    422,
+                )
 
 
 def error_result(status: int, message: str) -> dict[str, Any]:
@@ -70,20 +107,37 @@ def fuse_spec(catalog, spec: dict[str, Any], fvae=None, icm_inputs=None):
     ).adapter
 
 
-def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore) -> list[list[int]]:
+def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore, sampling) -> list[list[int]]:
     """One forward pass per distinct adapter in the batch (the alternative to mixed batches)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for name in dict.fromkeys(adapters):
         idx = [i for i, a in enumerate(adapters) if a == name]
         results = host.generate(
-            [prompts[i] for i in idx], [name] * len(idx), [budgets[i] for i in idx], [ignore[i] for i in idx]
+            [prompts[i] for i in idx],
+            [name] * len(idx),
+            [budgets[i] for i in idx],
+            [ignore[i] for i in idx],
+            [sampling[i] for i in idx],
         )
         for i, result in zip(idx, results, strict=True):
             outputs[i] = result
     return outputs
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+def _kind(model_id: str) -> str:
+    """The metric label of a model id (a fixed set: ids themselves are client-chosen)."""
+    if model_id == BASE_MODEL_ID:
+        return "base"
+    return "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
+
+
+# A short health-check period: Serve notices a dead or stuck replica in seconds, not Serve's 10 s.
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+)
 class AdapterModel:
     """Hosts the base model once and serves completions for base, stored and fused adapters."""
 
@@ -121,8 +175,12 @@ class AdapterModel:
             capacity=self.config.cache_size,
             negative_ttl_s=self.config.negative_ttl_s,
             on_event=self.metrics.cache_event,
+            remember_failure=LoadError.is_user_fault,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmf-model")
+        self.base_fingerprint = self.host.base_fingerprint()  # once; re-checked by _watch_base
+        self._fingerprint_state = {"ok": True, "checked_at": time.time(), "checks": 1}
+        self._watcher: asyncio.Task | None = None
         self._specs: dict[str, dict[str, Any]] = {}  # model id -> canonical fusion spec (bounded below)
         self._generate_batch.set_max_batch_size(self.config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -140,11 +198,18 @@ class AdapterModel:
     async def _load(self, model_id: str) -> str:
         spec = self._specs.get(model_id)
         start = time.perf_counter()
-        await self._run(self._load_sync, model_id, spec)
+        try:
+            await self._run(self._load_sync, model_id, spec)
+        finally:
+            if self.icm_inputs is not None:  # a failed icm fusion may have used the cache too
+                icm = self.icm_inputs.describe()
+                self.metrics.icm_inputs(icm["hits"], icm["misses"])
         self.metrics.load_seconds("fusion" if spec else "stored", time.perf_counter() - start)
         return model_id
 
     def _load_sync(self, model_id: str, spec: dict[str, Any] | None) -> None:
+        import torch
+
         try:
             if spec is None:
                 adapter = self.catalog.load_adapter(model_id)
@@ -154,49 +219,69 @@ class AdapterModel:
             raise LoadError(str(exc), 404) from None
         except ValueError as exc:  # fusion config faults, name rules
             raise LoadError(str(exc), 422) from None
-        self.host.add(model_id, adapter)
+        except torch.linalg.LinAlgError as exc:  # an SVD or solve that the inputs and weights break
+            raise LoadError(f"fusion failed on these inputs and weights: {exc}", 422) from None
+        if spec is not None:
+            check_servable(adapter)
+        try:
+            self.host.add(model_id, adapter)
+        except ValueError as exc:  # does not fit this base model
+            raise LoadError(str(exc), 422) from None
 
     async def _unload(self, model_id: str, _value: str) -> None:
         await self._run(self.host.remove, model_id)
 
     # ------------------------------------------------------------------ requests
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One completion: ``{"prompt_ids", "max_tokens", "spec"?}`` -> ``{"tokens"}`` or error."""
+        """One completion: ``{"prompt_ids", "max_tokens", "spec"?, "sampling"?}`` -> ``{"tokens"}``
+        or ``{"error": {"status", "message"}}``."""
         model_id = serve.get_multiplexed_model_id() or BASE_MODEL_ID
-        if model_id == BASE_MODEL_ID:
-            return {"tokens": await self._generate_batch((BASE_ADAPTER, request))}
-        await self._register(model_id)
-        self._remember_spec(model_id, request.get("spec"))
+        self.metrics.in_flight(_kind(model_id), +1)
         try:
+            if model_id == BASE_MODEL_ID:
+                return {"tokens": await self._generate_batch((BASE_ADAPTER, request))}
+            await self._register(model_id)
+            self._remember_spec(model_id, request.get("spec"))
             async with self.cache.lease(model_id):
-                self.metrics.in_flight(model_id, self.cache.leases(model_id))
-                try:
-                    tokens = await self._generate_batch((model_id, request))
-                finally:
-                    self.metrics.in_flight(model_id, self.cache.leases(model_id) - 1)
+                return {"tokens": await self._generate_batch((model_id, request))}
         except LoadError as exc:
             return error_result(exc.status, str(exc))
-        return {"tokens": tokens}
+        except Exception as exc:  # a server fault: a JSON 500 for this request, the replica serves on
+            logger.exception("completion failed for %s", model_id)
+            return error_result(500, f"internal error ({type(exc).__name__}); retry later")
+        finally:
+            self.metrics.in_flight(_kind(model_id), -1)
 
     async def stream(self, request: dict[str, Any]):
-        """Streaming completion: yields ``{"tokens": [id]}`` per generated token (or one error)."""
+        """Streaming completion: yields ``{"tokens": [id]}`` per generated token, or an error item
+        (first, when nothing was generated; last, when generation broke down mid-stream)."""
         model_id = serve.get_multiplexed_model_id() or BASE_MODEL_ID
-        if model_id == BASE_MODEL_ID:
-            async for item in self._stream_tokens(BASE_ADAPTER, request):
-                yield item
-            return
-        await self._register(model_id)
-        self._remember_spec(model_id, request.get("spec"))
+        self.metrics.in_flight(_kind(model_id), +1)
         try:
+            if model_id == BASE_MODEL_ID:
+                async for item in self._stream_tokens(BASE_ADAPTER, request):
+                    yield item
+                return
+            await self._register(model_id)
+            self._remember_spec(model_id, request.get("spec"))
             async with self.cache.lease(model_id):
                 async for item in self._stream_tokens(model_id, request):
                     yield item
         except LoadError as exc:
             yield error_result(exc.status, str(exc))
+        except Exception as exc:
+            logger.exception("stream failed for %s", model_id)
+            yield error_result(500, f"internal error ({type(exc).__name__}); retry later")
+        finally:
+            self.metrics.in_flight(_kind(model_id), -1)
 
     async def _stream_tokens(self, adapter: str, request: dict[str, Any]):
         steps = self.host.steps(
-            [request["prompt_ids"]], [adapter], [request["max_tokens"]], [bool(request.get("ignore_eos"))]
+            [request["prompt_ids"]],
+            [adapter],
+            [request["max_tokens"]],
+            [bool(request.get("ignore_eos"))],
+            [request.get("sampling")],
         )
         while True:
             step = await self._run(next, steps, None)
@@ -210,10 +295,11 @@ class AdapterModel:
         prompts = [r["prompt_ids"] for _, r in items]
         budgets = [r["max_tokens"] for _, r in items]
         ignore = [bool(r.get("ignore_eos")) for _, r in items]
+        sampling = [r.get("sampling") for _, r in items]
         self.metrics.batch_size(len(items))
         if self.config.batching == "mixed":
-            return await self._run(self.host.generate, prompts, adapters, budgets, ignore)
-        return await self._run(_generate_grouped, self.host, prompts, adapters, budgets, ignore)
+            return await self._run(self.host.generate, prompts, adapters, budgets, ignore, sampling)
+        return await self._run(_generate_grouped, self.host, prompts, adapters, budgets, ignore, sampling)
 
     def _remember_spec(self, model_id: str, spec: dict[str, Any] | None) -> None:
         if spec is not None:
@@ -221,12 +307,43 @@ class AdapterModel:
                 self._specs.pop(next(iter(self._specs)))
             self._specs[model_id] = spec
 
-    async def health(self) -> dict[str, Any]:
-        """Cache state and the base weights' fingerprint (unchanged by any number of swaps)."""
-        fingerprint = await self._run(self.host.base_fingerprint)
+    # ------------------------------------------------------------------ health
+    def _start_watcher(self) -> None:
+        if self._watcher is None and self.config.fingerprint_check_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_base())
+
+    async def _watch_base(self) -> None:
+        """Re-hash the base weights every ``fingerprint_check_s`` (on the model thread, between
+        forwards); a change marks the replica unhealthy so Serve replaces it."""
+        while True:
+            await asyncio.sleep(self.config.fingerprint_check_s)
+            fingerprint = await self._run(self.host.base_fingerprint)
+            self._fingerprint_state = {
+                "ok": fingerprint == self.base_fingerprint,
+                "checked_at": time.time(),
+                "checks": self._fingerprint_state["checks"] + 1,
+            }
+            if not self._fingerprint_state["ok"]:
+                logger.error("base weights changed: %s != %s", fingerprint, self.base_fingerprint)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (cheap: no hashing here)."""
+        self._start_watcher()
+        if not self._fingerprint_state["ok"]:
+            raise RuntimeError("the base weights changed since start-up")
+
+    async def ping(self) -> bool:
+        """Liveness for ``/healthz``: no ids, no hashing."""
+        self._start_watcher()
+        return self._fingerprint_state["ok"]
+
+    async def status(self) -> dict[str, Any]:
+        """Cache state and the base weights' fingerprint (taken at start-up, re-checked on a timer)."""
+        self._start_watcher()
         return {
             "cache": describe(self.cache),
             "icm_inputs_cache": self.icm_inputs.describe() if self.icm_inputs is not None else None,
-            "base_fingerprint": fingerprint,
+            "base_fingerprint": self.base_fingerprint,
+            "base_fingerprint_check": dict(self._fingerprint_state, every_s=self.config.fingerprint_check_s),
             "adapters": sorted(self.host.names),
         }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,15 @@ class HFTokenizer:
         self.pad_token_id = (
             self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
         )
+        self.chat_template = getattr(self._tok, "chat_template", None)  # None: chat is not served
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A chat rendered by the tokenizer's template, ready for the assistant's reply."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -98,6 +105,56 @@ class _Route:
 
     single: str | None = None
     groups: tuple[tuple[str, torch.Tensor], ...] = ()
+
+
+@dataclass
+class Sampler:
+    """Temperature / nucleus sampling of one sample's next token, from its own seeded generator
+    (so its draws depend on neither the batch it shares nor other requests).
+
+    Args:
+        temperature: > 0 (``0`` means greedy: use no sampler).
+        top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p`` (0, 1].
+        seed: seeds the generator; ``None`` draws a fresh seed.
+    """
+
+    temperature: float
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(
+            self.seed if self.seed is not None else secrets.randbits(63)
+        )
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> Sampler | None:
+        """A sampler for ``{"temperature", "top_p"?, "seed"?}``; ``None`` for greedy decoding."""
+        if not params or not params.get("temperature"):
+            return None
+        return cls(float(params["temperature"]), float(params.get("top_p") or 1.0), params.get("seed"))
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """``logits``: ``[V]`` -> one token id."""
+        probs = torch.softmax(logits.double() / self.temperature, -1)  # [V]
+        if not torch.isfinite(probs).all():  # a degenerate adapter's logits: fall back to greedy
+            return int(torch.nan_to_num(logits, nan=-torch.inf).argmax())
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # keep a token while the mass before it is under top_p (the first is always kept)
+            keep = (sorted_probs.cumsum(0) - sorted_probs) < self.top_p
+            choice = torch.multinomial(sorted_probs * keep, 1, generator=self.generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[Sampler | None]) -> torch.Tensor:
+    """``logits``: ``[n, V]`` -> ``[n]`` next tokens: argmax, or each sampler's draw."""
+    tokens = logits.argmax(-1)
+    for i, sampler in enumerate(samplers):
+        if sampler is not None:
+            tokens[i] = sampler.draw(logits[i])
+    return tokens
 
 
 class LoraLinear(nn.Module):
@@ -271,14 +328,17 @@ class LoraHost:
         adapter_names: list[str],
         max_new_tokens: list[int],
         ignore_eos: list[bool] | None = None,
+        sampling: list[dict | None] | None = None,
     ) -> Iterator[list[int | None]]:
-        """Greedy decoding of a batch with a KV cache, one yield per step.
+        """Decoding of a batch with a KV cache (greedy unless sampled), one yield per step.
 
         Args:
             prompts: token ids per sample (lengths may differ; left-padded internally).
             adapter_names: adapter per sample (``"__base__"`` for the bare base).
             max_new_tokens: token budget per sample.
             ignore_eos: per sample, keep generating past ``eos`` (benchmarks: fixed lengths).
+            sampling: per sample ``None`` (greedy) or ``{"temperature", "top_p"?, "seed"?}``
+                (see :class:`Sampler`).
 
         Yields:
             per sample the next token id, or ``None`` once that sample has finished (``eos`` or
@@ -295,6 +355,7 @@ class LoraHost:
         produced = [0] * n
         names = list(adapter_names)
         ignore = list(ignore_eos or [False] * n)
+        samplers = [Sampler.from_params(p) for p in (sampling or [None] * n)]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T]
         cache = None
         while not all(done):
@@ -308,7 +369,7 @@ class LoraHost:
                 **({self._cache_arg: cache} if cache is not None else {}),
             )
             cache = getattr(output, self._cache_arg)
-            nxt = output.logits[:, -1].argmax(-1)  # [n]
+            nxt = choose_tokens(output.logits[:, -1], samplers)  # [n]
             out: list[int | None] = []
             for i in range(n):
                 token = int(nxt[i])
@@ -331,10 +392,11 @@ class LoraHost:
         adapter_names: list[str],
         max_new_tokens: list[int],
         ignore_eos: list[bool] | None = None,
+        sampling: list[dict | None] | None = None,
     ) -> list[list[int]]:
-        """Greedy completions (token ids, without ``eos``) of a batch; see :meth:`steps`."""
+        """Completions (token ids, without ``eos``) of a batch; see :meth:`steps`."""
         outputs: list[list[int]] = [[] for _ in prompts]
-        for step in self.steps(prompts, adapter_names, max_new_tokens, ignore_eos):
+        for step in self.steps(prompts, adapter_names, max_new_tokens, ignore_eos, sampling):
             for i, token in enumerate(step):
                 if token is not None:
                     outputs[i].append(token)

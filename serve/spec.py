@@ -5,6 +5,10 @@ A fusion spec is JSON (``{"method": "linear", "tasks": ["copy", "reverse"], "wei
 params with sorted keys — and hashed, so the same fusion written two ways gets one id
 (``fused-<16 hex>``), which is the Serve multiplexed model id. Every name is checked with the
 catalog's name rule; nothing a client sends ever becomes a file path or URL.
+
+Every number of a spec is checked before any fusion starts: finite (JSON's ``NaN`` and
+``Infinity`` are refused), weights within ``±MAX_ABS_WEIGHT``, parameters flat scalars within
+``±MAX_ABS_PARAM`` and then against the method's own parameter model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,33 @@ from engine.catalog.schema import check_name
 BASE_MODEL_ID = "base"
 FUSED_PREFIX = "fused-"
 MAX_SPEC_INPUTS = 16
+MAX_ABS_WEIGHT = 100.0  # a fusion weight beyond this is a typo, and overflows float32 factors
+MAX_ABS_PARAM = 1e6  # any numeric method parameter (the methods bound theirs further)
+MAX_SEED = 2**63 - 1
+
+
+class JsonError(ValueError):
+    """Text that is not strict JSON: ``syntax`` for malformed text, else well-formed but unusable
+    (``NaN``/``Infinity``, or nested too deeply)."""
+
+    def __init__(self, message: str, syntax: bool):
+        super().__init__(message)
+        self.syntax = syntax
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonError(f"{name} is not a JSON number (numbers must be finite)", syntax=False)
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` without ``NaN``/``Infinity`` and with nesting past the interpreter's
+    recursion limit reported as a :class:`JsonError`, not a ``RecursionError``."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise JsonError("JSON nested too deeply", syntax=False) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JsonError(str(exc), syntax=True) from None
 
 
 class SpecError(ValueError):
@@ -41,8 +72,8 @@ class FusionSpec(pydantic.BaseModel):
     adapters: list[str] | None = pydantic.Field(None, min_length=1, max_length=MAX_SPEC_INPUTS)
     tasks: list[str] | None = pydantic.Field(None, min_length=1, max_length=MAX_SPEC_INPUTS)
     weights: list[float] | None = None
-    params: dict[str, Any] = pydantic.Field(default_factory=dict)
-    seed: int = 0
+    params: dict[str, bool | int | float | str | None] = pydantic.Field(default_factory=dict, max_length=32)
+    seed: int = pydantic.Field(0, ge=0, le=MAX_SEED)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> FusionSpec:
@@ -60,8 +91,15 @@ class FusionSpec(pydantic.BaseModel):
         if self.weights is not None:
             if len(self.weights) != len(names):
                 faults.append(f"got {len(self.weights)} weight(s) for {len(names)} input(s)")
-            if not all(math.isfinite(w) for w in self.weights):
-                faults.append("weights must be finite numbers")
+            if not all(math.isfinite(w) and abs(w) <= MAX_ABS_WEIGHT for w in self.weights):
+                faults.append(f"weights must be finite numbers within ±{MAX_ABS_WEIGHT:g}")
+        for key, value in self.params.items():
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_ABS_PARAM):
+                faults.append(f"params.{key} must be a finite number within ±{MAX_ABS_PARAM:g}")
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ABS_PARAM:
+                faults.append(f"params.{key} must be within ±{MAX_ABS_PARAM:g}")
+            elif isinstance(value, str) and len(value) > 64:
+                faults.append(f"params.{key} is over 64 characters")
         try:
             check_name("method", self.method)
         except ValueError as exc:
@@ -139,8 +177,26 @@ def fusion_target(raw: Any) -> Target:
     return Target("fusion", spec.model_id(), spec.canonical())
 
 
+def check_method_params(spec: dict[str, Any]) -> None:
+    """Validate a canonical spec's ``params`` against its method's parameter model (cheap; the
+    fusion itself would fail the same way, after reading every input).
+
+    Raises:
+        SpecError: 422 for an unknown method or invalid parameters.
+    """
+    from engine.fusion.registry import get_method
+
+    try:
+        get_method(spec["method"]).parse_params(spec["params"])
+    except ValueError as exc:
+        raise SpecError(f"invalid fusion spec: {exc}", 422) from None
+
+
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"'model' looks like a fusion spec but is not valid JSON: {exc}", 400) from None
+        return loads_strict(text)
+    except JsonError as exc:
+        # A syntax error is a malformed request (400); well-formed but unusable is a bad spec.
+        if exc.syntax:
+            raise SpecError(f"'model' looks like a fusion spec but is not valid JSON: {exc}", 400) from None
+        raise SpecError(f"invalid fusion spec: {exc}", 422) from None

@@ -86,6 +86,7 @@ def serve_args(suite: dict, catalog) -> dict:
         "base_aliases": [suite["base_model"]["id"]],
         "cache_size": CACHE_SIZE,
         "negative_ttl_s": 2.0,
+        "fingerprint_check_s": 1.0,  # the background re-hash runs during the tests
         "auth_token": TOKEN,
         "auth_token_env": None,
         "limits": {"max_prompt_chars": 64, "max_tokens": 16, "max_body_bytes": 8192},
