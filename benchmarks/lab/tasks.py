@@ -46,6 +46,13 @@ def suite_model_spec(suite: dict[str, Any]) -> ModelSpec:
             },
             max_length=GENERATIVE_MAX_LENGTH,
         )
+    if suite["kind"] == "custom-classification":  # benchmarks.lab.features
+        return ModelSpec(
+            kind="custom",
+            factory=base["factory"],
+            factory_kwargs={"path": base["path"]},
+            num_labels=int(suite["num_labels"]),
+        )
     raise ValueError(f"unknown lab suite kind {suite['kind']!r}")
 
 

@@ -46,6 +46,20 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
             "anchor": True,
         },
     },
+    "features": {  # benchmarks.lab.features: N = 2,560 (rank 4 on two MLP layers)
+        "fvae": dict(_FVAE),
+        "train": {
+            "steps": 1500,
+            "max_tasks": 6,
+            "lr": 2e-4,
+            "lr_schedule": "cosine",
+            "fusion_loss": "data",
+            "fusion_examples": "train",
+            "heads": "adapter",
+            "shots_per_task": 8,
+            "anchor": True,
+        },
+    },
     "encoder": {
         "fvae": dict(_FVAE),
         "train": {

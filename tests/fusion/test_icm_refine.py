@@ -74,7 +74,7 @@ def _excess(setup, fused, centre) -> float:
     return float((_deltas(adapter_factors(fused.adapter, setup[1])) - centre).pow(2).sum())
 
 
-REFINE = {"refine_steps": 60, "refine_span": True, "span_granularity": "module"}
+REFINE = {"refine_steps": 40, "refine_span": True, "span_granularity": "module"}
 
 
 def test_noise_only_gain_keeps_step_0(setup):
