@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suites = args.suites.split(",")
     lab = load_lab(args.lab) if set(suites) - {"features"} else {"root": None, "suites": {}}
     if "features" in suites:
-        lab["suites"]["features"] = build_features_suite(RESULTS / "tmp" / f"features-seed{args.seed}", args.seed)
+        lab["suites"]["features"] = build_features_suite(
+            RESULTS / "tmp" / f"features-seed{args.seed}", args.seed
+        )
     rows = list(BASELINES)
     if args.methods:
         wanted = args.methods.split(",")

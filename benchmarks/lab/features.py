@@ -94,7 +94,10 @@ def _tensors(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         logits = model(x)
-    return {"accuracy": float((logits.argmax(-1) == y).float().mean()), "loss": float(F.cross_entropy(logits, y))}
+    return {
+        "accuracy": float((logits.argmax(-1) == y).float().mean()),
+        "loss": float(F.cross_entropy(logits, y)),
+    }
 
 
 def _task(out: Path, base_path: Path, task: str, seed: int) -> dict[str, Any]:
@@ -116,7 +119,9 @@ def _task(out: Path, base_path: Path, task: str, seed: int) -> dict[str, Any]:
         probe = fit_linear_probe(base.trunk(train_x), train_y, base.trunk(eval_x), eval_y, NUM_LABELS, seed)
     head_path = out / "heads" / f"{task}.safetensors"
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"classifier.weight": probe["weight"].contiguous(), "classifier.bias": probe["bias"]}, head_path)
+    save_file(
+        {"classifier.weight": probe["weight"].contiguous(), "classifier.bias": probe["bias"]}, head_path
+    )
     adapters = []
     for run in range(SEEDS):
         torch.manual_seed(seed * 100 + run)
@@ -124,14 +129,23 @@ def _task(out: Path, base_path: Path, task: str, seed: int) -> dict[str, Any]:
         with torch.no_grad():
             model.classifier.weight.copy_(probe["weight"])
             model.classifier.bias.copy_(probe["bias"])
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["fc1", "fc2"], modules_to_save=["classifier"])
+        config = LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, target_modules=["fc1", "fc2"], modules_to_save=["classifier"]
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model = get_peft_model(model, config)
 
         def save(step: int, run: int = run, peft_model=peft_model) -> None:
             path = out / "adapters" / task / f"run{run}-step{step}"
-            meta = {"task": task, "variant": "main", "run": f"run{run}", "seed": run, "rank": RANK, "step": step}
+            meta = {
+                "task": task,
+                "variant": "main",
+                "run": f"run{run}",
+                "seed": run,
+                "rank": RANK,
+                "step": step,
+            }
             meta["eval"] = _accuracy(peft_model, eval_x, eval_y)
             save_adapter(peft_model, path, BASE_ID, meta)
             adapters.append({**meta, "path": str(path)})
@@ -186,7 +200,9 @@ def build_features_suite(out: str | Path, seed: int = 0, log=print) -> dict[str,
     for task in TASKS:
         reports[task] = _task(out, base_path, task, seed)
         r = reports[task]
-        log(f"features {task}: probe {r['base_head']['accuracy']:.3f} lora {r['lora_accuracy']:.3f} kept={r['kept']}")
+        log(
+            f"features {task}: probe {r['base_head']['accuracy']:.3f} lora {r['lora_accuracy']:.3f} kept={r['kept']}"
+        )
     catalog_dir = out / "catalogs" / "main"
     catalog = Catalog(catalog_dir)
     ids: dict[str, list[str]] = {}
@@ -199,7 +215,9 @@ def build_features_suite(out: str | Path, seed: int = 0, log=print) -> dict[str,
         ids[task] = [adapter_id(task, file_sha256(d)) for d in dirs]
         if not set(ids[task]) <= known:
             catalog.ingest(dirs, task=task, r_max=RANK, tags=["lab", f"suite={SUITE}", "variant=main"])
-        adapters.update({i: {**a, "in_catalogs": True} for i, a in zip(ids[task], report["adapters"], strict=True)})
+        adapters.update(
+            {i: {**a, "in_catalogs": True} for i, a in zip(ids[task], report["adapters"], strict=True)}
+        )
     suite = {
         "format": FORMAT,
         "seed": seed,

@@ -212,7 +212,9 @@ class FewShotObjective:
             pairs.append((FewShotObjective(self.host, fit), FewShotObjective(self.host, held)))
         return pairs
 
-    def task_losses(self, adapter: Factors | torch.Tensor, tasks: Sequence[str] | None = None) -> torch.Tensor:
+    def task_losses(
+        self, adapter: Factors | torch.Tensor, tasks: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """Each task's mean support loss ``[len(tasks)]``, no grad (what cross-validation pairs)."""
         with torch.no_grad():
             return torch.stack([self.task_loss(adapter, t) for t in self._tasks(tasks)])

@@ -63,7 +63,12 @@ def _objective(setup, centre: torch.Tensor, noise: float, seed: int = 0) -> FewS
     generator = torch.Generator().manual_seed(seed)
     scale = noise * centre.abs().mean()
     shots = {
-        t: TaskShots(t, {"target": centre + scale * torch.randn(SHOTS, centre.numel(), generator=generator)}, None, SHOTS)
+        t: TaskShots(
+            t,
+            {"target": centre + scale * torch.randn(SHOTS, centre.numel(), generator=generator)},
+            None,
+            SHOTS,
+        )
         for t in TASKS
     }
     return FewShotObjective(_QuadraticHost(setup[1]), shots)
@@ -148,7 +153,9 @@ def test_folds_hold_every_shot_out_once():
     assert torch.equal(held, torch.arange(10.0))
     for fit, h in pairs:
         assert fit.shots["a"].count + h.shots["a"].count == 10
-        assert not set(fit.shots["a"].batch["target"][:, 0].tolist()) & set(h.shots["a"].batch["target"][:, 0].tolist())
+        assert not set(fit.shots["a"].batch["target"][:, 0].tolist()) & set(
+            h.shots["a"].batch["target"][:, 0].tolist()
+        )
     with pytest.raises(ValueError, match="at least 11 examples"):
         objective.folds(11)
 

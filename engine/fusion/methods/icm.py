@@ -451,7 +451,9 @@ class _Trajectory:
         out = {"weights": [float(w) for w in self.weights.detach()]}
         if self.params.refine_span:
             beta = self.beta.detach().expand(-1, modules)
-            out["span_weights"] = beta.tolist() if self.params.span_granularity == "module" else beta[:, 0].tolist()
+            out["span_weights"] = (
+                beta.tolist() if self.params.span_granularity == "module" else beta[:, 0].tolist()
+            )
         return out
 
 
