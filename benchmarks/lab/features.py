@@ -5,13 +5,13 @@ Off the lab's two suites on purpose, so that few-shot refinement is measured whe
 engine by factory (task model kind ``custom``), an MLP ``fc1 -> fc2 -> classifier`` over fixed
 hashed character n-gram features of a word (no pretrained weights: a seeded random trunk, like a
 random-feature model, that the LoRA adapts). Tasks are six of the encoder suite's human-labelled
-lexicon tasks (VADER, TextBlob, wordfreq; :mod:`benchmarks.lab.encoder_tasks`), so everything is
+lexicon tasks (TextBlob, wordfreq; :mod:`benchmarks.lab.encoder_tasks`), so everything is
 built offline from installed packages, in about a minute on two cores.
 
-Per task: class-balanced train / support / eval splits (512 / 16 / 256), the "frozen base +
+Per task: class-balanced train / support / eval splits (2048 / 16 / 256), the "frozen base +
 trained linear head" baseline (the encoder suite's L2-tuned logistic probe, on the trunk's
-output), and 3 seeds of PEFT LoRA (rank 4 on ``fc1``, ``fc2``; the head in ``modules_to_save``,
-started from the probe: LP-FT) saved at 3 checkpoints: 9 adapters per task in one catalog. A task
+output), and 2 seeds of PEFT LoRA (rank 4 on ``fc1``, ``fc2``; the head in ``modules_to_save``,
+started from the probe: LP-FT) saved at 3 checkpoints: 6 adapters per task in one catalog. A task
 is kept when its run-0 adapter beats the probe by >= 3 accuracy points.
 
 :func:`build_features_suite` caches everything under ``<out>`` and returns the suite in the
@@ -43,10 +43,17 @@ from benchmarks.lab.training import run_training
 SUITE = "features"
 KIND = "custom-classification"
 BASE_ID = "lab/features-mlp"
-TASKS = ("vader-sign", "word-subjectivity", "word-pos", "word-verb-form", "word-language", "word-frequency")
-SPLITS = {"train": 512, "support": 16, "eval": 256}
+TASKS = (
+    "word-pos",
+    "word-verb-form",
+    "word-language",
+    "word-frequency",
+    "gloss-polarity",
+    "gloss-subjectivity",
+)
+SPLITS = {"train": 2048, "support": 16, "eval": 256}
 DIM, HIDDEN, NUM_LABELS = 256, 128, 8
-RANK, SEEDS, STEPS, CHECKPOINTS, LR, BATCH = 4, 3, 300, (100, 200, 300), 3e-3, 64
+RANK, SEEDS, STEPS, CHECKPOINTS, LR, BATCH = 4, 2, 200, (100, 150, 200), 3e-3, 64
 KEEP_GAIN = 0.03
 FORMAT = 1
 

@@ -19,7 +19,7 @@ GENERATIVE_MAX_LENGTH = 128  # the lab Llama's max_position_embeddings
 
 def suite_model_spec(suite: dict[str, Any]) -> ModelSpec:
     """The engine model spec of a lab suite (``load_lab(...)["suites"][name]``)."""
-    base, tokenizer = suite["base_model"], suite["tokenizer"]
+    base, tokenizer = suite["base_model"], suite.get("tokenizer")
     if suite["kind"] == "sequence-classification":
         return ModelSpec(
             kind="seq_cls",

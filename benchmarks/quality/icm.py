@@ -46,10 +46,11 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
             "anchor": True,
         },
     },
-    "features": {  # benchmarks.lab.features: N = 2,560 (rank 4 on two MLP layers)
+    # benchmarks.lab.features: N = 2,560 (rank 4 on two MLP layers), 6 adapters per task
+    "features": {
         "fvae": dict(_FVAE),
         "train": {
-            "steps": 1500,
+            "steps": 800,
             "max_tasks": 6,
             "lr": 2e-4,
             "lr_schedule": "cosine",
