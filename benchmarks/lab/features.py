@@ -12,7 +12,7 @@ Per task: class-balanced train / support / eval splits (2048 / 16 / 256), the "f
 trained linear head" baseline (the encoder suite's L2-tuned logistic probe, on the trunk's
 output), and 2 seeds of PEFT LoRA (rank 4 on ``fc1``, ``fc2``; the head in ``modules_to_save``,
 started from the probe: LP-FT) saved at 3 checkpoints: 6 adapters per task in one catalog. A task
-is kept when its run-0 adapter beats the probe by >= 3 accuracy points.
+is kept when its run-0 adapter beats the probe by >= 2 accuracy points (4 of the 6 at seed 0).
 
 :func:`build_features_suite` caches everything under ``<out>`` and returns the suite in the
 shape of a ``lab.json`` suite (absolute paths), which :mod:`benchmarks.fusion_quality` scores
@@ -54,7 +54,7 @@ TASKS = (
 SPLITS = {"train": 2048, "support": 16, "eval": 256}
 DIM, HIDDEN, NUM_LABELS = 256, 128, 8
 RANK, SEEDS, STEPS, CHECKPOINTS, LR, BATCH = 4, 2, 200, (100, 150, 200), 3e-3, 64
-KEEP_GAIN = 0.03
+KEEP_GAIN = 0.02
 FORMAT = 1
 
 
@@ -205,8 +205,8 @@ def build_features_suite(out: str | Path, seed: int = 0, log=print) -> dict[str,
         save_file(FeatureMLP().state_dict(), base_path)
     reports = {}
     for task in TASKS:
-        reports[task] = _task(out, base_path, task, seed)
-        r = reports[task]
+        reports[task] = r = _task(out, base_path, task, seed)
+        r["kept"] = r["gain"] >= KEEP_GAIN  # decided here, so the rule can change without retraining
         log(
             f"features {task}: probe {r['base_head']['accuracy']:.3f} lora {r['lora_accuracy']:.3f} kept={r['kept']}"
         )
