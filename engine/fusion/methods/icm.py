@@ -70,10 +70,11 @@ class IcmParams(pydantic.BaseModel):
         "the step with the lowest loss on the shots it was fitted to (overfits; for ablations)",
     )
     refine_confidence: float = pydantic.Field(
-        1.0,
+        2.0,
         ge=0,
         description="keep step 0 (no refinement) unless the cross-validated gain over it exceeds this "
-        "many standard errors",
+        "many standard errors (2: about a one-sided 95 % test with the few (fold, task) pairs of a "
+        "small fusion)",
     )
     refine_full_shots: int = pydantic.Field(
         32,
@@ -381,7 +382,7 @@ def refine_budget(params: IcmParams, shots: int) -> tuple[int, float]:
     return math.ceil(params.refine_steps * share), params.refine_lr * math.sqrt(share)
 
 
-def select_step(held_out: torch.Tensor, confidence: float = 1.0) -> tuple[int, dict]:
+def select_step(held_out: torch.Tensor, confidence: float = 2.0) -> tuple[int, dict]:
     """The refinement step to keep, from cross-validated losses ``held_out [folds, steps + 1,
     tasks]`` (fold ``f``'s held-out loss of each task after ``s`` steps fitted on the other folds).
 
