@@ -390,8 +390,8 @@ def select_step(held_out: torch.Tensor, confidence: float = 2.0) -> tuple[int, d
     L(s)``; ``gain(s)`` is their mean and ``se(s)`` its standard error. Step 0 (no refinement) is
     kept unless the best step's gain exceeds ``confidence`` standard errors; otherwise the
     one-standard-error rule shrinks towards step 0: the earliest step whose gain is within one
-    standard error of the best and itself clears ``confidence`` standard errors. A gain that
-    noise could produce therefore never moves the fusion.
+    standard error of the best and itself clears ``confidence`` standard errors. A gain of the
+    size noise produces thus leaves the fusion as it was.
 
     Returns the step and a record (gain and standard error per step, best and kept step).
     """
