@@ -59,19 +59,21 @@ def _centre(setup, weights) -> torch.Tensor:
     return _deltas(adapter_factors(_fuse(setup, weights).adapter, setup[1]))
 
 
-def _objective(setup, centre: torch.Tensor, noise: float, seed: int = 0) -> FewShotObjective:
+def _objective(
+    setup, centre: torch.Tensor, noise: float, seed: int = 0, shots: int = SHOTS
+) -> FewShotObjective:
     generator = torch.Generator().manual_seed(seed)
     scale = noise * centre.abs().mean()
-    shots = {
+    by_task = {
         t: TaskShots(
             t,
-            {"target": centre + scale * torch.randn(SHOTS, centre.numel(), generator=generator)},
+            {"target": centre + scale * torch.randn(shots, centre.numel(), generator=generator)},
             None,
-            SHOTS,
+            shots,
         )
         for t in TASKS
     }
-    return FewShotObjective(_QuadraticHost(setup[1]), shots)
+    return FewShotObjective(_QuadraticHost(setup[1]), by_task)
 
 
 def _excess(setup, fused, centre) -> float:
@@ -122,6 +124,14 @@ def test_real_gain_is_kept_and_provenance_records_the_kept_step(setup):
     for name in ("q", "v"):
         want = refined.adapter.modules[name].delta()
         assert torch.allclose(again.adapter.modules[name].delta(), want, atol=1e-5 * float(want.abs().max()))
+
+
+def test_one_shot_per_task_cannot_be_cross_validated_so_step_0_is_kept(setup):
+    centre = _centre(setup, [1.0, 0.9])
+    refined = _fuse(setup, [0.5, 0.5], {"refine_steps": 60}, _objective(setup, centre, 0.1, shots=1))
+    record = refined.provenance["details"]["refine"]
+    assert record["selection"] == "too few shots" and record["kept_step"] == 0
+    assert record["weights"] == [0.5, 0.5]
 
 
 def test_select_step_keeps_step_0_unless_the_gain_beats_its_standard_error():
