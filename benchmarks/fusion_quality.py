@@ -1,12 +1,14 @@
 """fusion_quality: every fusion method's gap closure on the lab's real suites (DESIGN.md §4).
 
-For each suite and K in {2, 4, 6}, seeded task sets of K kept tasks; each task contributes its own
+For each suite (the lab's ``encoder`` and ``generative``, and ``features``: a custom-model
+classification suite with per-task heads and 16 support shots, :mod:`benchmarks.lab.features`,
+built on first use) and K in {2, 4, 6}, seeded task sets of K kept tasks; each task contributes its own
 adapter (run 0's final checkpoint); every method fuses them and the fused adapter is scored on
 every task's held-out eval split: mean and worst-task gap closure ``G`` and mean loss, next to
 the ``base`` (G = 0) and ``own`` (G = 1) rows. Few-shot methods (``lorahub``,
 ``task_arithmetic-tuned``) see only the tasks' support split.
 
-    .venv/bin/python -m benchmarks.fusion_quality [--lab DIR] [--suites encoder,generative]
+    .venv/bin/python -m benchmarks.fusion_quality [--lab DIR] [--suites encoder,generative,features]
         [--k 2,4,6] [--sets 3] [--seed 0] [--max-eval N] [--methods a,b] [--name fusion_quality]
 
 Writes ``results/<name>.json`` (every task's numbers, seeds, chosen parameters, timings) and
@@ -24,6 +26,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.lab import load_lab
+from benchmarks.lab.features import build_features_suite
 from benchmarks.quality.harness import SuiteHarness
 from benchmarks.quality.icm import context_task_vectors, trained_fvae, unseen_tasks
 from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
@@ -223,8 +226,8 @@ def table(results: dict[str, Any]) -> str:
 
 # Few-shot examples every few-shot row (lorahub, tuned/fitted weights, icm refinement) sees per
 # task, and icm's refinement steps: the encoder's MiniLM backward pass is ~10x the char Llama's.
-SUPPORT_K = {"encoder": None, "generative": None}
-REFINE_STEPS = {"encoder": 20, "generative": 100}
+SUPPORT_K = {"encoder": None, "generative": None, "features": None}
+REFINE_STEPS = {"encoder": 20, "generative": 100, "features": 100}
 CEILING = "joint-lora (ceiling)"
 FEWSHOT_ROWS = ("lorahub", "task_arithmetic-tuned", "task_arithmetic-fitted", "icm+refine+span")
 
@@ -367,7 +370,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lab", default=str(DEFAULT_LAB))
-    parser.add_argument("--suites", default="encoder,generative")
+    parser.add_argument(
+        "--suites",
+        default="encoder,generative,features",
+        help="lab suites, and 'features' (benchmarks.lab.features: built here, cached in results/tmp)",
+    )
     parser.add_argument("--k", default="2,4,6")
     parser.add_argument("--sets", type=int, default=3, help="task sets per K")
     parser.add_argument("--seed", type=int, default=0)
@@ -407,7 +414,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return combine(args.combine.split(","), args.name, out_dir)
     args.ks = [int(k) for k in args.k.split(",")]
 
-    lab = load_lab(args.lab)
+    suites = args.suites.split(",")
+    lab = load_lab(args.lab) if set(suites) - {"features"} else {"root": None, "suites": {}}
+    if "features" in suites:
+        lab["suites"]["features"] = build_features_suite(
+            RESULTS / "tmp" / f"features-seed{args.seed}", args.seed
+        )
     rows = list(BASELINES)
     if args.methods:
         wanted = args.methods.split(",")
@@ -423,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": environment(),
         "suites": {},
     }
-    for suite in args.suites.split(","):
+    for suite in suites:
         results["suites"][suite] = run_suite(lab, suite, args, rows, print)
         write_json(args.name, results, out_dir)  # partial results survive an interrupted run
     results["seconds"] = time.perf_counter() - started

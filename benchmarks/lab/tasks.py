@@ -19,7 +19,7 @@ GENERATIVE_MAX_LENGTH = 128  # the lab Llama's max_position_embeddings
 
 def suite_model_spec(suite: dict[str, Any]) -> ModelSpec:
     """The engine model spec of a lab suite (``load_lab(...)["suites"][name]``)."""
-    base, tokenizer = suite["base_model"], suite["tokenizer"]
+    base, tokenizer = suite["base_model"], suite.get("tokenizer")
     if suite["kind"] == "sequence-classification":
         return ModelSpec(
             kind="seq_cls",
@@ -45,6 +45,13 @@ def suite_model_spec(suite: dict[str, Any]) -> ModelSpec:
                 "add_eos": True,
             },
             max_length=GENERATIVE_MAX_LENGTH,
+        )
+    if suite["kind"] == "custom-classification":  # benchmarks.lab.features
+        return ModelSpec(
+            kind="custom",
+            factory=base["factory"],
+            factory_kwargs={"path": base["path"]},
+            num_labels=int(suite["num_labels"]),
         )
     raise ValueError(f"unknown lab suite kind {suite['kind']!r}")
 

@@ -46,6 +46,21 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
             "anchor": True,
         },
     },
+    # benchmarks.lab.features: N = 2,560 (rank 4 on two MLP layers), 6 adapters per task
+    "features": {
+        "fvae": dict(_FVAE),
+        "train": {
+            "steps": 800,
+            "max_tasks": 6,
+            "lr": 2e-4,
+            "lr_schedule": "cosine",
+            "fusion_loss": "data",
+            "fusion_examples": "train",
+            "heads": "adapter",
+            "shots_per_task": 8,
+            "anchor": True,
+        },
+    },
     "encoder": {
         "fvae": dict(_FVAE),
         "train": {

@@ -106,9 +106,9 @@ def _tuned_task_arithmetic(adapters, tasks, weights, seed, objective: FewShotObj
 
 def _fitted_task_arithmetic(adapters, tasks, objective: FewShotObjective, steps: int):
     """``sum_t beta_{t,m} dW_{t,m}`` with per-task, per-module weights fitted by Adam on the support
-    loss (AdaMerging-like), the step picked on held-out shots — the same optimiser, step size,
-    steps, granularity and hold-out as icm's span refinement, so the comparison isolates what
-    the F-VAE adds."""
+    loss (AdaMerging-like), the step picked on a 25 % hold-out of the shots — the same optimiser,
+    step size, steps and granularity as icm's span refinement (whose step is chosen by
+    cross-validation instead)."""
     import torch
 
     from engine.adapters.lora import LoraModule

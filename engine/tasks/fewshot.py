@@ -184,6 +184,41 @@ class FewShotObjective:
             second[task] = TaskShots(task, select_rows(shot.batch, order[cut:]), shot.head, shot.count - cut)
         return FewShotObjective(self.host, first), FewShotObjective(self.host, second)
 
+    def folds(self, k: int, seed: int = 0) -> list[tuple[FewShotObjective, FewShotObjective]]:
+        """``k``-fold cross-validation: ``k`` (fit, held-out) pairs of objectives sharing the host.
+
+        Every task's examples are shuffled (seeded) and cut into ``k`` near-equal folds; pair ``i``
+        holds out fold ``i`` of every task and fits on the rest, so each example is held out exactly
+        once. ``k`` equal to the smallest task's count is leave-one-out.
+
+        Raises:
+            TaskError: ``k < 2``, or a task with fewer than ``k`` examples.
+        """
+        if k < 2:
+            raise TaskError(f"cross-validation needs at least 2 folds, got {k}")
+        small = {t: s.count for t, s in self.shots.items() if s.count < k}
+        if small:
+            raise TaskError(f"{k} folds need at least {k} examples per task; task(s) {small} have fewer")
+        generator = torch.Generator().manual_seed(seed)
+        orders = {t: torch.randperm(s.count, generator=generator) for t, s in self.shots.items()}
+        pairs = []
+        for i in range(k):
+            fit, held = {}, {}
+            for task, shot in self.shots.items():
+                parts = orders[task].tensor_split(k)
+                rest = torch.cat([p for j, p in enumerate(parts) if j != i])
+                fit[task] = TaskShots(task, select_rows(shot.batch, rest), shot.head, len(rest))
+                held[task] = TaskShots(task, select_rows(shot.batch, parts[i]), shot.head, len(parts[i]))
+            pairs.append((FewShotObjective(self.host, fit), FewShotObjective(self.host, held)))
+        return pairs
+
+    def task_losses(
+        self, adapter: Factors | torch.Tensor, tasks: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Each task's mean support loss ``[len(tasks)]``, no grad (what cross-validation pairs)."""
+        with torch.no_grad():
+            return torch.stack([self.task_loss(adapter, t) for t in self._tasks(tasks)])
+
     def adapter_loss(self, adapter: LoraAdapter, tasks: Sequence[str] | None = None) -> float:
         """Mean support loss of a PEFT-style adapter (any ranks and scaling), no grad."""
         with torch.no_grad():

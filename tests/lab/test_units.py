@@ -89,3 +89,31 @@ def test_example_files_are_deterministic_per_seed(tmp_path, suite):
         for split in a[task]:
             assert a[task][split].read_bytes() == b[task][split].read_bytes()
         assert read_jsonl(a[task]["eval"]) != read_jsonl(c[task]["eval"])
+
+
+def test_features_suite_inputs_and_model_spec(tmp_path):
+    """The ``features`` suite: deterministic, normalised word features, and its base reached by
+    the engine's ``custom`` task model through the suite's model spec (factory + weights file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.lab import features
+    from benchmarks.lab.tasks import suite_model_spec
+    from engine.tasks.base import task_model
+
+    a, b = features.word_features("running"), features.word_features("running")
+    assert a == b and len(a) == features.DIM
+    assert sum(v * v for v in a) == pytest.approx(1.0, abs=1e-3)
+    assert a != features.word_features("runner")
+    path = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    save_file(features.FeatureMLP().state_dict(), path)
+    suite = {
+        "kind": features.KIND,
+        "num_labels": features.NUM_LABELS,
+        "base_model": {"path": str(path), "factory": "benchmarks.lab.features:base_model"},
+    }
+    model = task_model(suite_model_spec(suite))
+    rows = [{"input": features.word_features(w), "label": i} for i, w in enumerate(["cat", "ran", "sad"])]
+    metrics = model.metrics(model.build_base(), rows)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0

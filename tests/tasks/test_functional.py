@@ -188,25 +188,28 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
     refined = fuse_adapters(
         adapters,
         "icm",
-        params={"refine_steps": 15, "refine_lr": 0.2, "anchor": False},
+        params={"refine_steps": 15, "refine_lr": 0.2, "refine_full_shots": 8, "anchor": False},
         context=FusionContext(fvae=artifact, objective=objective),
         **common,
     )
     record = refined.provenance["details"]["refine"]
-    # The step is chosen on held-out shots (25 %): they improved, and so did the whole support set.
-    assert record["support_loss_best"] < record["holdout_loss_start"]
+    # The step is chosen by 4-fold cross-validation: its held-out gain beat its standard error,
+    # and the kept step, refitted on all shots, lowers the whole support loss.
+    assert record["selection"] == "cross-validation" and record["kept_step"] > 0
+    assert record["cv_gain"][record["kept_step"]] > record["cv_se"][record["kept_step"]]
     assert objective.adapter_loss(refined.adapter) < objective.adapter_loss(plain.adapter)
+    assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_kept"], rel=1e-4)
     without_holdout = fuse_adapters(
         adapters,
         "icm",
-        params={"refine_steps": 15, "refine_lr": 0.2, "refine_holdout": 0, "anchor": False},
+        params={"refine_steps": 15, "refine_lr": 0.2, "refine_folds": 0, "anchor": False},
         context=FusionContext(fvae=artifact, objective=objective),
         **common,
     )
     record = without_holdout.provenance["details"]["refine"]
-    assert record["support_loss_best"] < record["support_loss_start"]
+    assert record["support_loss_kept"] < record["support_loss_start"]
     assert objective.adapter_loss(without_holdout.adapter) == pytest.approx(
-        record["support_loss_best"], rel=1e-4
+        record["support_loss_kept"], rel=1e-4
     )
     with pytest.raises(ValueError, match="needs few-shot examples"):
         fuse_adapters(
@@ -230,15 +233,15 @@ def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monk
     )
     plain = fuse_adapters(adapters, "icm", **common)
     refined = fuse_adapters(
-        adapters, "icm", params={"refine_steps": 10, "refine_lr": 0.2, "refine_holdout": 0}, **common
+        adapters, "icm", params={"refine_steps": 10, "refine_lr": 0.2, "refine_folds": 0}, **common
     )
     for fused in (plain, refined):
         assert fused.provenance["details"]["familiarity"]["arithmetic_inputs"] == [1]
     record = refined.provenance["details"]["refine"]
     # step 0 of the refinement is the unrefined partial fusion; the best step is no worse
     assert record["support_loss_start"] == pytest.approx(objective.adapter_loss(plain.adapter), rel=1e-4)
-    assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_best"], rel=1e-4)
-    assert record["support_loss_best"] <= record["support_loss_start"]
+    assert objective.adapter_loss(refined.adapter) == pytest.approx(record["support_loss_kept"], rel=1e-4)
+    assert record["support_loss_kept"] <= record["support_loss_start"]
 
 
 def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_path):
@@ -262,8 +265,9 @@ def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_pa
     ]
     assert main([*common, *args, "--out", str(tmp_path / "icm")]) == 0
     record = json.loads((tmp_path / "icm" / "icmf_provenance.json").read_text())["details"]["refine"]
-    # Best (held-out) loss vs the held-out loss of step 0: the chosen step is never worse.
-    assert record["support_loss_best"] <= record["holdout_loss_start"] and len(record["span_weights"]) == 2
+    # 4 shots: 4-fold (leave-one-out) selection; the kept step's span weights are recorded.
+    assert record["selection"] == "cross-validation" and record["folds"] == 4
+    assert len(record["cv_gain"]) == record["steps"] + 1 and len(record["span_weights"]) == 2
     load_adapter(tmp_path / "icm")  # a stock, loadable adapter
 
 

@@ -27,6 +27,7 @@ results are bit-identical with and without it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -57,15 +58,35 @@ class IcmParams(pydantic.BaseModel):
         description="'trained': meta-training's vector when the task has one; 'adapter': always derive",
     )
     refine_steps: int = pydantic.Field(
-        0, ge=0, description="few-shot latent refinement: Adam steps on the fused code and weights"
+        0,
+        ge=0,
+        description="few-shot latent refinement: at most this many Adam steps on the fused code and "
+        "weights (fewer below refine_full_shots shots per task)",
     )
     refine_lr: float = pydantic.Field(0.05, gt=0, description="refinement step size")
     refine_reg: float = pydantic.Field(
         1e-3, ge=0, description="L2 pull of the refined code towards the fused one (per latent unit)"
     )
     refine_weights: bool = pydantic.Field(True, description="refine the fusion weights alpha too")
-    refine_holdout: float = pydantic.Field(
-        0.25, ge=0, lt=1, description="fraction of each task's shots kept to choose the refinement step"
+    refine_folds: int = pydantic.Field(
+        4,
+        ge=0,
+        description="cross-validation folds over every task's shots that choose the refinement step "
+        "(each shot held out once; capped at the smallest task's shots, i.e. leave-one-out); 0: keep "
+        "the step with the lowest loss on the shots it was fitted to (overfits; for ablations)",
+    )
+    refine_confidence: float = pydantic.Field(
+        2.0,
+        ge=0,
+        description="keep step 0 (no refinement) unless the cross-validated gain over it exceeds this "
+        "many standard errors (2: about a one-sided 95 % test with the few (fold, task) pairs of a "
+        "small fusion)",
+    )
+    refine_full_shots: int = pydantic.Field(
+        32,
+        gt=0,
+        description="shots per task from which refine_steps and refine_lr apply in full; with fewer, "
+        "the steps shrink in proportion and the step size with the square root",
     )
     refine_condition: bool = pydantic.Field(False, description="refine the fused task vector too")
     span_granularity: Literal["task", "module"] = pydantic.Field(
@@ -349,6 +370,91 @@ def _check_objective(objective: FewShotObjective, layout, tasks: list[str]) -> N
         )
 
 
+def refine_budget(params: IcmParams, shots: int) -> tuple[int, float]:
+    """The Adam steps and step size refinement may take with ``shots`` examples per task (the
+    smallest task's count): ``refine_steps`` and ``refine_lr`` in full from ``refine_full_shots``
+    on; below, the steps shrink in proportion and the step size with the square root, so a fusion
+    with few examples can move its code and weights only a little way from the unrefined one."""
+    share = min(1.0, shots / params.refine_full_shots)
+    return math.ceil(params.refine_steps * share), params.refine_lr * math.sqrt(share)
+
+
+def select_step(held_out: torch.Tensor, confidence: float = 2.0) -> tuple[int, dict]:
+    """The refinement step to keep, from cross-validated losses ``held_out [folds, steps + 1,
+    tasks]`` (fold ``f``'s held-out loss of each task after ``s`` steps fitted on the other folds).
+
+    Each (fold, task) pair is one paired observation of the gain over step 0, ``d(s) = L(0) -
+    L(s)``; ``gain(s)`` is their mean and ``se(s)`` its standard error. Step 0 (no refinement) is
+    kept unless the best step's gain exceeds ``confidence`` standard errors; otherwise the
+    one-standard-error rule shrinks towards step 0: the earliest step whose gain is within one
+    standard error of the best and itself clears ``confidence`` standard errors. A gain of the
+    size noise produces thus leaves the fusion as it was.
+
+    Returns the step and a record (gain and standard error per step, best and kept step).
+    """
+    folds, steps, tasks = held_out.shape
+    paired = (held_out[:, :1] - held_out).permute(1, 0, 2).reshape(steps, folds * tasks).double()
+    gain = paired.mean(dim=1)
+    units = paired.shape[1]
+    se = paired.std(dim=1) / math.sqrt(units) if units > 1 else torch.full_like(gain, math.inf)
+    best = int(gain.argmax())
+    clears = gain > confidence * se
+    kept = 0
+    if best > 0 and bool(clears[best]):
+        near = (gain >= gain[best] - se[best]) & clears
+        near[0] = False
+        kept = int(near.nonzero()[0])
+    record = {
+        "cv_gain": [round(float(g), 6) for g in gain],
+        "cv_se": [round(float(s), 6) for s in se],
+        "cv_best_step": best,
+        "kept_step": kept,
+    }
+    return kept, record
+
+
+class _Trajectory:
+    """One refinement run: its trainable residuals, weights and span, and their Adam state."""
+
+    def __init__(self, latents: _Latents, alpha: torch.Tensor, modules: int, params: IcmParams, lr: float):
+        mu, cond = latents.mu, latents.cond
+        self.params = params
+        self.weights = alpha.clone().requires_grad_(params.refine_weights)
+        self.residual = torch.zeros(mu.shape[1], requires_grad=True)
+        self.cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
+        shape = (mu.shape[0], modules) if params.span_granularity == "module" else (mu.shape[0], 1)
+        self.beta = torch.zeros(shape, requires_grad=params.refine_span)
+        trainable = [self.residual] + ([self.weights] if params.refine_weights else [])
+        trainable += [self.cond_residual] if params.refine_condition else []
+        trainable += [self.beta] if params.refine_span else []
+        self.optimizer = torch.optim.Adam(trainable, lr=lr)
+
+    def factors(self, artifact, latents: _Latents, gate: float, split: _PartialSplit | None):
+        params = self.params
+        candidate = _fused_factors(
+            artifact, latents, self.weights, params, gate, split, self.residual, self.cond_residual
+        )
+        if params.refine_span:
+            candidate = _with_span(candidate, latents.inputs_factors, self.beta)
+        return candidate
+
+    def step(self, loss: torch.Tensor) -> None:
+        reg = self.residual.pow(2).sum() + self.cond_residual.pow(2).sum()
+        self.optimizer.zero_grad()
+        (loss + self.params.refine_reg * reg).backward()
+        self.optimizer.step()
+
+    def snapshot(self, modules: int) -> dict:
+        """The weights (and span weights) as they stand: what provenance records of the kept step."""
+        out = {"weights": [float(w) for w in self.weights.detach()]}
+        if self.params.refine_span:
+            beta = self.beta.detach().expand(-1, modules)
+            out["span_weights"] = (
+                beta.tolist() if self.params.span_granularity == "module" else beta[:, 0].tolist()
+            )
+        return out
+
+
 def refine_latent(
     artifact,
     latents: _Latents,
@@ -362,74 +468,76 @@ def refine_latent(
     """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
     adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
-    is frozen, so the adapter stays on the F-VAE's manifold, which is what keeps a few shots from
-    overfitting. With ``decoded`` (the inputs' decoded reconstructions ``[K, N]``, ``anchor``),
-    the fused adapter is anchored on the inputs (:func:`engine.fvae.latent.anchored_factors`);
-    with ``split`` (``gate_mode: partial``), the code is the familiar inputs' and the unfamiliar
-    ones enter by arithmetic, their weights refined too (:func:`_fused_factors`).
+    is frozen, so the adapter stays on the F-VAE's manifold. With ``decoded`` (the inputs' decoded
+    reconstructions ``[K, N]``, ``anchor``), the fused adapter is anchored on the inputs
+    (:func:`engine.fvae.latent.anchored_factors`); with ``split`` (``gate_mode: partial``), the
+    code is the familiar inputs' and the unfamiliar ones enter by arithmetic, their weights
+    refined too (:func:`_fused_factors`).
 
     With ``refine_span``, the fused adapter is the decoded one plus ``sum_t beta_t dW_t`` over the
     input adapters' exact deltas (``inputs_factors``), ``beta`` starting at 0 and refined too: the
     search covers the generator's manifold and the span of the inputs.
 
-    With ``refine_holdout`` > 0 the shots are split: the fit part drives Adam, the held-out part
-    picks the step (early stopping; step 0 = no refinement), so few shots cannot make it worse
-    than the unrefined fusion on data it was not fitted to.
+    How far it may go is bounded by the number of shots (:func:`refine_budget`), and which step is
+    kept is chosen by ``refine_folds``-fold cross-validation over every task's shots
+    (:func:`select_step`): one run per fold fitted on the other folds, the step's gain over step 0
+    measured on the held-out fold; step 0 (the unrefined fusion) is kept unless that gain exceeds
+    ``refine_confidence`` standard errors. The kept step is then taken by a run on all shots. With
+    ``refine_folds: 0`` nothing is held out and the step with the lowest support loss is kept (it
+    can overfit: for tests and ablations).
 
-    Shapes: see :class:`_Latents`; ``alpha [K]``. Returns the per-module factors of the best
-    adapter seen (lowest held-out loss), detached, and a record.
+    Shapes: see :class:`_Latents`; ``alpha [K]``. Returns the per-module factors of the kept
+    step, detached, and a record whose weights are the kept step's.
     """
     artifact.model.requires_grad_(False)
-    layout = objective.host.layout
-    mu, cond, inputs_factors = latents.mu, latents.cond, latents.inputs_factors
-    weights = alpha.clone().requires_grad_(params.refine_weights)
-    residual = torch.zeros(mu.shape[1], requires_grad=True)
-    cond_residual = torch.zeros(cond.shape[1], requires_grad=params.refine_condition)
-    modules = layout.num_modules
-    shape = (mu.shape[0], modules) if params.span_granularity == "module" else (mu.shape[0], 1)
-    beta = torch.zeros(shape, requires_grad=params.refine_span)
-    trainable = [residual] + ([weights] if params.refine_weights else [])
-    trainable += [cond_residual] if params.refine_condition else []
-    trainable += [beta] if params.refine_span else []
-    optimizer = torch.optim.Adam(trainable, lr=params.refine_lr)
-    # Fit on part of the shots, pick the step on the rest: with few shots the fit loss keeps falling
-    # long after held-out quality has turned (overfitting); step 0 is the unrefined fusion.
-    fit, check = (
-        objective.split(1 - params.refine_holdout, seed=0) if params.refine_holdout else (objective,) * 2
-    )
-    best = (float("inf"), None, None, -1)
-    history, checks = [], []
-    for step in range(params.refine_steps + 1):
-        candidate = _fused_factors(artifact, latents, weights, params, gate, split, residual, cond_residual)
-        if params.refine_span:
-            candidate = _with_span(candidate, inputs_factors, beta)
-        support = fit.loss(candidate, tasks)
-        with torch.no_grad():
-            value = float(check.loss(candidate, tasks)) if check is not fit else float(support.detach())
-        if value < best[0]:
-            chosen = [(A.detach().clone(), B.detach().clone()) for A, B in candidate]
-            best = (value, chosen, beta.detach().expand(-1, modules).clone(), step)
-        history.append(float(support.detach()))
-        checks.append(value)
-        if step == params.refine_steps:
-            break
-        loss = support + params.refine_reg * (residual.pow(2).sum() + cond_residual.pow(2).sum())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    record = {
-        "support_loss_start": history[0],
-        "support_loss_end": history[-1],
-        "holdout_loss_start": checks[0],
-        "support_loss_best": best[0],  # on the held-out shots when refine_holdout > 0
-        "best_step": best[3],
-        "weights": [float(w) for w in weights.detach()],
-    }
-    if params.refine_span:
-        record["span_weights"] = (
-            best[2].tolist() if params.span_granularity == "module" else best[2][:, 0].tolist()
+    modules = objective.host.layout.num_modules
+    shots = min(objective.shots[t].count for t in tasks)
+    steps, lr = refine_budget(params, shots)
+    folds = min(params.refine_folds, shots)
+    record: dict = {"shots": shots, "steps": steps, "lr": lr, "folds": folds}
+
+    def run(fit, held, length: int):
+        """A trajectory of ``length`` steps on ``fit``; ``held``'s per-task losses at every step."""
+        trajectory = _Trajectory(latents, alpha, modules, params, lr)
+        curve = []
+        for step in range(length + 1):
+            candidate = trajectory.factors(artifact, latents, gate, split)
+            if held is not None:
+                curve.append(held.task_losses(candidate, tasks))
+            if step == length:
+                return trajectory, candidate, curve
+            trajectory.step(fit.loss(candidate, tasks))
+
+    if params.refine_folds == 0:
+        kept = _refine_on_support(run, objective, steps, modules, record)
+    elif folds < 2:  # one shot of some task: nothing to hold out, so nothing can be trusted
+        record.update(selection="too few shots", kept_step=0)
+        kept = 0
+    else:
+        held_out = torch.stack(
+            [torch.stack(run(fit, held, steps)[2]) for fit, held in objective.folds(folds, seed=0)]
         )
-    return best[1], {"refine": record}
+        kept, chosen = select_step(held_out, params.refine_confidence)
+        record.update(selection="cross-validation", confidence=params.refine_confidence, **chosen)
+    trajectory, candidate, _ = run(objective, None, kept)
+    with torch.no_grad():
+        start = float(objective.loss(run(objective, None, 0)[1], tasks)) if kept else None
+        final = float(objective.loss(candidate, tasks))
+    record.update(
+        support_loss_start=final if start is None else start,
+        support_loss_kept=final,
+        **trajectory.snapshot(modules),
+    )
+    return [(A.detach(), B.detach()) for A, B in candidate], {"refine": record}
+
+
+def _refine_on_support(run, objective, steps: int, modules: int, record: dict) -> int:
+    """``refine_folds: 0``: the step with the lowest loss on the very shots it was fitted to."""
+    _, _, curve = run(objective, objective, steps)
+    means = torch.stack(curve).mean(dim=1)
+    kept = int(means.argmin())
+    record.update(selection="support loss", kept_step=kept, support_losses=[float(v) for v in means])
+    return kept
 
 
 def _with_span(factors, inputs_factors, beta: torch.Tensor):
