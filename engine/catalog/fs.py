@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, CommitConflict
 
 
 def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -83,7 +83,7 @@ def _publish_local(tmp: str, path: str, exclusive: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise CatalogError(f"{path} was created by a concurrent writer; retry the operation") from None
+            raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation") from None
         finally:
             os.unlink(tmp)
     else:
