@@ -232,3 +232,59 @@ def test_a_pinned_view_lists_the_manifest_once(tmp_path, adapter_dirs, monkeypat
     report = view.ingest([adapter_dirs["qvo2"]], task="t")
     assert report.version == 3 and view.version() == 3
     assert catalog_module.COMMIT_ATTEMPTS > 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_grown_catalog_streams_one_shape_on_driver_map_batches_and_train_workers(
+    ray_session, tmp_path, adapter_dirs
+):
+    import json
+    import tempfile
+    import uuid
+
+    from ray import train
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    catalog = ingest_in_order(tmp_path / "cat", adapter_dirs, ORDERS["subset first"])
+    layout = catalog.layout()
+    assert len(catalog.layouts()) == 4
+    rows = catalog.dataset(rows_per_block=2).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(e["id"] for e in catalog.entries())
+    for row in rows:
+        weights, mask, _ = catalog.read_vector(row["id"], layout=layout)
+        np.testing.assert_array_equal(row["weights"], weights)
+        np.testing.assert_array_equal(row["mask"], mask)
+
+    def shapes(batch):
+        return {"shape": np.array([batch["weights"].shape[1:] + batch["mask"].shape[1:]] * len(batch["mask"]))}
+
+    seen = catalog.dataset().map_batches(shapes, batch_format="numpy", batch_size=3).take_all()
+    assert {tuple(r["shape"]) for r in seen} == {(layout.size, layout.num_modules)}
+    # An older layout streams only the adapters it can hold, in its own shape.
+    first = catalog.layout(catalog.entries()[0]["layout_id"])
+    old_rows = catalog.dataset(first.layout_id).take_all()
+    assert len(old_rows) == 1 and old_rows[0]["weights"].shape == (first.size,)
+
+    def loop(config):
+        found = set()
+        count = 0
+        for batch in train.get_dataset_shard("train").iter_torch_batches(batch_size=2, dtypes=None):
+            found.add(tuple(batch["weights"].shape[1:]) + tuple(batch["mask"].shape[1:]))
+            count += batch["weights"].shape[0]
+        metrics = {"rows": count, "ok": found == {(config["size"], config["modules"])}}
+        with tempfile.TemporaryDirectory() as directory:  # Train v2 keeps metrics with a checkpoint
+            with open(f"{directory}/metrics.json", "w") as handle:
+                json.dump(metrics, handle)
+            train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"size": layout.size, "modules": layout.num_modules},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        datasets={"train": catalog.dataset(columns=["weights", "mask"])},
+        run_config=RunConfig(storage_path=str(tmp_path), name=f"grown-{uuid.uuid4().hex[:8]}"),
+    )
+    result = trainer.fit()
+    assert result.metrics["ok"] is True and result.metrics["rows"] == len(ADAPTERS)
