@@ -136,8 +136,8 @@ class Layout:
         if too_big:
             faults.append(
                 f"rank {max(adapter.modules[n].rank for n in too_big)} ({len(too_big)} module(s)) exceeds "
-                f"layout {self.layout_id}'s r_max {self.r_max} (ingest grows the layout; map into "
-                "a grown layout instead)"
+                f"the layout's r_max {self.r_max} (layout {self.layout_id}; a catalog ingest grows its "
+                "layout instead)"
             )
         return faults
 
@@ -149,9 +149,7 @@ class Layout:
             return False
         return all(m.name in self.index and self.modules[self.index[m.name]] == m for m in other.modules)
 
-    def grown(
-        self, shapes: dict[str, tuple[int, int]] | None = None, r_max: int | None = None
-    ) -> Layout:
+    def grown(self, shapes: dict[str, tuple[int, int]] | None = None, r_max: int | None = None) -> Layout:
         """The smallest superset of this layout that also holds ``shapes`` (module -> ``(d_out,
         d_in)``) and rank ``r_max``; ``self`` when nothing is new.
 
@@ -211,9 +209,7 @@ class Layout:
         """``[M_source]``: each of ``source``'s modules' index in this layout."""
         return np.asarray([self.index[m.name] for m in source.modules], dtype=np.int64)
 
-    def embed(
-        self, source: Layout, weights: np.ndarray, mask: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, source: Layout, weights: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``source`` read exactly in this layout: zero padding, absent modules masked.
 
         Args:
@@ -227,10 +223,10 @@ class Layout:
         if source.layout_id == self.layout_id:
             return weights, mask
         weights, mask = np.asarray(weights), np.asarray(mask, dtype=bool)
-        out = np.zeros(weights.shape[:-1] + (self.size,), dtype=weights.dtype)
+        out = np.zeros((*weights.shape[:-1], self.size), dtype=weights.dtype)
         for src, dst, length in self.segments_from(source).tolist():
             out[..., dst : dst + length] = weights[..., src : src + length]
-        out_mask = np.zeros(mask.shape[:-1] + (self.num_modules,), dtype=bool)
+        out_mask = np.zeros((*mask.shape[:-1], self.num_modules), dtype=bool)
         out_mask[..., self.module_positions(source)] = mask
         return out, out_mask
 

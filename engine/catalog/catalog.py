@@ -385,7 +385,9 @@ class Catalog:
             raise CatalogError(f"r_max must be positive, got {r_max}")
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                report = self._ingest_once(paths, task, base_model, r_max, gauge, tags, skip_invalid, progress)
+                report = self._ingest_once(
+                    paths, task, base_model, r_max, gauge, tags, skip_invalid, progress
+                )
             except CommitConflict:
                 if attempt == COMMIT_ATTEMPTS - 1:
                     raise
@@ -402,10 +404,11 @@ class Catalog:
         known = dict(zip(manifest["sha256"].to_pylist(), manifest["id"].to_pylist(), strict=True))
         report = IngestReport(version=version)
         current = {
-            base: self._current_layout(manifest, base)
-            for base in set(manifest["base_model"].to_pylist())
+            base: self._current_layout(manifest, base) for base in set(manifest["base_model"].to_pylist())
         }
-        candidates, failures = self._validate_batch(paths, base_model, r_max, known, current, report, progress)
+        candidates, failures = self._validate_batch(
+            paths, base_model, r_max, known, current, report, progress
+        )
         if failures and not skip_invalid:
             raise IngestError(failures)
         report.rejected = failures

@@ -151,10 +151,10 @@ def fuse_from_catalog(
     """Fuse catalog adapters named by id, or one adapter per task (its first-ingested one)."""
     entries = _select_entries(catalog, adapter_ids, tasks)
     ids = [e["id"] for e in entries]
-    if len({e["layout_id"] for e in entries}) > 1:
-        raise FusionConfigError(
-            "the adapters belong to different base models (layouts); fuse one base model at a time"
-        )
+    # One base model; its adapters may be stored in different versions of its layout (other
+    # target modules and ranks): every method fuses the union of their modules.
+    if len({e["base_model"] for e in entries}) > 1:
+        raise FusionConfigError("the adapters belong to different base models; fuse one base model at a time")
     adapters = [catalog.load_adapter(i) for i in ids]
     meta = [
         {"id": e["id"], "task": e["task"], "sha256": e["sha256"], "catalog": catalog.uri} for e in entries

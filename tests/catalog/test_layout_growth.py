@@ -90,7 +90,13 @@ def test_every_ingest_order_gives_the_same_catalog_and_exact_exports(tmp_path, a
     assert grown.version() == 5 and len(grown.layouts()) == 4  # qv8 only raised r_max 4 -> 8 once
     current = grown.layout()
     assert current.r_max == 16 and {m.name.rsplit(".", 1)[1] for m in current.modules} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
     for catalog in catalogs.values():
         assert catalog.layout() == current  # same current layout, whatever the order
@@ -191,7 +197,7 @@ def test_concurrent_ingests_on_a_local_catalog_lose_no_adapter(tmp_path, adapter
     def ingest(name: str) -> None:
         try:
             Catalog(root).ingest([adapter_dirs[name]], task=name)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=ingest, args=(n,)) for n in names]
@@ -258,7 +264,9 @@ def test_a_grown_catalog_streams_one_shape_on_driver_map_batches_and_train_worke
         np.testing.assert_array_equal(row["mask"], mask)
 
     def shapes(batch):
-        return {"shape": np.array([batch["weights"].shape[1:] + batch["mask"].shape[1:]] * len(batch["mask"]))}
+        return {
+            "shape": np.array([batch["weights"].shape[1:] + batch["mask"].shape[1:]] * len(batch["mask"]))
+        }
 
     seen = catalog.dataset().map_batches(shapes, batch_format="numpy", batch_size=3).take_all()
     assert {tuple(r["shape"]) for r in seen} == {(layout.size, layout.num_modules)}
