@@ -121,11 +121,12 @@ class AdapterModel:
         from engine.fusion.api import fuse_from_catalog
 
         try:
+            catalog = self.catalog.at()  # one manifest listing per load, whatever the inputs
             if spec is None:
-                adapter = self.catalog.load_adapter(model_id)
+                adapter = catalog.load_adapter(model_id)
             else:
                 adapter = fuse_from_catalog(
-                    self.catalog,
+                    catalog,
                     spec["method"],
                     adapter_ids=spec.get("adapters"),
                     tasks=spec.get("tasks"),

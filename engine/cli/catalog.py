@@ -91,7 +91,7 @@ def _row_for_display(entry: dict) -> dict:
 
 
 def list_adapters(args) -> int:
-    entries = Catalog(args.catalog).entries(task=args.task)
+    entries = Catalog(args.catalog).at().entries(task=args.task)
     if args.json:
         print_json([_row_for_display(e) for e in entries])
         return 0
@@ -114,7 +114,7 @@ def list_adapters(args) -> int:
 
 
 def show(args) -> int:
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()
     entry = catalog.get(args.id)
     layout = catalog.layout(entry["layout_id"])
     detail = dict(
@@ -137,7 +137,7 @@ def show(args) -> int:
 
 
 def export(args) -> int:
-    path = Catalog(args.catalog).export(args.id, args.out_dir, overwrite=args.overwrite)
+    path = Catalog(args.catalog).at().export(args.id, args.out_dir, overwrite=args.overwrite)
     console.print(f"wrote PEFT adapter {args.id} to {path}")
     return 0
 
@@ -145,7 +145,7 @@ def export(args) -> int:
 def stats(args) -> int:
     from engine._ray import ensure_ray
 
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()
     current = catalog.stats(args.layout)
     if args.recompute or current is None or current.manifest_version != catalog.version():
         ensure_ray()

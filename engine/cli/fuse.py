@@ -71,7 +71,7 @@ def fuse(args) -> int:
     from engine.catalog import Catalog
     from engine.fusion import fuse_from_catalog
 
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()  # one manifest version (one listing) per command
     context = {}
     if args.model:
         from engine.meta.artifact import FVAEArtifact
