@@ -361,6 +361,7 @@ class Catalog:
         tags: Sequence[str] = (),
         skip_invalid: bool = False,
         progress: Progress | None = None,
+        base_config: Any = None,
     ) -> IngestReport:
         """Validate and add PEFT adapter directories of one task.
 
@@ -376,6 +377,9 @@ class Catalog:
                 default True).
             skip_invalid: land the valid adapters and report the rest, instead of landing none.
             progress: called with the number of adapters processed since the last call.
+            base_config: the base model's ``config.json`` (path, directory or dict): every
+                adapter module must then be a ``Linear``/``Conv1D`` of that model with the same
+                shape (:mod:`engine.adapters.shapes`; nothing is downloaded).
 
         Raises:
             IngestError: listing every rejected adapter with its cause (nothing is written).
@@ -383,10 +387,18 @@ class Catalog:
         check_name("task name", task)
         if r_max is not None and r_max <= 0:
             raise CatalogError(f"r_max must be positive, got {r_max}")
+        base_shapes = None
+        if base_config is not None:
+            from engine.adapters.shapes import module_shapes
+
+            try:
+                base_shapes = module_shapes(base_config)
+            except (ValueError, OSError, KeyError) as exc:
+                raise CatalogError(f"cannot read the base model config: {exc}") from None
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 report = self._ingest_once(
-                    paths, task, base_model, r_max, gauge, tags, skip_invalid, progress
+                    paths, task, base_model, r_max, gauge, tags, skip_invalid, progress, base_shapes
                 )
             except CommitConflict:
                 if attempt == COMMIT_ATTEMPTS - 1:
@@ -397,7 +409,7 @@ class Catalog:
             return report
         raise AssertionError("unreachable")
 
-    def _ingest_once(self, paths, task, base_model, r_max, gauge, tags, skip_invalid, progress):
+    def _ingest_once(self, paths, task, base_model, r_max, gauge, tags, skip_invalid, progress, base_shapes):
         settings = self._ensure_settings(gauge, persist=False)
         version = self._list_version()  # one listing: the manifest and the report share the version
         manifest = self.manifest(version)
@@ -407,7 +419,7 @@ class Catalog:
             base: self._current_layout(manifest, base) for base in set(manifest["base_model"].to_pylist())
         }
         candidates, failures = self._validate_batch(
-            paths, base_model, r_max, known, current, report, progress
+            paths, base_model, r_max, known, current, report, progress, base_shapes
         )
         if failures and not skip_invalid:
             raise IngestError(failures)
@@ -421,14 +433,14 @@ class Catalog:
         report.added = [adapter_id(task, c.sha256) for c in candidates]
         return report
 
-    def _validate_batch(self, paths, base_model, r_max, known, current, report, progress):
+    def _validate_batch(self, paths, base_model, r_max, known, current, report, progress, base_shapes):
         candidates: list[_Candidate] = []
         failures: list[AdapterError] = []
         seen: dict[str, str] = {}
         for raw in paths:
             path = Path(raw)
             try:
-                candidate = self._validate_one(path, base_model, r_max, current)
+                candidate = self._validate_one(path, base_model, r_max, current, base_shapes)
             except AdapterError as exc:
                 failures.append(exc)
             else:
@@ -446,7 +458,12 @@ class Catalog:
         return [c for c in candidates if str(c.path) not in bad], failures
 
     def _validate_one(
-        self, path: Path, base_model: str | None, r_max: int | None, current: dict[str, Layout]
+        self,
+        path: Path,
+        base_model: str | None,
+        r_max: int | None,
+        current: dict[str, Layout],
+        base_shapes: dict[str, tuple[int, int]] | None = None,
     ) -> _Candidate:
         adapter = load_adapter(path)
         declared = adapter.base_model
@@ -463,6 +480,10 @@ class Catalog:
                 "no base model: adapter_config.json has no base_model_name_or_path; pass --base-model",
             )
         faults = []
+        if base_shapes is not None:
+            from engine.adapters.shapes import shape_faults
+
+            faults += shape_faults({n: (m.d_out, m.d_in) for n, m in adapter.modules.items()}, base_shapes)
         layout = current.get(resolved)
         for name, module in adapter.modules.items():
             spec = layout.modules[layout.index[name]] if layout and name in layout.index else None

@@ -25,7 +25,15 @@ def register(commands) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="adapter directories")
     p.add_argument("--task", required=True, help="task the adapters solve")
     p.add_argument("--base-model", help="base model id (default: each adapter_config.json's)")
-    p.add_argument("--r-max", type=int, help="rank to pad to when this ingest creates a layout")
+    p.add_argument(
+        "--r-max",
+        type=int,
+        help="rank cap: refuse adapters of a higher rank (default: none; the layout grows to fit)",
+    )
+    p.add_argument(
+        "--base-config",
+        help="the base model's config.json (or its directory): check every module and shape against it",
+    )
     p.add_argument("--no-gauge", action="store_true", help="new catalog: keep adapters' own bases")
     p.add_argument("--tag", action="append", default=[], help="tag to attach (repeatable)")
     p.add_argument(
@@ -74,6 +82,7 @@ def ingest(args) -> int:
             tags=args.tag,
             skip_invalid=args.skip_invalid,
             progress=advance,
+            base_config=args.base_config,
         )
     for source, existing in report.duplicates:
         err_console.print(f"skipped {source}: already in the catalog as {existing}")
