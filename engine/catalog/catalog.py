@@ -274,6 +274,15 @@ class Catalog:
         ids = pc.unique(table["layout_id"]).to_pylist()
         return [self.layout(i) for i in ids]
 
+    def layouts_readable_in(self, layout: Layout) -> list[Layout]:
+        """The stored layouts whose adapters read exactly in ``layout``: itself and the older
+        versions it contains (the adapters a dataset of ``layout`` streams)."""
+        return [
+            other
+            for other in self.layouts(layout.base_model)
+            if other.layout_id == layout.layout_id or layout.contains(other)
+        ]
+
     def layout_for_base_model(self, base_model: str) -> Layout | None:
         """The current layout of ``base_model``: the union of the layouts its adapters are stored
         in (the newest one, since ingest only ever grows a layout); None if it has no adapters.

@@ -216,11 +216,7 @@ def adapter_dataset(
     catalog = catalog.at(catalog.version())  # one manifest version for the whole dataset
     layout = catalog.layout(layout_id)
     table = catalog.manifest()
-    stored = [
-        other
-        for other in catalog.layouts(layout.base_model)
-        if other.layout_id == layout.layout_id or layout.contains(other)
-    ]
+    stored = catalog.layouts_readable_in(layout)
     table = table.filter(pc.is_in(table["layout_id"], value_set=pa.array([s.layout_id for s in stored])))
     if task is not None:
         table = table.filter(pc.equal(table["task"], task))

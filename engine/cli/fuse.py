@@ -120,10 +120,9 @@ def _few_shot_context(catalog, args, artifact) -> dict:
     from engine.tasks.fewshot import FewShotObjective
 
     tasks = _fused_tasks(catalog, args)
-    if args.tasks:
-        layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
-    else:
-        layout = catalog.layout(catalog.get(args.adapters[0])["layout_id"])
+    # The base model's current layout holds every input, whichever layout version stores it.
+    first = catalog.entries(task=tasks[0])[0] if args.tasks else catalog.get(args.adapters[0])
+    layout = catalog.layout_for_base_model(first["base_model"])
     if artifact is not None:
         layout = artifact.layout
     objective = FewShotObjective.from_catalog(catalog, tasks, layout, k=args.shots)
