@@ -296,3 +296,14 @@ def test_a_grown_catalog_streams_one_shape_on_driver_map_batches_and_train_worke
     )
     result = trainer.fit()
     assert result.metrics["ok"] is True and result.metrics["rows"] == len(ADAPTERS)
+
+
+def test_train_worker_shares_cover_every_layout_version(tmp_path, adapter_dirs):
+    from engine.meta.train import worker_shares
+
+    catalog = ingest_in_order(tmp_path / "cat", adapter_dirs, [["qv4"], ["attn8"], ["mlp16"]])
+    layout = catalog.layout()
+    shares = worker_shares(catalog, layout.layout_id, ["t"], 2, "full")
+    assert sorted(shares[0]["id"].to_pylist()) == sorted(e["id"] for e in catalog.entries())
+    oldest = catalog.layout(catalog.entries()[0]["layout_id"])
+    assert worker_shares(catalog, oldest.layout_id, ["t"], 2, "full")[0].num_rows == 1
