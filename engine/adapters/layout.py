@@ -177,6 +177,10 @@ class Layout:
             raise ValueError("Layout.union needs at least one layout")
         if len({lay.base_model for lay in layouts}) != 1:
             raise ValueError("Layout.union: the layouts belong to different base models")
+        # One that holds all the others is the union as stored (its module order is kept).
+        for candidate in sorted(layouts, key=lambda lay: -lay.size):
+            if all(candidate.contains(other) for other in layouts):
+                return candidate
         result = layouts[0]
         for other in layouts[1:]:
             result = result.grown({m.name: (m.d_out, m.d_in) for m in other.modules}, other.r_max)

@@ -307,3 +307,13 @@ def test_train_worker_shares_cover_every_layout_version(tmp_path, adapter_dirs):
     assert sorted(shares[0]["id"].to_pylist()) == sorted(e["id"] for e in catalog.entries())
     oldest = catalog.layout(catalog.entries()[0]["layout_id"])
     assert worker_shares(catalog, oldest.layout_id, ["t"], 2, "full")[0].num_rows == 1
+
+
+def test_union_keeps_a_stored_superset_and_its_module_order():
+    from engine.catalog.synth import build_layout
+
+    small = build_layout(2, ("q_proj", "v_proj"), 8, 2, base_model="m")
+    big = build_layout(2, ("q_proj", "k_proj", "v_proj"), 8, 4, base_model="m")  # layer-major order
+    assert Layout.union([small, big]) is big and Layout.union([big, small]) is big
+    other = Layout.union([small, Layout("m", (ModuleSpec("model.layers.0.mlp.up_proj", 16, 8),), 1)])
+    assert other.contains(small) and other.num_modules == small.num_modules + 1
