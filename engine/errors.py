@@ -74,6 +74,10 @@ class CatalogError(IcmfError, ValueError):
     """A catalog cannot be opened, read or written as asked."""
 
 
+class CommitConflict(CatalogError):
+    """Another writer committed the catalog version this write was about to commit."""
+
+
 class IngestError(CatalogError):
     """A batch of adapters was rejected; ``failures`` lists every bad adapter at once."""
 

@@ -211,10 +211,11 @@ class AdapterModel:
         import torch
 
         try:
+            catalog = self.catalog.at()  # one manifest listing per load, whatever the inputs
             if spec is None:
-                adapter = self.catalog.load_adapter(model_id)
+                adapter = catalog.load_adapter(model_id)
             else:
-                adapter = fuse_spec(self.catalog, spec, self.fvae, self.icm_inputs)
+                adapter = fuse_spec(catalog, spec, self.fvae, self.icm_inputs)
         except CatalogError as exc:
             raise LoadError(str(exc), 404) from None
         except ValueError as exc:  # fusion config faults, name rules

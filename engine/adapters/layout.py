@@ -136,10 +136,103 @@ class Layout:
         if too_big:
             faults.append(
                 f"rank {max(adapter.modules[n].rank for n in too_big)} ({len(too_big)} module(s)) exceeds "
-                f"the layout's r_max {self.r_max} (a layout is fixed by the first ingest for its base "
-                "model: give that one a larger --r-max)"
+                f"the layout's r_max {self.r_max} (layout {self.layout_id}; a catalog ingest grows its "
+                "layout instead)"
             )
         return faults
+
+    # ------------------------------------------------------------------ growth
+    def contains(self, other: Layout) -> bool:
+        """True when every adapter of ``other`` is exactly representable here: same base model,
+        every module of ``other`` present with the same shape, and ``r_max`` at least as large."""
+        if other.base_model != self.base_model or other.r_max > self.r_max:
+            return False
+        return all(m.name in self.index and self.modules[self.index[m.name]] == m for m in other.modules)
+
+    def grown(self, shapes: dict[str, tuple[int, int]] | None = None, r_max: int | None = None) -> Layout:
+        """The smallest superset of this layout that also holds ``shapes`` (module -> ``(d_out,
+        d_in)``) and rank ``r_max``; ``self`` when nothing is new.
+
+        Raises:
+            ValueError: a module of ``shapes`` exists here with another shape.
+        """
+        merged = {m.name: (m.d_out, m.d_in) for m in self.modules}
+        for name, shape in (shapes or {}).items():
+            if merged.setdefault(name, tuple(shape)) != tuple(shape):
+                raise ValueError(
+                    f"{name} has delta shape {tuple(shape)} but layout {self.layout_id} of base model "
+                    f"{self.base_model!r} has {merged[name]}: the adapter was trained on another base model"
+                )
+        rank = max(self.r_max, r_max or 0)
+        if len(merged) == self.num_modules and rank == self.r_max:
+            return self
+        specs = tuple(ModuleSpec(n, *merged[n]) for n in self.sort_names(merged))
+        return Layout(base_model=self.base_model, modules=specs, r_max=rank)
+
+    @classmethod
+    def union(cls, layouts: Iterable[Layout]) -> Layout:
+        """The smallest layout containing every one of ``layouts`` (all of one base model)."""
+        layouts = list(layouts)
+        if not layouts:
+            raise ValueError("Layout.union needs at least one layout")
+        if len({lay.base_model for lay in layouts}) != 1:
+            raise ValueError("Layout.union: the layouts belong to different base models")
+        # One that holds all the others is the union as stored (its module order is kept).
+        for candidate in sorted(layouts, key=lambda lay: -lay.size):
+            if all(candidate.contains(other) for other in layouts):
+                return candidate
+        result = layouts[0]
+        for other in layouts[1:]:
+            result = result.grown({m.name: (m.d_out, m.d_in) for m in other.modules}, other.r_max)
+        return result
+
+    def segments_from(self, source: Layout) -> np.ndarray:
+        """Where ``source``'s flat vector lands in this layout's, as contiguous copies.
+
+        Returns:
+            ``[S, 3]`` int64 rows ``(source start, target start, length)``: two per module of
+            ``source`` (its ``A`` rows, then its ``B^T`` rows). A module's ``r`` rank components are
+            the first ``r`` rows of each block, so a larger ``r_max`` only appends zero rows; every
+            other slot of the target is zero and every module ``source`` lacks is masked off.
+
+        Raises:
+            ValueError: if this layout does not contain ``source``.
+        """
+        if not self.contains(source):
+            raise ValueError(f"layout {self.layout_id} does not contain layout {source.layout_id}")
+        rows = []
+        for i, spec in enumerate(source.modules):
+            j = self.index[spec.name]
+            src, dst = int(source.offsets[i]), int(self.offsets[j])
+            a_len, a_dst_len = source.r_max * spec.d_in, self.r_max * spec.d_in
+            rows.append((src, dst, a_len))
+            rows.append((src + a_len, dst + a_dst_len, source.r_max * spec.d_out))
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+    def module_positions(self, source: Layout) -> np.ndarray:
+        """``[M_source]``: each of ``source``'s modules' index in this layout."""
+        return np.asarray([self.index[m.name] for m in source.modules], dtype=np.int64)
+
+    def embed(self, source: Layout, weights: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``source`` read exactly in this layout: zero padding, absent modules masked.
+
+        Args:
+            source: a layout this one contains.
+            weights: ``[rows, N_source]`` (or ``[N_source]``).
+            mask: ``[rows, M_source]`` (or ``[M_source]``).
+
+        Returns:
+            ``(weights [rows, N], mask [rows, M])`` (without the leading axis for 1-D inputs).
+        """
+        if source.layout_id == self.layout_id:
+            return weights, mask
+        weights, mask = np.asarray(weights), np.asarray(mask, dtype=bool)
+        out = np.zeros((*weights.shape[:-1], self.size), dtype=weights.dtype)
+        for src, dst, length in self.segments_from(source).tolist():
+            out[..., dst : dst + length] = weights[..., src : src + length]
+        out_mask = np.zeros((*mask.shape[:-1], self.num_modules), dtype=bool)
+        out_mask[..., self.module_positions(source)] = mask
+        return out, out_mask
 
     def to_dict(self) -> dict[str, Any]:
         return {

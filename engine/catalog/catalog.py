@@ -4,8 +4,16 @@ Writes are atomic and ordered (layouts and weight shards first, under fresh name
 version that references them last), so a reader always sees one whole committed version and an
 interrupted write leaves the previous version intact. Ingest is all-or-nothing per batch by
 default: every adapter is validated before anything is written, and every fault is reported at
-once. One writer per catalog at a time: on a local filesystem a concurrent commit is detected
-and refused; object stores cannot detect it, so serialise writers there (e.g. one ingest job).
+once. On a local filesystem a concurrent commit of the same version is detected (the manifest is
+published with a hard link, which fails if the file exists), on S3 a conditional PUT refuses it
+(:func:`engine.catalog.fs.write_bytes_atomic`), and the losing ingest starts again on the new
+version; other object stores only check for the file first, so serialise writers there.
+
+Layouts grow: each base model has one *current* layout, the union of every layout its adapters
+were written in. An adapter with new target modules or a higher rank makes ingest write a grown
+layout (a superset) and store the new adapters in it; shards already written are never rewritten.
+An adapter is read in any layout that contains its own (:meth:`Layout.embed`: zero padding,
+absent modules masked), exactly.
 """
 
 from __future__ import annotations
@@ -49,13 +57,15 @@ from engine.catalog.schema import (
     stats_schema,
 )
 from engine.catalog.stats import SlotStats
-from engine.errors import AdapterError, CatalogError, IngestError
+from engine.errors import AdapterError, CatalogError, CommitConflict, IngestError
 from engine.lru import ByteBoundedLRU
 
 # Bounds on what one weight shard / row group holds, so readers stream in bounded memory.
 SHARD_BYTES = 128 * 2**20
 SHARD_MAX_ROWS = 1024
 ROW_GROUP_BYTES = 16 * 2**20
+# An ingest that loses a commit race re-validates and re-encodes on the new version this often.
+COMMIT_ATTEMPTS = 5
 
 Progress = Callable[[int], None]
 
@@ -145,6 +155,19 @@ class Catalog:
         self._manifests: dict[int, pa.Table] = {}
         self._layouts: dict[str, Layout] = {}
         self._adapter_cache = ByteBoundedLRU(adapter_cache_bytes)
+        self._pinned: int | None = None
+
+    def at(self, version: int | None = None) -> Catalog:
+        """A view of this catalog pinned to ``version`` (default: the latest, listed once now).
+
+        Every read of the view (:meth:`get`, :meth:`entries`, :meth:`layout`, :meth:`dataset`,
+        ...) uses that one manifest version without listing the manifest directory again (a LIST
+        per call on object stores): open one view per command or request. The view shares this
+        catalog's caches; an ingest through it moves it to the version it committed.
+        """
+        view = copy.copy(self)
+        view._pinned = self._list_version() if version is None else int(version)
+        return view
 
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
@@ -182,7 +205,11 @@ class Catalog:
         return settings
 
     def version(self) -> int:
-        """Latest committed version (0 for an empty or missing catalog)."""
+        """The pinned version of a view (:meth:`at`), else the latest committed version (0 for an
+        empty or missing catalog)."""
+        return self._list_version() if self._pinned is None else self._pinned
+
+    def _list_version(self) -> int:
         versions = [
             int(m.group(1))
             for name in cfs.list_names(self.fs, self.path(MANIFEST_DIR))
@@ -228,14 +255,15 @@ class Catalog:
         return rows[0]
 
     def layout(self, layout_id: str | None = None) -> Layout:
-        """A layout by id; without an id, the catalog's only layout."""
+        """A layout by id; without an id, the current layout of the catalog's only base model."""
         if layout_id is None:
-            ids = sorted(set(self.manifest().column("layout_id").to_pylist()))
-            if len(ids) != 1:
+            bases = sorted(set(self.manifest().column("base_model").to_pylist()))
+            if len(bases) != 1:
                 raise CatalogError(
-                    f"{self.uri} holds {len(ids)} layouts ({', '.join(ids) or 'none'}); name one"
+                    f"{self.uri} holds adapters of {len(bases)} base models "
+                    f"({', '.join(bases) or 'none'}); name a layout"
                 )
-            layout_id = ids[0]
+            return self.layout_for_base_model(bases[0])
         if layout_id not in self._layouts:
             path = self.path(LAYOUT_DIR, f"{check_name('layout id', layout_id)}.json")
             if not cfs.exists(self.fs, path):
@@ -243,14 +271,52 @@ class Catalog:
             self._layouts[layout_id] = Layout.from_dict(json.loads(cfs.read_bytes(self.fs, path)))
         return self._layouts[layout_id]
 
-    def layout_for_base_model(self, base_model: str) -> Layout | None:
-        table = self.manifest()
-        ids = table.filter(pc.equal(table["base_model"], base_model)).column("layout_id")
-        return self.layout(ids[0].as_py()) if len(ids) else None
+    def layouts(self, base_model: str | None = None, manifest: pa.Table | None = None) -> list[Layout]:
+        """The layouts the manifest's adapters are stored in (of one base model), oldest first."""
+        table = self.manifest() if manifest is None else manifest
+        if base_model is not None:
+            table = table.filter(pc.equal(table["base_model"], base_model))
+        ids = pc.unique(table["layout_id"]).to_pylist()
+        return [self.layout(i) for i in ids]
 
-    def read_vector(self, adapter_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
-        """``(weights [N] float32, module mask [M] bool, modules_to_save tensors)`` of one adapter."""
-        return self._read_row(self.get(adapter_id))
+    def layouts_readable_in(self, layout: Layout) -> list[Layout]:
+        """The stored layouts whose adapters read exactly in ``layout``: itself and the older
+        versions it contains (the adapters a dataset of ``layout`` streams)."""
+        return [
+            other
+            for other in self.layouts(layout.base_model)
+            if other.layout_id == layout.layout_id or layout.contains(other)
+        ]
+
+    def layout_for_base_model(self, base_model: str) -> Layout | None:
+        """The current layout of ``base_model``: the union of the layouts its adapters are stored
+        in (the newest one, since ingest only ever grows a layout); None if it has no adapters.
+        Every adapter of the base model reads exactly in it."""
+        return self._current_layout(self.manifest(), base_model)
+
+    def _current_layout(self, manifest: pa.Table, base_model: str) -> Layout | None:
+        layouts = self.layouts(base_model, manifest)
+        if not layouts:
+            return None
+        current = Layout.union(layouts)
+        return self._layouts.setdefault(current.layout_id, current)
+
+    def read_vector(
+        self, adapter_id: str, layout: Layout | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        """``(weights [N] float32, module mask [M] bool, modules_to_save tensors)`` of one adapter,
+        in the layout it is stored in, or padded into ``layout`` (one that contains it)."""
+        entry = self.get(adapter_id)
+        weights, mask, extras = self._read_row(entry)
+        if layout is not None:
+            stored = self.layout(entry["layout_id"])
+            if not layout.contains(stored):
+                raise CatalogError(
+                    f"{adapter_id} is stored in layout {stored.layout_id}, which layout "
+                    f"{layout.layout_id} does not contain (another base model, or an older layout)"
+                )
+            weights, mask = layout.embed(stored, weights, mask)
+        return weights, mask, extras
 
     def _read_row(self, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
         """:meth:`read_vector` of a manifest row already looked up (one manifest lookup per read)."""
@@ -309,6 +375,7 @@ class Catalog:
         tags: Sequence[str] = (),
         skip_invalid: bool = False,
         progress: Progress | None = None,
+        base_config: Any = None,
     ) -> IngestReport:
         """Validate and add PEFT adapter directories of one task.
 
@@ -317,43 +384,77 @@ class Catalog:
             task: task name shared by the batch.
             base_model: base model id; defaults to each config's ``base_model_name_or_path`` and
                 must agree with it when both are set.
-            r_max: rank to pad to when this batch creates the base model's layout (default: the
-                batch's largest rank; later adapters must not exceed it).
+            r_max: a rank cap chosen to bound storage: an adapter of a higher rank is refused
+                with that reason (never stored truncated). A layout this batch creates is padded
+                to it. Without it, a higher-rank adapter grows the layout's ``r_max``.
             gauge: store modules in the canonical SVD gauge (fixed when the catalog is created;
                 default True).
             skip_invalid: land the valid adapters and report the rest, instead of landing none.
             progress: called with the number of adapters processed since the last call.
+            base_config: the base model's ``config.json`` (path, directory or dict): every
+                adapter module must then be a ``Linear``/``Conv1D`` of that model with the same
+                shape (:mod:`engine.adapters.shapes`; nothing is downloaded).
 
         Raises:
             IngestError: listing every rejected adapter with its cause (nothing is written).
         """
         check_name("task name", task)
+        if r_max is not None and r_max <= 0:
+            raise CatalogError(f"r_max must be positive, got {r_max}")
+        base_shapes = None
+        if base_config is not None:
+            from engine.adapters.shapes import module_shapes
+
+            try:
+                base_shapes = module_shapes(base_config)
+            except (ValueError, OSError, KeyError) as exc:
+                raise CatalogError(f"cannot read the base model config: {exc}") from None
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                report = self._ingest_once(
+                    paths, task, base_model, r_max, gauge, tags, skip_invalid, progress, base_shapes
+                )
+            except CommitConflict:
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                continue  # another writer committed first: validate and encode again on its version
+            if self._pinned is not None:
+                self._pinned = report.version
+            return report
+        raise AssertionError("unreachable")
+
+    def _ingest_once(self, paths, task, base_model, r_max, gauge, tags, skip_invalid, progress, base_shapes):
         settings = self._ensure_settings(gauge, persist=False)
-        version = self.version()  # one listing: the manifest and the report refer to the same version
+        version = self._list_version()  # one listing: the manifest and the report share the version
         manifest = self.manifest(version)
         known = dict(zip(manifest["sha256"].to_pylist(), manifest["id"].to_pylist(), strict=True))
         report = IngestReport(version=version)
-        candidates, failures = self._validate_batch(paths, base_model, r_max, known, report, progress)
+        current = {
+            base: self._current_layout(manifest, base) for base in set(manifest["base_model"].to_pylist())
+        }
+        candidates, failures = self._validate_batch(
+            paths, base_model, r_max, known, current, report, progress, base_shapes
+        )
         if failures and not skip_invalid:
             raise IngestError(failures)
         report.rejected = failures
         if not candidates:
             return report
         self._ensure_settings(settings["gauge"])  # a new catalog's settings land before its data
-        layouts = self._layouts_for(candidates, r_max)
+        layouts = self._layouts_for(candidates, current, r_max)
         records = self._encode(candidates, layouts, task, tags, settings["gauge"], progress)
-        report.version = self.add_records(records)
+        report.version = self.add_records(records, base_version=version)
         report.added = [adapter_id(task, c.sha256) for c in candidates]
         return report
 
-    def _validate_batch(self, paths, base_model, r_max, known, report, progress):
+    def _validate_batch(self, paths, base_model, r_max, known, current, report, progress, base_shapes):
         candidates: list[_Candidate] = []
         failures: list[AdapterError] = []
         seen: dict[str, str] = {}
         for raw in paths:
             path = Path(raw)
             try:
-                candidate = self._validate_one(path, base_model, r_max)
+                candidate = self._validate_one(path, base_model, r_max, current, base_shapes)
             except AdapterError as exc:
                 failures.append(exc)
             else:
@@ -370,7 +471,14 @@ class Catalog:
         bad = {f.source for f in failures}
         return [c for c in candidates if str(c.path) not in bad], failures
 
-    def _validate_one(self, path: Path, base_model: str | None, r_max: int | None) -> _Candidate:
+    def _validate_one(
+        self,
+        path: Path,
+        base_model: str | None,
+        r_max: int | None,
+        current: dict[str, Layout],
+        base_shapes: dict[str, tuple[int, int]] | None = None,
+    ) -> _Candidate:
         adapter = load_adapter(path)
         declared = adapter.base_model
         if base_model and declared and declared != base_model:
@@ -385,10 +493,25 @@ class Catalog:
                 str(path),
                 "no base model: adapter_config.json has no base_model_name_or_path; pass --base-model",
             )
-        layout = self.layout_for_base_model(resolved)
-        faults = layout.check_fits(adapter) if layout else []
-        if layout is None and r_max is not None and adapter.max_rank > r_max:
-            faults.append(f"rank {adapter.max_rank} exceeds --r-max {r_max}")
+        faults = []
+        if base_shapes is not None:
+            from engine.adapters.shapes import shape_faults
+
+            faults += shape_faults({n: (m.d_out, m.d_in) for n, m in adapter.modules.items()}, base_shapes)
+        layout = current.get(resolved)
+        for name, module in adapter.modules.items():
+            spec = layout.modules[layout.index[name]] if layout and name in layout.index else None
+            if spec is not None and (module.d_out, module.d_in) != (spec.d_out, spec.d_in):
+                faults.append(
+                    f"{name}: delta shape {(module.d_out, module.d_in)} differs from "
+                    f"{(spec.d_out, spec.d_in)} in layout {layout.layout_id} of base model "
+                    f"{resolved!r}: the adapter was trained on another base model"
+                )
+        if r_max is not None and adapter.max_rank > r_max:
+            faults.append(
+                f"rank {adapter.max_rank} exceeds the rank cap --r-max {r_max} set for this ingest "
+                "(raise or omit it to store the adapter at its own rank)"
+            )
         if faults:
             raise AdapterError(str(path), "; ".join(faults))
         return _Candidate(
@@ -418,18 +541,23 @@ class Catalog:
                     break
         return failures
 
-    def _layouts_for(self, candidates: list[_Candidate], r_max: int | None) -> dict[str, Layout]:
+    @staticmethod
+    def _layouts_for(
+        candidates: list[_Candidate], current: dict[str, Layout], r_max: int | None
+    ) -> dict[str, Layout]:
+        """Per base model, the layout the batch is written in: the current one, or a grown
+        superset when the batch brings new modules or a higher rank, or a new one."""
         layouts: dict[str, Layout] = {}
         for base in sorted({c.base_model for c in candidates}):
-            existing = self.layout_for_base_model(base)
-            if existing is not None:
-                layouts[base] = existing
-                continue
             group = [c for c in candidates if c.base_model == base]
             shapes = {n: s for c in group for n, s in c.shapes.items()}
-            rank = r_max or max(r for c in group for r in c.ranks.values())
+            rank = max(r for c in group for r in c.ranks.values())
+            existing = current.get(base)
+            if existing is not None:
+                layouts[base] = existing.grown(shapes, rank)
+                continue
             specs = tuple(ModuleSpec(n, *shapes[n]) for n in Layout.sort_names(shapes))
-            layouts[base] = Layout(base_model=base, modules=specs, r_max=rank)
+            layouts[base] = Layout(base_model=base, modules=specs, r_max=max(rank, r_max or 0))
         return layouts
 
     def _encode(
@@ -469,14 +597,21 @@ class Catalog:
             yield layout, record
 
     # ------------------------------------------------------------------ the one write path
-    def add_records(self, records: Iterable[tuple[Layout, AdapterRecord]]) -> int:
+    def add_records(
+        self, records: Iterable[tuple[Layout, AdapterRecord]], base_version: int | None = None
+    ) -> int:
         """Write adapters in canonical form and commit a new version; returns that version.
 
         Shards are written first under fresh names; the manifest that references them is
         committed last. If anything fails before the commit, the shards written so far are
-        deleted and the previous version stays the catalog's state.
+        deleted and the previous version stays the catalog's state (a grown layout's file may
+        remain: it is content-addressed and unreferenced, so harmless).
+
+        Args:
+            base_version: the version the records were prepared against (default: the latest);
+                :class:`CommitConflict` if another writer committed it first.
         """
-        base_version = self.version()
+        base_version = self._list_version() if base_version is None else base_version
         written: list[str] = []
         rows: list[dict[str, Any]] = []
         try:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, CommitConflict
 
 
 def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -83,7 +83,7 @@ def _publish_local(tmp: str, path: str, exclusive: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise CatalogError(f"{path} was created by a concurrent writer; retry the operation") from None
+            raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation") from None
         finally:
             os.unlink(tmp)
     else:
@@ -91,11 +91,55 @@ def _publish_local(tmp: str, path: str, exclusive: bool) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def _put_if_absent_s3(fs: pafs.S3FileSystem, path: str, data: bytes) -> bool:
+    """PUT ``data`` with ``If-None-Match: *``: S3 (and S3-compatible servers that implement
+    conditional writes) refuse it when the object exists, so two writers can never both create it.
+
+    pyarrow's S3 filesystem cannot send that header, so this goes through boto3 with the same
+    credentials, region and endpoint (read from the filesystem's pickling state, the public way
+    pyarrow hands them to Ray workers). Returns False when boto3 is not installed.
+
+    Raises:
+        CommitConflict: the object already exists (412) or a concurrent conditional write won (409).
+    """
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError:
+        return False
+    options = fs.__reduce__()[1][0]
+    endpoint = options.get("endpoint_override") or None
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options.get('scheme') or 'https'}://{endpoint}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=options.get("region") or None,
+        aws_access_key_id=options.get("access_key") or None,
+        aws_secret_access_key=options.get("secret_key") or None,
+        aws_session_token=options.get("session_token") or None,
+    )
+    bucket, _, key = path.partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (409, 412):
+            raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation") from None
+        raise
+    return True
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: bool = False) -> None:
     """Write ``data`` so readers see the old file or the whole new one, never a part.
 
     Local: write a hidden temp file, fsync, rename (or hard-link when ``exclusive``). Object
     stores publish an object only when its upload completes, which is already atomic.
+
+    ``exclusive``: fail with :class:`CommitConflict` if ``path`` exists, atomically on a local
+    filesystem (hard link) and on S3 (conditional PUT, :func:`_put_if_absent_s3`, needs boto3).
+    Elsewhere (GCS, fsspec stores, S3 without boto3) only an existence check precedes the write:
+    it catches a writer that committed earlier, not one racing in the same instant.
     """
     if is_local(fs):
         tmp = _local_tmp(path)
@@ -105,6 +149,11 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: b
             os.fsync(handle.fileno())
         _publish_local(tmp, path, exclusive)
         return
+    if exclusive:
+        if isinstance(fs, pafs.S3FileSystem) and _put_if_absent_s3(fs, path, data):
+            return
+        if exists(fs, path):
+            raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation")
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as out:
         out.write(data)

@@ -5,10 +5,17 @@ from ``take``, object arrays in numpy batches, ...). :func:`adapter_dataset` con
 to Ray's tensor columns once, right after the read, so every consumer (driver, ``map_batches``,
 ``iter_torch_batches``, Train workers) sees ``weights`` as ``[N]`` float32 per row and ``mask``
 as ``[M]`` bool.
+
+A catalog whose layout grew holds shards of several layout versions of one base model. A dataset
+has one layout and one ``[N]``: the requested (by default the current, newest) layout. Each read
+task pads its shard's rows into it (:meth:`Layout.embed`: zero rank components, absent modules
+masked off), so every consumer sees one consistent shape. A shard already in the dataset's layout
+(every shard of a catalog that never grew) is read exactly as before, with no copy.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,13 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.adapters.layout import Layout
 from engine.catalog.stats import Moments
 from engine.errors import CatalogError
 
 if TYPE_CHECKING:
     import ray.data
 
-    from engine.adapters.layout import Layout
     from engine.catalog.catalog import Catalog
 
 
@@ -39,9 +46,10 @@ def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.nd
 
 
 def _to_tensor_rows(
-    batch: pa.Table, ids: pa.Array, tasks: pa.Array, size: int, num_modules: int
+    batch: pa.Table, ids: pa.Array, tasks: pa.Array, source: Layout, target: Layout
 ) -> dict[str, np.ndarray]:
-    """Arrow shard rows -> numpy dict with tensor columns and the task.
+    """Arrow shard rows of layout ``source`` -> numpy dict with tensor columns (in ``target``,
+    which contains ``source``) and the task.
 
     ``ids``/``tasks``: the manifest's entries of this shard (rows of other ids are dropped).
     """
@@ -49,11 +57,14 @@ def _to_tensor_rows(
     if index.null_count:  # filtering copies every column: only when rows must go
         keep = pc.is_valid(index)
         batch, index = batch.filter(keep), index.filter(keep)
+    weights = fixed_list_to_numpy(batch["weights"], source.size).astype(np.float32, copy=False)
+    mask = fixed_list_to_numpy(batch["mask"], source.num_modules).astype(bool, copy=False)
+    weights, mask = target.embed(source, weights, mask)
     return {
         "id": batch["id"].to_numpy(zero_copy_only=False),
         "task": tasks.take(index).to_numpy(zero_copy_only=False),
-        "weights": fixed_list_to_numpy(batch["weights"], size).astype(np.float32, copy=False),
-        "mask": fixed_list_to_numpy(batch["mask"], num_modules).astype(bool, copy=False),
+        "weights": weights,
+        "mask": mask,
     }
 
 
@@ -71,7 +82,7 @@ def _row_groups_holding(reader: pq.ParquetFile, ids: pa.Array) -> list[int] | No
 
 
 def _read_shards(
-    listing: pa.Table, filesystem, size: int, num_modules: int, rows: int, columns: Sequence[str] = COLUMNS
+    listing: pa.Table, filesystem, target: dict, rows: int, columns: Sequence[str] = COLUMNS
 ) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` UDF: open each listed shard and yield it ``rows`` adapters at a time.
 
@@ -80,10 +91,14 @@ def _read_shards(
     consuming overlap and worker memory follows ``rows``, not the shard size. Each listing row
     carries its shard's ids and tasks, so a read task gets only its own shard's part of the
     manifest (not an id -> task map of the whole catalog); row groups holding none of them are
-    skipped.
+    skipped. ``target``: the dataset's layout (``Layout.to_dict``); a listing row's ``layout`` is
+    its shard's own, empty when it is the target.
     """
+    target_layout = Layout.from_dict(target)
     for i, path in enumerate(listing["path"].to_pylist()):
         ids, tasks = listing["ids"][i].values, listing["tasks"][i].values
+        own = listing["layout"][i].as_py()
+        source = Layout.from_dict(json.loads(own)) if own else target_layout
         with filesystem.open_input_file(str(path)) as handle:
             reader = pq.ParquetFile(handle)
             groups = _row_groups_holding(reader, ids)
@@ -94,7 +109,7 @@ def _read_shards(
             )
             for record_batch in batches:
                 table = pa.Table.from_batches([record_batch])
-                out = _to_tensor_rows(table, ids, tasks, size, num_modules)
+                out = _to_tensor_rows(table, ids, tasks, source, target_layout)
                 yield {name: out[name] for name in columns}
 
 
@@ -167,6 +182,8 @@ def adapter_dataset(
     """Stream one layout's adapters (optionally one task's, or only ``ids``) as a ``ray.data.Dataset``.
 
     Rows: ``id`` (str), ``task`` (str), ``weights`` (``[N]`` float32), ``mask`` (``[M]`` bool).
+    The layout's adapters are every adapter stored in it or in a layout it contains (an older
+    version of it), the latter padded on read, so ``N`` and ``M`` are the same in every row.
     Only shards the current manifest references are read, so leftovers of an interrupted write
     are never seen. One read task per shard; blocks of ``rows_per_block`` adapters.
 
@@ -177,7 +194,8 @@ def adapter_dataset(
 
     Args:
         catalog: the catalog.
-        layout_id: layout to stream; may be omitted when the catalog has one.
+        layout_id: layout to stream; may be omitted when the catalog has one base model (its
+            current layout is streamed).
         task: restrict to one task.
         rows_per_block: adapters per output block (bounds worker memory).
         columns: a subset of ``id``, ``task``, ``weights``, ``mask`` to keep. Prefer this to
@@ -195,9 +213,11 @@ def adapter_dataset(
     if not columns or set(columns) - set(COLUMNS):
         raise ValueError(f"columns must be a non-empty subset of {COLUMNS}, not {columns!r}")
 
+    catalog = catalog.at(catalog.version())  # one manifest version for the whole dataset
     layout = catalog.layout(layout_id)
     table = catalog.manifest()
-    table = table.filter(pc.equal(table["layout_id"], layout.layout_id))
+    stored = catalog.layouts_readable_in(layout)
+    table = table.filter(pc.is_in(table["layout_id"], value_set=pa.array([s.layout_id for s in stored])))
     if task is not None:
         table = table.filter(pc.equal(table["task"], task))
     if ids is not None:
@@ -207,8 +227,13 @@ def adapter_dataset(
             f"{catalog.uri}: no adapters in layout {layout.layout_id}"
             + (f" for task {task!r}" if task else "")
         )
-    per_shard = table.group_by("shard", use_threads=False).aggregate([("id", "list"), ("task", "list")])
+    per_shard = table.group_by(["shard", "layout_id"], use_threads=False).aggregate(
+        [("id", "list"), ("task", "list")]
+    )
     per_shard = per_shard.sort_by("shard")
+    own_layout = {
+        s.layout_id: "" if s.layout_id == layout.layout_id else json.dumps(s.to_dict()) for s in stored
+    }
     listing = ray.data.from_arrow(
         [
             pa.table(
@@ -216,9 +241,12 @@ def adapter_dataset(
                     "path": [catalog.path(shard)],
                     "ids": per_shard["id_list"].slice(i, 1),
                     "tasks": per_shard["task_list"].slice(i, 1),
+                    "layout": [own_layout[layout_id]],
                 }
             )
-            for i, shard in enumerate(per_shard["shard"].to_pylist())
+            for i, (shard, layout_id) in enumerate(
+                zip(per_shard["shard"].to_pylist(), per_shard["layout_id"].to_pylist(), strict=True)
+            )
         ]
     )
     # ``listing`` holds its own copy of the DataContext: this bounds the blocks of this dataset
@@ -230,8 +258,7 @@ def adapter_dataset(
         batch_format="pyarrow",
         fn_kwargs={
             "filesystem": catalog.fs,
-            "size": layout.size,
-            "num_modules": layout.num_modules,
+            "target": layout.to_dict(),
             "rows": rows_per_block,
             "columns": columns,
         },

@@ -25,7 +25,15 @@ def register(commands) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="adapter directories")
     p.add_argument("--task", required=True, help="task the adapters solve")
     p.add_argument("--base-model", help="base model id (default: each adapter_config.json's)")
-    p.add_argument("--r-max", type=int, help="rank to pad to when this ingest creates a layout")
+    p.add_argument(
+        "--r-max",
+        type=int,
+        help="rank cap: refuse adapters of a higher rank (default: none; the layout grows to fit)",
+    )
+    p.add_argument(
+        "--base-config",
+        help="the base model's config.json (or its directory): check every module and shape against it",
+    )
     p.add_argument("--no-gauge", action="store_true", help="new catalog: keep adapters' own bases")
     p.add_argument("--tag", action="append", default=[], help="tag to attach (repeatable)")
     p.add_argument(
@@ -74,6 +82,7 @@ def ingest(args) -> int:
             tags=args.tag,
             skip_invalid=args.skip_invalid,
             progress=advance,
+            base_config=args.base_config,
         )
     for source, existing in report.duplicates:
         err_console.print(f"skipped {source}: already in the catalog as {existing}")
@@ -91,7 +100,7 @@ def _row_for_display(entry: dict) -> dict:
 
 
 def list_adapters(args) -> int:
-    entries = Catalog(args.catalog).entries(task=args.task)
+    entries = Catalog(args.catalog).at().entries(task=args.task)
     if args.json:
         print_json([_row_for_display(e) for e in entries])
         return 0
@@ -114,7 +123,7 @@ def list_adapters(args) -> int:
 
 
 def show(args) -> int:
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()
     entry = catalog.get(args.id)
     layout = catalog.layout(entry["layout_id"])
     detail = dict(
@@ -137,7 +146,7 @@ def show(args) -> int:
 
 
 def export(args) -> int:
-    path = Catalog(args.catalog).export(args.id, args.out_dir, overwrite=args.overwrite)
+    path = Catalog(args.catalog).at().export(args.id, args.out_dir, overwrite=args.overwrite)
     console.print(f"wrote PEFT adapter {args.id} to {path}")
     return 0
 
@@ -145,7 +154,7 @@ def export(args) -> int:
 def stats(args) -> int:
     from engine._ray import ensure_ray
 
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()
     current = catalog.stats(args.layout)
     if args.recompute or current is None or current.manifest_version != catalog.version():
         ensure_ray()

@@ -71,7 +71,7 @@ def fuse(args) -> int:
     from engine.catalog import Catalog
     from engine.fusion import fuse_from_catalog, fusion_context
 
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()  # one manifest version (one listing) per command
     params = dict(args.param)
     context = fusion_context(
         args.method,

@@ -84,7 +84,7 @@ def run_taskvec(args) -> int:
     quiet_libraries()
     tasks = _split_list(args.task)
     check_args(args, tasks)
-    catalog = Catalog(args.catalog)
+    catalog = Catalog(args.catalog).at()  # one manifest version (one listing) per command
     if args.all:
         tasks = task_names(catalog)
         if not tasks:

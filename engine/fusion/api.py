@@ -157,10 +157,10 @@ def fuse_from_catalog(
     """Fuse catalog adapters named by id, or one adapter per task (its first-ingested one)."""
     entries = _select_entries(catalog, adapter_ids, tasks)
     ids = [e["id"] for e in entries]
-    if len({e["layout_id"] for e in entries}) > 1:
-        raise FusionConfigError(
-            "the adapters belong to different base models (layouts); fuse one base model at a time"
-        )
+    # One base model; its adapters may be stored in different versions of its layout (other
+    # target modules and ranks): every method fuses the union of their modules.
+    if len({e["base_model"] for e in entries}) > 1:
+        raise FusionConfigError("the adapters belong to different base models; fuse one base model at a time")
     adapters = [catalog.load_adapter(i) for i in ids]
     meta = [
         {"id": e["id"], "task": e["task"], "sha256": e["sha256"], "catalog": catalog.uri} for e in entries
@@ -251,13 +251,13 @@ def _catalog_objective(
     catalog: Catalog, tasks: list[str], adapter_ids: Sequence[str] | None, fvae, shots: int | None
 ) -> FewShotObjective:
     """The few-shot objective over the fused tasks' support examples (task definitions in the
-    catalog), on the F-VAE's layout, else on the fused adapters' layout."""
+    catalog), on the F-VAE's layout, else on the fused adapters' base model's current layout."""
     from engine.tasks.fewshot import FewShotObjective
 
     if fvae is not None:
         layout = fvae.layout
-    elif adapter_ids:
-        layout = catalog.layout(catalog.get(adapter_ids[0])["layout_id"])
     else:
-        layout = catalog.layout(catalog.entries(task=tasks[0])[0]["layout_id"])
+        # The base model's current layout holds every input, whichever layout version stores it.
+        first = catalog.get(adapter_ids[0]) if adapter_ids else catalog.entries(task=tasks[0])[0]
+        layout = catalog.layout_for_base_model(first["base_model"])
     return FewShotObjective.from_catalog(catalog, tasks, layout, k=shots)

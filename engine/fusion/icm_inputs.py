@@ -14,6 +14,12 @@ keyed by content — the F-VAE's fingerprint, the adapter's sha256 and where its
 from (a training task's vector, a given vector's sha256, or the adapter-derived projection).
 Each input is encoded on its own (a batch of one) with or without the cache, so a cached result
 is bit-identical to a fresh one.
+
+Inputs from a catalog whose layout grew may not fit the F-VAE's layout (the layout it was
+trained on): :func:`split_by_layout` keeps the modules inside it for the F-VAE and sets the others
+aside (``icm`` merges those by task arithmetic and reports them); a module of a higher rank than
+the layout's ``r_max`` is encoded from its best rank-``r_max`` approximation, while the anchored
+assembly keeps its exact factors.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from typing import Any, Literal
 import torch
 
 from engine.adapters.codec import to_canonical, to_flat
-from engine.adapters.lora import LoraAdapter
+from engine.adapters.layout import Layout
+from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.digest import update_with_tensor
+from engine.fusion.lowrank import truncate_lowrank
+from engine.fusion.modulewise import folded
 from engine.fusion.registry import FusionConfigError
 from engine.fvae.latent import relative_error
 from engine.fvae.taskvec import project
@@ -127,15 +136,44 @@ def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch
     return project(xn, dim, int(source.get("seed", 0)))
 
 
+def split_by_layout(adapter: LoraAdapter, layout: Layout) -> tuple[LoraAdapter, dict[str, LoraModule]]:
+    """``(the adapter restricted to the modules of layout, its other modules)``.
+
+    A module of the layout with another shape stays inside (encoding then refuses it: the
+    adapter belongs to another base model).
+    """
+    inside = {n: m for n, m in adapter.modules.items() if n in layout.index}
+    outside = {n: m for n, m in adapter.modules.items() if n not in layout.index}
+    if not outside:
+        return adapter, {}
+    restricted = LoraAdapter(modules=inside, config=adapter.config, extras={}, source=adapter.source)
+    return restricted, outside
+
+
+def _encodable(adapter: LoraAdapter, layout: Layout) -> LoraAdapter:
+    """``adapter`` with every module above the layout's ``r_max`` replaced by its best rank-``r_max``
+    approximation (what the F-VAE can read); the adapter itself when none is."""
+    over = [n for n, m in adapter.modules.items() if m.rank > layout.r_max]
+    if not over:
+        return adapter
+    modules = dict(adapter.modules)
+    for name in over:
+        A, B = truncate_lowrank(*folded(modules[name]), layout.r_max)
+        modules[name] = LoraModule(A=A, B=B, scaling=1.0)
+    return LoraAdapter(modules=modules, config=adapter.config, extras={}, source=adapter.source)
+
+
 def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
     """Encode one adapter with the F-VAE of ``artifact`` (an :class:`engine.fvae.artifact.FVAEArtifact`
     whose model is in eval mode) and decode its posterior mean, as a batch of one.
 
     Raises:
-        AdapterError: the adapter does not fit the F-VAE's layout.
+        AdapterError: the adapter targets a module outside the F-VAE's layout (see
+            :func:`split_by_layout`) or one of another shape.
     """
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    canonical = to_canonical(adapter, layout, gauge=bool(artifact.meta.get("gauge", True)))
+    gauge = bool(artifact.meta.get("gauge", True))
+    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=gauge)
     xn = normalizer.normalize(to_flat(canonical))  # [N]
     cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
     with torch.no_grad():

@@ -1,4 +1,13 @@
-"""Helpers for methods that fuse module by module (pure tensor math)."""
+"""Helpers for methods that fuse module by module (pure tensor math).
+
+Adapters of one base model may target different modules and ranks (a catalog's layout grows,
+see :mod:`engine.catalog.catalog`). The fused adapter targets the *union* of the inputs' modules;
+each module is fused over the inputs that target it, with their own weights, not renormalised:
+an input that does not target a module contributes ``dW = 0`` there, exactly what it does to the
+model (PEFT's ``add_weighted_adapter`` convention). Factor-space methods (``linear``, the pruning
+methods with ``space="factors"``, ``lorahub`` with ``compose="factors"``) zero-pad a module's
+ranks to the largest among its inputs (:func:`padded_to_rank`: the same delta per input).
+"""
 
 from __future__ import annotations
 
@@ -46,6 +55,21 @@ def fused_adapter(inputs: FusionInputs, modules: dict[str, LoraModule]) -> LoraA
     }
     config.update(peft_type="LORA", r=1, lora_alpha=1)
     return LoraAdapter(modules=modules, config=config, source="<fused>")
+
+
+def padded_to_rank(modules: list[LoraModule]) -> list[LoraModule]:
+    """``modules`` with zero rank components appended up to their largest rank: each keeps its
+    exact delta, and factor-space methods can add their ``A`` and ``B`` factors."""
+    rank = max(m.rank for m in modules)
+    padded = []
+    for m in modules:
+        if m.rank == rank:
+            padded.append(m)
+            continue
+        A = torch.cat([m.A, m.A.new_zeros(rank - m.rank, m.d_in)], dim=0)
+        B = torch.cat([m.B, m.B.new_zeros(m.d_out, rank - m.rank)], dim=1)
+        padded.append(LoraModule(A=A, B=B, scaling=m.scaling))
+    return padded
 
 
 def dense_delta(module: LoraModule) -> torch.Tensor:

@@ -246,7 +246,9 @@ def worker_shares(catalog, layout_id: str, tasks: list[str], workers: int, split
     from engine.catalog.streaming import split_by_task
 
     table = catalog.manifest().select(["id", "task", "layout_id"])
-    keep = pc.and_(pc.equal(table["layout_id"], layout_id), pc.is_in(table["task"], pa.array(tasks)))
+    # Adapters stored in older versions of a grown layout stream padded into it (and train).
+    readable = pa.array([lay.layout_id for lay in catalog.layouts_readable_in(catalog.layout(layout_id))])
+    keep = pc.and_(pc.is_in(table["layout_id"], value_set=readable), pc.is_in(table["task"], pa.array(tasks)))
     table = table.filter(keep).select(["id", "task"])
     return [table] if split == "full" else split_by_task(table, workers)
 

@@ -90,3 +90,39 @@ def test_fsspec_memory_catalog(adapters, tmp_path):
     assert Catalog("memory://icmf-tests/cat").version() == 1
     exported = load_adapter(catalog.export(report.added[0], tmp_path / "out"))
     assert set(exported.modules) == set(load_adapter(adapters[0]).modules)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_manifest_commit_is_conditional_and_concurrent_ingests_lose_nothing(tmp_path, s3_bucket):
+    import threading
+
+    from engine.catalog import fs as cfs
+    from engine.errors import CommitConflict
+
+    fs, root = cfs.resolve_uri(s3_bucket.format(name="cond"))
+    path = cfs.join(root, "manifest", "v00000001.parquet")
+    cfs.write_bytes_atomic(fs, path, b"first", exclusive=True)
+    with pytest.raises(CommitConflict):  # If-None-Match: * refused by the server
+        cfs.write_bytes_atomic(fs, path, b"second", exclusive=True)
+    assert cfs.read_bytes(fs, path) == b"first"
+
+    uri = s3_bucket.format(name="race")
+    paths = [make_adapter(tmp_path / f"r{i}", seed=10 + i, r=2 + 2 * i) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def ingest(i: int) -> None:
+        try:
+            Catalog(uri).ingest([paths[i]], task=f"t{i}")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingest, args=(i,)) for i in range(len(paths))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    catalog = Catalog(uri)
+    assert sorted(catalog.tasks()) == [f"t{i}" for i in range(4)] and catalog.version() == 4
+    assert catalog.layout().r_max == 8  # the layout grew across the racing ingests

@@ -117,9 +117,22 @@ def test_cat_and_task_arithmetic_are_exact_with_mixed_ranks_and_missing_modules(
     assert scaled.modules["x"].rank == 2
 
 
-def test_linear_refuses_mixed_ranks_with_a_pointer():
-    with pytest.raises(FusionConfigError, match=r"needs equal ranks.*use 'cat'"):
-        fuse_adapters([random_adapter({"x": 2}, 0), random_adapter({"x": 3}, 1)], "linear")
+def test_linear_zero_pads_mixed_ranks():
+    low, high = random_adapter({"x": 2}, 0), random_adapter({"x": 3}, 1)
+    m = low.modules["x"]
+    padded = LoraAdapter(
+        {
+            "x": LoraModule(
+                torch.cat([m.A, torch.zeros(1, m.d_in)]),
+                torch.cat([m.B, torch.zeros(m.d_out, 1)], 1),
+                m.scaling,
+            )
+        },
+        low.config,
+    )
+    fused = fuse_adapters([low, high], "linear", weights=[0.4, 0.7]).adapter.modules["x"]
+    expected = fuse_adapters([padded, high], "linear", weights=[0.4, 0.7]).adapter.modules["x"]
+    assert fused.rank == 3 and torch.allclose(fused.delta(), expected.delta())
 
 
 def test_mergekit_ties_convention_by_hand():

@@ -36,10 +36,11 @@ import pydantic
 import torch
 
 from engine.adapters.codec import unflatten
+from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
-from engine.fusion.icm_inputs import IcmInputsCache, encode_inputs
-from engine.fusion.lowrank import truncate_lowrank
-from engine.fusion.modulewise import fused_adapter
+from engine.fusion.icm_inputs import IcmInputsCache, encode_inputs, split_by_layout
+from engine.fusion.lowrank import lowrank_weighted_sum, truncate_lowrank
+from engine.fusion.modulewise import folded, fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
 from engine.fvae.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 
@@ -152,11 +153,20 @@ def icm(
     layout, model = artifact.layout, artifact.model
     model.eval()
     tasks = inputs.tasks or [f"input{i}" for i in range(len(inputs.adapters))]
+    # Inputs may come from a grown catalog layout: the F-VAE reads the modules of its own layout;
+    # the others are merged by task arithmetic below and reported.
+    split_inputs = [split_by_layout(a, layout) for a in inputs.adapters]
+    empty = [i for i, (inside, _) in enumerate(split_inputs) if not inside.modules]
+    if empty:
+        raise FusionConfigError(
+            f"input(s) {empty} target no module of the F-VAE's layout {layout.layout_id}; "
+            "fuse them with another method (e.g. task_arithmetic) or retrain the F-VAE on the grown layout"
+        )
     # The per-input half (canonical form, condition, encode, decode of mu, exact factors) is the
     # same whatever the other inputs and weights are: a server reuses it across specs.
     encoded = encode_inputs(
         artifact,
-        inputs.adapters,
+        [inside for inside, _ in split_inputs],
         tasks,
         task_vectors,
         params.task_vectors,
@@ -194,7 +204,25 @@ def icm(
         if params.rank is not None:
             A, B = truncate_lowrank(A, B, params.rank)
         modules[spec.name] = LoraModule(A=A, B=B, scaling=1.0)
+    outside = _outside_layout([o for _, o in split_inputs], inputs.weights, params.rank)
+    if outside:
+        modules.update(outside)
+        details["outside_layout"] = {"merged_by": "task_arithmetic", "modules": sorted(outside)}
     return fused_adapter(inputs, modules), details
+
+
+def _outside_layout(
+    outside: list[dict[str, LoraModule]], weights: list[float], rank: int | None
+) -> dict[str, LoraModule]:
+    """Modules outside the F-VAE's layout, merged by task arithmetic: ``sum_t w_t dW_t`` over the
+    inputs that target each (exact, or truncated to ``rank``), as the partial gate merges the
+    inputs the F-VAE cannot represent."""
+    merged = {}
+    for name in Layout.sort_names({n for modules in outside for n in modules}):
+        present = [(modules[name], w) for modules, w in zip(outside, weights, strict=True) if name in modules]
+        A, B = lowrank_weighted_sum([folded(m) for m, _ in present], [w for _, w in present], rank)
+        merged[name] = LoraModule(A=A.contiguous(), B=B.contiguous(), scaling=1.0)
+    return merged
 
 
 def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams, gate=1.0):

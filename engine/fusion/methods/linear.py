@@ -3,7 +3,10 @@
 Convention (PEFT): ``A = sum_i sign(w_i s_i) sqrt|w_i s_i| A_i`` and
 ``B = sum_i sqrt|w_i s_i| B_i`` on the adapters' own factors, so the product has cross terms
 ``B_i A_j``: a cheap, rough approximation of the weighted sum that depends on each adapter's basis.
-All adapters must have the same rank per module.
+PEFT needs equal ranks per module; here lower ranks are zero-padded to the largest (the same delta
+per adapter; the cross terms then pair rank components by index, as PEFT's would at equal ranks).
+A module an adapter does not target is fused over the adapters that do (see
+:mod:`engine.fusion.modulewise`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import math
 import torch
 
 from engine.adapters.lora import LoraAdapter, LoraModule
-from engine.fusion.modulewise import fuse_by_module
-from engine.fusion.registry import FusionConfigError, FusionInputs, NoParams, fusion_method
+from engine.fusion.modulewise import fuse_by_module, padded_to_rank
+from engine.fusion.registry import FusionInputs, NoParams, fusion_method
 
 
 def factor_weights(modules: list[LoraModule], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,17 +28,8 @@ def factor_weights(modules: list[LoraModule], weights: list[float]) -> tuple[tor
     return for_a, for_b
 
 
-def require_equal_ranks(name: str, modules: list[LoraModule], method: str) -> None:
-    ranks = sorted({m.rank for m in modules})
-    if len(ranks) > 1:
-        raise FusionConfigError(
-            f"{method} combines A and B factors directly (PEFT's convention) and needs equal ranks, "
-            f"but module {name} has ranks {ranks}; use 'cat', 'task_arithmetic' or 'svd'"
-        )
-
-
 def _linear_module(name: str, modules: list[LoraModule], weights: list[float]):
-    require_equal_ranks(name, modules, "linear")
+    modules = padded_to_rank(modules)
     for_a, for_b = factor_weights(modules, weights)
     A = sum(c * m.A.float() for c, m in zip(for_a.tolist(), modules, strict=True))
     B = sum(c * m.B.float() for c, m in zip(for_b.tolist(), modules, strict=True))

@@ -2,8 +2,9 @@
 
 LoRAHub (Huang et al., 2024) composes LoRAs with weights ``w`` and searches ``w`` without
 gradients to minimise ``few-shot loss(w) + alpha * sum |w_i|``. Its reference code sums the A
-factors and the B factors separately (``compose="factors"``, equal ranks); this project defaults to
-the exact weighted sum of the deltas (``compose="delta"``, any ranks). The search is a small
+factors and the B factors separately (``compose="factors"``, ranks zero-padded); this project
+defaults to the exact weighted sum of the deltas (``compose="delta"``, any ranks). Either way the
+candidate targets the union of the inputs' modules (see :mod:`engine.fusion.modulewise`). The search is a small
 (mu, lambda) evolution strategy with step-size adaptation (the reference uses nevergrad's Shiwa),
 seeded by the fusion's ``seed``, within ``[lower, upper]`` per weight.
 

@@ -3,7 +3,9 @@
 Each works on tensors element-wise, so it needs the dense ``dW = s B A`` of a module; modules are
 streamed one at a time (``space="delta"``, the default), the merged ``dW`` is then truncated by SVD
 to ``rank`` (PEFT's ``*_svd`` variants). ``space="factors"`` reproduces PEFT's plain variants,
-which apply the merge to the A factors and to the B factors separately (equal ranks needed).
+which apply the merge to the A factors and to the B factors separately (lower ranks zero-padded
+to the largest, see :func:`engine.fusion.modulewise.padded_to_rank`). A module an adapter does not
+target is merged over the adapters that do.
 
 Conventions for the sign election (``ties``, ``dare_ties``):
 
@@ -25,8 +27,8 @@ from peft.utils import merge_utils
 
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.lowrank import dense_to_lowrank
-from engine.fusion.methods.linear import factor_weights, require_equal_ranks
-from engine.fusion.modulewise import dense_delta, fuse_by_module
+from engine.fusion.methods.linear import factor_weights
+from engine.fusion.modulewise import dense_delta, fuse_by_module, padded_to_rank
 from engine.fusion.registry import FusionInputs, fusion_method
 
 Kind = Literal["ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -95,7 +97,7 @@ def _fuse(kind: Kind, inputs: FusionInputs, params: PruneParams) -> tuple[LoraAd
 
     def fuse(name: str, modules: list[LoraModule], weights: list[float]):
         if params.space == "factors":
-            require_equal_ranks(name, modules, f"{kind} with space='factors'")
+            modules = padded_to_rank(modules)
             for_a, for_b = factor_weights(modules, weights)
             A = merge_tensors(kind, [m.A.float() for m in modules], for_a, params, generator)
             B = merge_tensors(kind, [m.B.float() for m in modules], for_b, params, generator)
