@@ -47,14 +47,14 @@ def expected_sum(catalog, ids, name):
 
 def params_and_context(method, catalog):
     if method == "icm":  # an F-VAE trained on the first (smallest) layout version
-        return {}, {"fvae": _artifact(catalog.layout(catalog.entries()[0]["layout_id"]))}
+        return {}, FusionContext(fvae=_artifact(catalog.layout(catalog.entries()[0]["layout_id"])))
     if method == "lorahub":
-        return {"budget": 4, "compose": "factors"}, {
-            "loss_fn": lambda a: sum(float(m.A.norm()) for m in a.modules.values())
-        }
+        return {"budget": 4, "compose": "factors"}, FusionContext(
+            loss_fn=lambda a: sum(float(m.A.norm()) for m in a.modules.values())
+        )
     if method in ("ties", "dare_ties", "dare_linear", "magnitude_prune"):
-        return {"density": 0.5}, {}
-    return {}, {}
+        return {"density": 0.5}, None
+    return {}, None
 
 
 @pytest.mark.parametrize("method", [m.name for m in list_methods()])
