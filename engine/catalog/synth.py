@@ -19,8 +19,8 @@ import torch
 
 from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout, ModuleSpec
-from engine.adapters.presets import MODEL_PRESETS, model_layout
 from engine.adapters.lora import LoraAdapter, LoraModule
+from engine.adapters.presets import MODEL_PRESETS, model_layout
 from engine.catalog.catalog import AdapterRecord, Catalog, adapter_id
 
 # name -> (layers, module names, hidden size, r_max)
