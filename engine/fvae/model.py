@@ -1,7 +1,8 @@
 """The Fusion-VAE: a conditional VAE over flat normalised adapter vectors (pure torch, no I/O).
 
 ``E([l; v]) -> (mu, logvar)``, ``D([z; v]) -> l`` (DESIGN.md §2.4). Two architectures share the
-interface: the reference 1-D conv stack, and a chunked variant for very large adapters.
+interface: the reference 1-D conv stack, a chunked variant, a dense MLP, and the module-token
+F-VAE (:mod:`engine.fvae.tokens`) for adapters of real 7-8 B models.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.fvae.config import FVAEConfig
+from engine.fvae.tokens import TokenFVAE
 
 
 def _channel_plan(config: FVAEConfig) -> list[int]:
@@ -159,7 +161,8 @@ class FVAE(nn.Module):
     def __init__(self, config: FVAEConfig):
         super().__init__()
         self.config = config
-        self.net = {"conv": ConvFVAE, "chunked": ChunkedFVAE, "mlp": MLPFVAE}[config.arch](config)
+        archs = {"conv": ConvFVAE, "chunked": ChunkedFVAE, "mlp": MLPFVAE, "tokens": TokenFVAE}
+        self.net = archs[config.arch](config)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, N]``, ``cond [B, d]`` -> ``(mu [B, latent], logvar [B, latent])``."""
