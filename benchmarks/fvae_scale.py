@@ -82,7 +82,9 @@ def _release_freed_memory() -> None:
         pass
 
 
-def child(layout_name: str, arch: str, k: int, steps: int, threads: int) -> dict[str, Any]:
+def child(
+    layout_name: str, arch: str, k: int, steps: int, threads: int, flops: bool = True
+) -> dict[str, Any]:
     """One (layout, arch) measurement in this (fresh) process."""
     import numpy as np
     import psutil
@@ -129,8 +131,10 @@ def child(layout_name: str, arch: str, k: int, steps: int, threads: int) -> dict
         losses.append(float(out["loss"].detach()))
     step_peak = sampler.stop()
     peak = maxrss_bytes()
-    with FlopCounterMode(display=False) as counter:
-        episode_loss(model, normalizer, batch, layout, EpisodeSettings())["loss"].backward()
+    counter = FlopCounterMode(display=False)
+    if flops:
+        with counter:
+            episode_loss(model, normalizer, batch, layout, EpisodeSettings())["loss"].backward()
     return {
         "layout": layout_name,
         "arch": arch,
@@ -147,7 +151,7 @@ def child(layout_name: str, arch: str, k: int, steps: int, threads: int) -> dict
         "s_per_step": round(statistics.median(times[1:] or times), 2),
         "cpu_s_per_step": round(statistics.median(cpu_times[1:] or cpu_times), 2),
         "losses": losses,
-        "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
+        "gflop_per_step": round(counter.get_total_flops() / 1e9, 1) if flops else None,
     }
 
 
@@ -167,6 +171,7 @@ def run(args) -> dict[str, Any]:
                 str(args.steps),
                 "--threads",
                 str(args.threads),
+                *(["--no-flops"] if args.no_flops else []),
             ]
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -174,7 +179,8 @@ def run(args) -> dict[str, Any]:
                 row = {"layout": layout_name, "arch": arch, "error": done.stderr.strip().splitlines()[-1:]}
             else:
                 row = json.loads(done.stdout.strip().splitlines()[-1])
-                row["gpu_projection_s"] = round(row["gflop_per_step"] / (args.gpu_tflops * 1e3), 3)
+                if row["gflop_per_step"] is not None:
+                    row["gpu_projection_s"] = round(row["gflop_per_step"] / (args.gpu_tflops * 1e3), 3)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return {
@@ -214,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gpu-tflops", type=float, default=50.0)
+    parser.add_argument("--no-flops", action="store_true", help="skip the flop count (one step less)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--name", default="fvae_scale")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         layout_name, arch = args.child.rsplit(":", 1)
-        print(json.dumps(child(layout_name, arch, args.k, args.steps, args.threads)))
+        print(json.dumps(child(layout_name, arch, args.k, args.steps, args.threads, not args.no_flops)))
         return 0
     result = run(args)
     path = write_json(args.name, result)
