@@ -38,13 +38,13 @@ from engine.meta.step import slot_mask
 LAB = RESULTS / "lab" / "standard-seed0"
 
 
-def load_suite(suite: str, holdout: int, seed: int):
+def load_suite(suite: str, holdout: int, seed: int, arch: str = "mlp"):
     catalog = Catalog(LAB / suite / "catalogs" / "main")
     layout = catalog.layout()
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         raise SystemExit(f"{catalog.uri}: statistics missing or stale; run `icmf catalog stats` first")
-    normalizer = SlotNormalizer.from_stats(stats.mean, stats.std, stats.count)
+    normalizer = SlotNormalizer.for_arch(arch, layout, stats.mean, stats.std, stats.count)
     x, masks, tasks = [], [], []
     for entry in catalog.entries():
         weights, mask, _ = catalog.read_vector(entry["id"])
@@ -64,7 +64,10 @@ def load_suite(suite: str, holdout: int, seed: int):
     return layout, normalizer, x, masks, tasks, split
 
 
-def evaluate(model, normalizer, layout, x, masks, cond, rows) -> dict[str, float]:
+def evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer=None) -> dict[str, float]:
+    """Errors in the arch's normalised space; ``rel_err_slot``: in the per-slot normalised space
+    (``slot_normalizer``), where every arch's figures compare (the module-token arch reads a
+    per-module-type scale instead)."""
     xn = normalizer.normalize(x[rows])
     weight = slot_mask(masks[rows], layout).float()
     with torch.no_grad():
@@ -78,7 +81,13 @@ def evaluate(model, normalizer, layout, x, masks, cond, rows) -> dict[str, float
         (out * xn * weight).sum(1) / ((out**2 * weight).sum(1).sqrt() * (xn**2 * weight).sum(1).sqrt())
     ).clamp(-1, 1)
     moved = ((out - at_zero) ** 2 * weight).sum(1) / ((out**2) * weight).sum(1).clamp_min(1e-12)
-    return {"rel_err": float(err.mean()), "cos": float(cos.mean()), "kl": kl, "z_moves": float(moved.mean())}
+    row = {"rel_err": float(err.mean()), "cos": float(cos.mean()), "kl": kl, "z_moves": float(moved.mean())}
+    if slot_normalizer is not None:
+        in_slots = slot_normalizer.normalize(normalizer.denormalize(out))
+        row["rel_err_slot"] = float(
+            relative_error(in_slots, slot_normalizer.normalize(x[rows]), weight).mean()
+        )
+    return row
 
 
 def pca_reference(normalizer, layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
@@ -139,7 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed)
+    suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
+    suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    arch = suite_fvae.get("arch", "conv")
+    layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed, arch)
+    slot_normalizer = load_suite(args.suite, args.holdout, args.seed)[1] if arch == "tokens" else None
     # Adapter-derived task vectors from the training adapters (as meta-training derives them).
     xn_all = normalizer.normalize(x)
     vectors = {
@@ -151,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         vectors[t] = project(xn_all[torch.as_tensor(tasks == t)].mean(0), 64, args.seed)
     cond = torch.stack([vectors[t] for t in tasks])
 
-    suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
-    suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    if arch == "tokens":
+        suite_fvae["layout"] = layout.to_dict()
     config = FVAEConfig(input_dim=layout.size, cond_dim=64, **suite_fvae)
     model = FVAE(config)
     lr = args.lr or SUITE_TRAINING[args.suite]["train"].get("lr", 2e-4)
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"suite": args.suite, "config": config.to_dict(), "steps": args.steps, "lr": lr}
     for part in ("train", "heldout", "unseen"):
         rows = np.flatnonzero(split == part)
-        result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows)
+        result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer)
         print(f"  {part:8s} " + " ".join(f"{k} {v:.3f}" for k, v in result[part].items()))
     result["geometry"] = adapter_geometry(normalizer, layout, x, masks, tasks)
     print("  geometry " + " ".join(f"{k} {v:.3f}" for k, v in result["geometry"].items()))

@@ -20,6 +20,7 @@ import torch
 from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout, ModuleSpec
 from engine.adapters.lora import LoraAdapter, LoraModule
+from engine.adapters.presets import MODEL_PRESETS, model_layout
 from engine.catalog.catalog import AdapterRecord, Catalog, adapter_id
 from engine.errors import CatalogError
 
@@ -38,10 +39,13 @@ def build_layout(layers: int, modules: tuple[str, ...], d: int, r: int, base_mod
 
 
 def parse_layout(spec: str, base_model: str = "synthetic/llama") -> Layout:
-    """A layout from a preset name (``tiny``, ``small``, ``base``), a spec such as
+    """A layout from a preset name (``tiny``, ``small``, ``base``, or a real model's:
+    ``llama3-8b-all-r16``, ... see :data:`engine.adapters.presets.MODEL_PRESETS`), a spec such as
     ``layers=4,d=256,r=8,modules=q_proj+v_proj``, or a layout JSON file."""
     if spec in PRESETS:
         return build_layout(*PRESETS[spec], base_model=base_model)
+    if spec in MODEL_PRESETS:
+        return model_layout(spec, base_model=base_model)
     if Path(spec).is_file():
         try:
             return Layout.from_dict(json.loads(Path(spec).read_text()))
@@ -51,7 +55,8 @@ def parse_layout(spec: str, base_model: str = "synthetic/llama") -> Layout:
     unknown = set(fields) - _SPEC_KEYS
     if not fields or unknown or not re.fullmatch(r"[\w=,+.]+", spec):
         raise CatalogError(
-            f"invalid layout {spec!r}: use a preset ({', '.join(PRESETS)}), a layout JSON file, or "
+            f"invalid layout {spec!r}: use a preset ({', '.join([*PRESETS, *MODEL_PRESETS])}), a layout JSON "
+            "file, or "
             "'layers=4,d=256,r=8,modules=q_proj+v_proj'"
         )
     layers, modules, d, r = PRESETS["small"]

@@ -63,7 +63,10 @@ def register(commands) -> None:
     p = add("synth", synth, "add N synthetic adapters (random low-rank, long-tailed tasks)")
     p.add_argument("--n", type=int, required=True, help="number of adapters")
     p.add_argument(
-        "--layout", default="small", help="preset (tiny, small, base), 'layers=4,d=256,r=8', or JSON file"
+        "--layout",
+        default="small",
+        help="preset (tiny, small, base; real models: llama3-8b-qv-r16, llama3-8b-all-r16, "
+        "mistral-7b-all-r16, qwen2.5-0.5b-all-r16), 'layers=4,d=256,r=8', or JSON file",
     )
     p.add_argument("--tasks", type=int, default=8, help="number of tasks (default 8)")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+ARCHS = ("conv", "chunked", "mlp", "tokens")
+TOKEN_FIELDS = ("layout", "token_queries")  # read by arch "tokens" only
+
 
 @dataclass(frozen=True)
 class FVAEConfig:
@@ -36,6 +39,12 @@ class FVAEConfig:
             weighed against (so per element the KL weighs ``kl_weight / N``). ``mean``: per-element
             mean + ``kl_weight`` x KL, i.e. a KL ~N times heavier: on the lab suites (N ~ 20k) the
             posterior collapses (KL ~ 4 nats) and nothing is reconstructed.
+        layout: ``tokens`` only: the layout (:meth:`engine.adapters.layout.Layout.to_dict`) whose
+            modules are the tokens (its size must be ``input_dim``).
+        token_queries: ``tokens`` only: learned queries of the encoder's attention pooling.
+        arch ``tokens``: the module-token F-VAE (:mod:`engine.fvae.tokens`): one token per rank
+            component of every module, layer and module type as embeddings, per-module-type input
+            projections and output heads; parameters independent of the number of layers and N.
         arch ``mlp``: dense encoder/decoder, one weight per slot (``2 x N x hidden`` parameters):
             per-slot normalised LoRA factors have no local structure for the conv kernels to share,
             and the conv stack cannot reconstruct them (relative error ~1.0 on the lab suites).
@@ -43,7 +52,7 @@ class FVAEConfig:
 
     input_dim: int
     cond_dim: int
-    arch: Literal["conv", "chunked", "mlp"] = "conv"
+    arch: Literal["conv", "chunked", "mlp", "tokens"] = "conv"
     latent_dim: int = 256
     depth: int = 12
     channels: int = 8
@@ -53,6 +62,8 @@ class FVAEConfig:
     kl_weight: float = 0.005
     norm: Literal["none", "instance", "batch", "group"] = "instance"
     recon_reduction: Literal["mean", "sum"] = "sum"
+    layout: dict[str, Any] | None = None
+    token_queries: int = 8
 
     def __post_init__(self) -> None:
         faults = []
@@ -65,11 +76,14 @@ class FVAEConfig:
             "max_channels",
             "chunk_size",
             "hidden",
+            "token_queries",
         ):
             if getattr(self, name) <= 0:
                 faults.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.arch not in ("conv", "chunked", "mlp"):
-            faults.append(f"arch must be 'conv', 'chunked' or 'mlp', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            faults.append(f"arch must be one of {', '.join(map(repr, ARCHS))}, got {self.arch!r}")
+        if self.arch == "tokens":
+            faults += self._layout_faults()
         if self.norm not in ("none", "instance", "batch", "group"):
             faults.append(f"norm must be 'none', 'instance', 'batch' or 'group', got {self.norm!r}")
         if self.recon_reduction not in ("mean", "sum"):
@@ -79,16 +93,34 @@ class FVAEConfig:
         if faults:
             raise ValueError("invalid FVAEConfig: " + "; ".join(faults))
 
+    def _layout_faults(self) -> list[str]:
+        from engine.adapters.layout import Layout
+
+        if self.layout is None:
+            return ["arch 'tokens' needs the layout (FVAEConfig.layout = Layout.to_dict())"]
+        try:
+            size = Layout.from_dict(self.layout).size
+        except (ValueError, KeyError, TypeError) as exc:
+            return [f"layout is not a valid layout dict ({exc})"]
+        if size != self.input_dim:
+            return [f"layout has {size} slots but input_dim is {self.input_dim}"]
+        return []
+
     @property
     def padded_dim(self) -> int:
         """Input length after padding (conv: multiple of ``2**depth``; chunked: of ``chunk_size``; mlp: none)."""
-        if self.arch == "mlp":
+        if self.arch in ("mlp", "tokens"):
             return self.input_dim
         unit = 2**self.depth if self.arch == "conv" else self.chunk_size
         return -(-self.input_dim // unit) * unit
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.arch != "tokens":
+            # Other archs' dicts (and so their artifacts' fingerprints) stay as they were.
+            for name in TOKEN_FIELDS:
+                data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FVAEConfig:

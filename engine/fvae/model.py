@@ -1,7 +1,8 @@
 """The Fusion-VAE: a conditional VAE over flat normalised adapter vectors (pure torch, no I/O).
 
 ``E([l; v]) -> (mu, logvar)``, ``D([z; v]) -> l`` (DESIGN.md §2.4). Two architectures share the
-interface: the reference 1-D conv stack, and a chunked variant for very large adapters.
+interface: the reference 1-D conv stack, a chunked variant, a dense MLP, and the module-token
+F-VAE (:mod:`engine.fvae.tokens`) for adapters of real 7-8 B models.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.fvae.config import FVAEConfig
+from engine.fvae.tokens import TokenFVAE
 
 
 def _channel_plan(config: FVAEConfig) -> list[int]:
@@ -159,7 +161,8 @@ class FVAE(nn.Module):
     def __init__(self, config: FVAEConfig):
         super().__init__()
         self.config = config
-        self.net = {"conv": ConvFVAE, "chunked": ChunkedFVAE, "mlp": MLPFVAE}[config.arch](config)
+        archs = {"conv": ConvFVAE, "chunked": ChunkedFVAE, "mlp": MLPFVAE, "tokens": TokenFVAE}
+        self.net = archs[config.arch](config)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, N]``, ``cond [B, d]`` -> ``(mu [B, latent], logvar [B, latent])``."""
@@ -188,19 +191,22 @@ class FVAE(nn.Module):
         Returns:
             ``{"loss", "recon", "kl"}`` scalars.
         """
-        err = (out["x_hat"] - x) ** 2  # same shape [B, N]: no silent broadcasting
+        if out["x_hat"].shape != x.shape:  # no silent broadcasting
+            raise ValueError(f"x_hat {tuple(out['x_hat'].shape)} and x {tuple(x.shape)} differ in shape")
+        diff = out["x_hat"] - x
         if mask is None:
-            recon = err.mean()
+            recon = diff.pow(2).mean()
         else:
-            weight = mask.to(err.dtype)
-            recon = (err * weight).sum() / weight.sum().clamp_min(1.0)
+            # masked_fill keeps only the bool mask for backward, not a float copy of it and of the
+            # squared error: at 7-8 B adapter sizes each [B, N] float tensor is ~0.7 GB.
+            recon = diff.masked_fill(~mask, 0.0).pow(2).sum() / mask.sum().clamp_min(1)
         kl = kl_divergence(out["mu"], out["logvar"])
         beta = self.config.kl_weight
         if self.config.recon_reduction == "sum":
             # The reference's balance (squared error summed over a sample's elements + beta KL),
             # divided through by the elements per sample so the objective keeps the per-element
             # scale the fusion loss is weighed against: beta acts per latent vs per element.
-            elements = x.shape[1] if mask is None else mask.to(err.dtype).sum(1).mean().clamp_min(1.0)
+            elements = x.shape[1] if mask is None else mask.sum(1).to(x.dtype).mean().clamp_min(1.0)
             beta = beta / elements
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 

@@ -20,13 +20,18 @@ class _Strict(pydantic.BaseModel):
 
 
 class FVAESection(_Strict):
-    arch: Literal["conv", "chunked", "mlp"] = "conv"
+    arch: Literal["conv", "chunked", "mlp", "tokens"] = pydantic.Field(
+        "conv",
+        description="'tokens': the module-token F-VAE (one token per rank component of every module; "
+        "parameters independent of depth and N; per-module-type scale normaliser)",
+    )
     latent_dim: int = pydantic.Field(256, gt=0)
     depth: int = pydantic.Field(12, gt=0, le=20)
     channels: int = pydantic.Field(8, gt=0)
     max_channels: int = pydantic.Field(64, gt=0)
     chunk_size: int = pydantic.Field(1024, gt=0)
     hidden: int = pydantic.Field(256, gt=0)
+    token_queries: int = pydantic.Field(8, gt=0, description="tokens only: attention-pooling queries")
     kl_weight: float = pydantic.Field(0.005, ge=0)
     norm: Literal["none", "instance", "batch", "group"] = "instance"
     recon_reduction: Literal["mean", "sum"] = pydantic.Field(

@@ -50,8 +50,10 @@ LOSS_TERMS = ("loss", "recon", "kl", "fusion")  # what episode_loss returns
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
+    # The module-token arch reads the layout's modules; the others only its size.
+    structure = {"layout": layout.to_dict()} if cfg.fvae.arch == "tokens" else {}
     return FVAEConfig(
-        input_dim=layout.size, cond_dim=cond_dim or cfg.task_vectors.dim, **cfg.fvae.model_dump()
+        input_dim=layout.size, cond_dim=cond_dim or cfg.task_vectors.dim, **cfg.fvae.model_dump(), **structure
     )
 
 
@@ -523,7 +525,7 @@ def train_fvae(
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         stats = catalog.compute_stats(layout.layout_id)
-    normalizer = SlotNormalizer.from_stats(stats.mean, stats.std, stats.count)
+    normalizer = SlotNormalizer.for_arch(cfg.fvae.arch, layout, stats.mean, stats.std, stats.count)
     num_workers = workers or cfg.train.workers
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.

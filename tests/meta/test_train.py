@@ -100,6 +100,26 @@ def test_resume_continues_from_the_last_checkpoint(ray_session, catalog_uri, tmp
     assert second["steps"] == 20 and second["metrics"]["start_step"] == 10
 
 
+def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tmp_path):
+    out = tmp_path / "out"
+    tokens = {"arch": "tokens", "hidden": 16, "latent_dim": 8, "token_queries": 2}
+    settings = {**config(catalog_uri, out, steps=6, workers=1, every=3), "fvae": tokens}
+    train_fvae(load_config(settings))
+    train_fvae(load_config({**settings, "train": {**settings["train"], "steps": 10}}), resume=True)
+    artifact = FVAEArtifact.load(str(out))
+    assert artifact.meta["steps"] == 10 and artifact.meta["metrics"]["start_step"] == 6
+    assert (
+        artifact.model.config.arch == "tokens" and artifact.model.config.layout == artifact.layout.to_dict()
+    )
+    # the zero-preserving per-module-type normaliser travelled with it
+    assert torch.count_nonzero(artifact.normalizer.mean) == 0
+    assert artifact.meta["familiarity"]["reference"] > 0  # its reconstruction errors were measured
+    fused = tmp_path / "fused"
+    argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-01", "--method", "icm"]
+    assert main([*argv, "--model", str(out), "--out", str(fused)]) == 0
+    assert all(torch.isfinite(m.delta()).all() for m in load_adapter(fused).modules.values())
+
+
 def _kill_a_worker_after_first_checkpoint(out: Path, killed: list[int], stop: threading.Event) -> None:
     while not stop.is_set():
         if list(out.glob("runs/*/checkpoint_*")):

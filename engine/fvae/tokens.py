@@ -1,0 +1,184 @@
+"""The module-token F-VAE (``arch: tokens``): one token per rank component of every module.
+
+Built the way Text-to-LoRA (Sakana AI, 2025) emits the LoRAs of 7-8 B models from one
+hypernetwork: the layer and the module type are *inputs* (embeddings), and only the input
+projections and output heads depend on a module type's shape. Parameters therefore grow with the
+number of module types and their widths, never with the number of layers or ``N``.
+
+Tokens: in the catalog's canonical gauge a module's flat slots are ``A`` (``[r_max, d_in]``)
+then ``B^T`` (``[r_max, d_out]``), so rank component ``i`` is the pair ``(a_i, b_i)`` — one token.
+Zero tokens (absent modules, zero-padded ranks) are masked out of the encoder; that needs a
+normaliser that keeps zero at zero (:meth:`engine.fvae.normalize.SlotNormalizer.per_token_scale`).
+
+Encoder: per module type, ``a_i -> hidden`` and ``b_i -> hidden`` projections, plus the module
+type's, the depth's and the rank index's embeddings; a shared residual MLP per token; attention
+pooling over the present tokens with a few learned queries; with the task vector, an MLP to
+``(mu, logvar)``.
+
+Decoder (hypernetwork, T2L's per-rank output variant): a context from ``[z; v]``, added to each
+(layer, module type, rank) query embedding, a shared MLP, then the module type's heads
+``hidden -> a_i`` and ``hidden -> b_i``. Its output is the flat ``[B, N]`` vector the other
+architectures emit, so anchored decode, familiarity and refinement use it unchanged.
+
+Depth enters as Fourier features of the layer's relative depth (``layer / (layers - 1)``) through
+a learned map: a learned layer embedding whose size does not depend on the number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.adapters.layout import Layout
+
+DEPTH_FREQUENCIES = 8  # Fourier features of relative depth: 2 x 8 inputs to the learned depth map
+
+
+@dataclass(frozen=True)
+class ModuleTokens:
+    """Where each module of a layout sits in the token view.
+
+    Attributes:
+        layout: the layout.
+        types: per module type, ``(name pattern, d_out, d_in)``; the pattern is the module name
+            with its layer number replaced by ``*`` (``model.layers.*.self_attn.q_proj``).
+        type_of: per module, its type's index.
+        layer_of: per module, its layer number (the first number in its name; 0 when none).
+    """
+
+    layout: Layout
+    types: tuple[tuple[str, int, int], ...]
+    type_of: tuple[int, ...]
+    layer_of: tuple[int, ...]
+
+    @classmethod
+    def from_layout(cls, layout: Layout) -> ModuleTokens:
+        types: dict[tuple[str, int, int], int] = {}
+        type_of, layer_of = [], []
+        for module in layout.modules:
+            number = re.search(r"\d+", module.name)
+            pattern = re.sub(r"\d+", "*", module.name, count=1)
+            key = (pattern, module.d_out, module.d_in)
+            type_of.append(types.setdefault(key, len(types)))
+            layer_of.append(int(number.group()) if number else 0)
+        return cls(layout, tuple(types), tuple(type_of), tuple(layer_of))
+
+    @property
+    def num_layers(self) -> int:
+        return max(self.layer_of) + 1
+
+    @cached_property
+    def relative_depth(self) -> torch.Tensor:
+        """``[M]`` each module's layer over the deepest layer, in ``[0, 1]``."""
+        return torch.tensor(self.layer_of, dtype=torch.float32) / max(1, self.num_layers - 1)
+
+    def blocks(self, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``m``'s tokens in ``x [B, N]``: views ``A [B, r_max, d_in]``, ``B^T [B, r_max, d_out]``."""
+        spec, r = self.layout.modules[m], self.layout.r_max
+        start = int(self.layout.offsets[m])
+        middle = start + r * spec.d_in
+        a = x[:, start:middle].view(x.shape[0], r, spec.d_in)
+        b = x[:, middle : middle + r * spec.d_out].view(x.shape[0], r, spec.d_out)
+        return a, b
+
+
+def _depth_features(depth: torch.Tensor) -> torch.Tensor:
+    """``[M]`` relative depths -> ``[M, 2 x DEPTH_FREQUENCIES]`` sin/cos features."""
+    angles = depth[:, None] * math.pi * 2.0 ** torch.arange(DEPTH_FREQUENCIES, dtype=depth.dtype)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class _Embeddings(nn.Module):
+    """Type, depth and rank-index embeddings of every token: ``[M, r_max, hidden]``."""
+
+    def __init__(self, tokens: ModuleTokens, hidden: int):
+        super().__init__()
+        self.type_embedding = nn.Embedding(len(tokens.types), hidden)
+        self.depth_map = nn.Sequential(
+            nn.Linear(2 * DEPTH_FREQUENCIES, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.rank_embedding = nn.Embedding(tokens.layout.r_max, hidden)
+        self.register_buffer("type_of", torch.tensor(tokens.type_of), persistent=False)
+        self.register_buffer("depth", _depth_features(tokens.relative_depth), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        per_module = self.type_embedding(self.type_of) + self.depth_map(self.depth)  # [M, h]
+        return per_module[:, None, :] + self.rank_embedding.weight[None, :, :]
+
+
+class _Residual(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.norm(h))
+
+
+class TokenFVAE(nn.Module):
+    """The module-token F-VAE (see the module docstring); ``config.layout`` is required."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tokens = ModuleTokens.from_layout(Layout.from_dict(config.layout))
+        h, types = config.hidden, self.tokens.types
+        # Per module type: input projections and output heads, the only shape-dependent weights.
+        self.project_a = nn.ModuleList(nn.Linear(d_in, h) for _, _, d_in in types)
+        self.project_b = nn.ModuleList(nn.Linear(d_out, h, bias=False) for _, d_out, _ in types)
+        self.head_a = nn.ModuleList(nn.Linear(h, d_in) for _, _, d_in in types)
+        self.head_b = nn.ModuleList(nn.Linear(h, d_out) for _, d_out, _ in types)
+        self.encoder_embeddings = _Embeddings(self.tokens, h)
+        self.decoder_embeddings = _Embeddings(self.tokens, h)
+        self.token_encoder = _Residual(h)
+        self.pool_queries = nn.Parameter(torch.randn(config.token_queries, h) / math.sqrt(h))
+        self.to_stats = nn.Sequential(
+            nn.LayerNorm(config.token_queries * h + config.cond_dim),
+            nn.Linear(config.token_queries * h + config.cond_dim, h),
+            nn.GELU(),
+            nn.Linear(h, 2 * config.latent_dim),
+        )
+        self.context = nn.Sequential(
+            nn.Linear(config.latent_dim + config.cond_dim, h), nn.GELU(), nn.Linear(h, h)
+        )
+        self.token_decoder = nn.Sequential(_Residual(h), _Residual(h), nn.LayerNorm(h))
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, M, r_max]`` bool: the tokens of ``x [B, N]`` that are not all zero."""
+        masks = []
+        for m in range(self.tokens.layout.num_modules):
+            a, b = self.tokens.blocks(x, m)
+            masks.append((a != 0).any(dim=2) | (b != 0).any(dim=2))
+        return torch.stack(masks, dim=1)
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.encoder_embeddings()  # [M, r, h]
+        tokens = []
+        for m, t in enumerate(self.tokens.type_of):
+            a, b = self.tokens.blocks(x, m)
+            tokens.append(self.project_a[t](a) + self.project_b[t](b))  # [B, r, h]
+        h = self.token_encoder(torch.stack(tokens, dim=1) + embeddings)  # [B, M, r, h]
+        h = h.flatten(1, 2)  # [B, T, h]
+        mask = self.token_mask(x).flatten(1)  # [B, T]
+        scores = torch.einsum("bth,qh->bqt", h, self.pool_queries) / math.sqrt(h.shape[-1])
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        # An adapter with no token at all (all zero) pools to zero instead of NaN.
+        weights = torch.nan_to_num(F.softmax(scores, dim=2), nan=0.0)
+        pooled = torch.einsum("bqt,bth->bqh", weights, h).flatten(1)  # [B, Q x h]
+        mu, logvar = self.to_stats(torch.cat([pooled, cond], dim=1)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        context = self.context(torch.cat([z, cond], dim=1))  # [B, h]
+        h = self.token_decoder(context[:, None, None, :] + self.decoder_embeddings())  # [B, M, r, h]
+        pieces = []
+        for m, t in enumerate(self.tokens.type_of):
+            pieces += [self.head_a[t](h[:, m]).flatten(1), self.head_b[t](h[:, m]).flatten(1)]
+        return torch.cat(pieces, dim=1)

@@ -1,0 +1,212 @@
+"""The module-token F-VAE (arch ``tokens``): shapes, gauge, masks, depth-independent size,
+normaliser, learning, and the artifact round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.adapters.codec import unflatten
+from engine.adapters.layout import Layout, ModuleSpec
+from engine.catalog.synth import parse_layout, synthetic_records
+from engine.fvae import FVAE, FVAEConfig, SlotNormalizer
+from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.tokens import ModuleTokens
+
+
+def gqa_layout(layers: int, r: int = 4) -> Layout:
+    """q (16 -> 16) and a narrower, GQA-like v (16 -> 8) on every layer."""
+    specs = []
+    for i in range(layers):
+        specs += [
+            ModuleSpec(f"model.layers.{i}.self_attn.q_proj", 16, 16),
+            ModuleSpec(f"model.layers.{i}.self_attn.v_proj", 8, 16),
+        ]
+    return Layout("test/base", tuple(specs), r)
+
+
+def tokens_model(layout: Layout, **kwargs) -> FVAE:
+    settings = dict(hidden=32, latent_dim=8, token_queries=2, **kwargs)
+    return FVAE(
+        FVAEConfig(input_dim=layout.size, cond_dim=5, arch="tokens", layout=layout.to_dict(), **settings)
+    )
+
+
+def test_module_tokens_follow_the_layout():
+    layout = gqa_layout(3)
+    tokens = ModuleTokens.from_layout(layout)
+    assert tokens.types == (
+        ("model.layers.*.self_attn.q_proj", 16, 16),
+        ("model.layers.*.self_attn.v_proj", 8, 16),
+    )
+    assert tokens.type_of == (0, 1, 0, 1, 0, 1) and tokens.layer_of == (0, 0, 1, 1, 2, 2)
+    assert tokens.relative_depth.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    # A token is one canonical rank component: row i of A and column i of B.
+    x = torch.randn(2, layout.size)
+    for m, (A, B) in enumerate(unflatten(x[1], layout)):
+        a, b = tokens.blocks(x, m)
+        assert torch.equal(a[1], A) and torch.equal(b[1], B.T)
+
+
+def test_shapes_and_input_checks():
+    layout = gqa_layout(2)
+    model = tokens_model(layout)
+    x, cond = torch.randn(3, layout.size), torch.randn(3, 5)
+    out = model(x, cond)
+    assert out["x_hat"].shape == (3, layout.size) and out["mu"].shape == (3, 8)
+    assert model.decode(out["mu"], cond).shape == (3, layout.size)
+    with pytest.raises(ValueError, match="x must be"):
+        model.encode(torch.randn(3, layout.size - 1), cond)
+
+
+def test_parameter_count_does_not_grow_with_depth():
+    count = lambda layout: sum(p.numel() for p in tokens_model(layout).parameters())  # noqa: E731
+    assert count(gqa_layout(2)) == count(gqa_layout(24))
+    # It grows with the module types and their widths only.
+    wider = Layout("w", (*gqa_layout(2).modules, ModuleSpec("model.layers.0.mlp.up_proj", 40, 16)), 4)
+    assert count(wider) > count(gqa_layout(2))
+
+
+def test_absent_modules_and_padded_ranks_are_masked():
+    torch.manual_seed(0)
+    layout = gqa_layout(2)
+    model = tokens_model(layout).eval()
+    tokens = ModuleTokens.from_layout(layout)
+    x = torch.randn(1, layout.size)
+    for m in range(layout.num_modules):
+        a, b = tokens.blocks(x, m)
+        a[:, 3:] = 0  # rank 3 of 4 is zero padding everywhere
+        b[:, 3:] = 0
+        if tokens.type_of[m] == 1:  # every v_proj is absent
+            a.zero_()
+            b.zero_()
+    cond = torch.randn(1, 5)
+    mask = model.net.token_mask(x)
+    assert mask.shape == (1, 4, 4) and mask[0, :, 3].sum() == 0 and mask[0, 1].sum() == 0
+    before = model.encode(x, cond)[0]
+    with torch.no_grad():
+        model.net.encoder_embeddings.rank_embedding.weight[3] += 5.0  # only masked tokens use it
+        model.net.project_a[1].bias += 5.0  # v_proj's projection: only absent modules use it
+    assert torch.allclose(model.encode(x, cond)[0], before, atol=1e-6)
+    with torch.no_grad():
+        model.net.encoder_embeddings.rank_embedding.weight[2] += 5.0  # a present rank: it must matter
+    assert not torch.allclose(model.encode(x, cond)[0], before, atol=1e-3)
+    # An adapter with no token at all encodes to finite statistics.
+    mu, logvar = model.encode(torch.zeros(1, layout.size), cond)
+    assert torch.isfinite(mu).all() and torch.isfinite(logvar).all()
+
+
+def test_learns_to_reconstruct_a_small_set():
+    # One thread: this model is tiny, and on a loaded machine torch's thread pool only waits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _learns()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learns():
+    torch.manual_seed(0)
+    layout = gqa_layout(2)
+    model = tokens_model(layout, kl_weight=1e-4)
+    x, cond = torch.randn(6, layout.size), torch.randn(6, 5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(120):
+        loss = model.loss(model(x, cond), x)["loss"]
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final = float(model.eval().loss(model(x, cond, sample=False), x)["recon"].detach())
+    assert final < 0.3 * first
+
+
+def test_per_token_scale_normaliser_keeps_zero_and_shares_scales_across_layers():
+    layout = parse_layout("layers=3,d=8,r=4,modules=q_proj+v_proj")
+    records = [r for _, r in synthetic_records(layout, 24, num_tasks=3, seed=1)]
+    x = np.stack([r.weights for r in records])
+    present = layout.slot_mask(np.stack([r.mask for r in records]))
+    count = present.sum(0)
+    mean = (x * present).sum(0) / np.maximum(count, 1)
+    std = np.sqrt(((x - mean) ** 2 * present).sum(0) / np.maximum(count, 1))
+    normalizer = SlotNormalizer.for_arch("tokens", layout, mean, std, count)
+    assert torch.equal(normalizer.normalize(torch.zeros(layout.size)), torch.zeros(layout.size))
+    scale = normalizer.std.numpy()
+    r, d = 4, 8
+    module = lambda m: scale[layout.offsets[m] : layout.offsets[m + 1]].reshape(2, r, d)  # noqa: E731
+    # q_proj of layers 0 and 2 share each (part, rank) scale; within a rank all slots share it.
+    assert np.array_equal(module(0), module(4)) and np.all(module(0) == module(0)[:, :, :1])
+    # ranks keep their own scale (canonical components shrink with the rank index)
+    assert len(set(module(0)[0, :, 0].tolist())) == r
+    # every slot's scale is the root mean square of its (type, part, rank) group
+    first = x[:, : r * d].reshape(-1, r, d)[:, 0][present[:, 0]]  # q_proj layer 0, A, rank 0
+    others = x[:, 4 * r * 2 * d : 4 * r * 2 * d + r * d].reshape(-1, r, d)[:, 0][present[:, 4 * r * 2 * d]]
+    group = np.concatenate([first.ravel(), others.ravel()])
+    layer1 = x[:, 2 * r * 2 * d : 2 * r * 2 * d + r * d].reshape(-1, r, d)[:, 0][present[:, 2 * r * 2 * d]]
+    group = np.concatenate([group, layer1.ravel()])
+    assert scale[0] == pytest.approx(np.sqrt((group.astype(np.float64) ** 2).mean()), rel=1e-4)
+
+
+def test_config_faults_and_dicts():
+    layout = gqa_layout(2)
+    with pytest.raises(ValueError, match="needs the layout"):
+        FVAEConfig(input_dim=layout.size, cond_dim=5, arch="tokens")
+    with pytest.raises(ValueError, match="input_dim"):
+        FVAEConfig(input_dim=layout.size + 1, cond_dim=5, arch="tokens", layout=layout.to_dict())
+    # Other archs' dicts keep their keys (their artifacts' fingerprints do not move).
+    assert "layout" not in FVAEConfig(input_dim=8, cond_dim=2).to_dict()
+    config = FVAEConfig(input_dim=layout.size, cond_dim=5, arch="tokens", layout=layout.to_dict())
+    assert FVAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_artifact_round_trip(tmp_path):
+    torch.manual_seed(0)
+    layout = gqa_layout(2)
+    model = tokens_model(layout).eval()
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.rand(layout.size) + 0.5)
+    artifact = FVAEArtifact(model, normalizer, layout, {"t": torch.randn(5)}, {"gauge": True})
+    artifact.save(str(tmp_path))
+    loaded = FVAEArtifact.load(str(tmp_path))
+    assert loaded.model.config == model.config
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    x, cond = torch.randn(2, layout.size), torch.randn(2, 5)
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded.model.decode(*model.encode(x, cond)[:1], cond),
+            model.decode(model.encode(x, cond)[0], cond),
+        )
+    # An artifact of an older arch, written before the token fields existed, still loads.
+    old = FVAEArtifact(
+        FVAE(FVAEConfig(input_dim=layout.size, cond_dim=5, arch="mlp", hidden=8)), normalizer, layout, {}, {}
+    )
+    old.save(str(tmp_path / "old"))
+    meta = json.loads((tmp_path / "old/fvae/artifact.json").read_text())
+    assert "layout" not in meta["fvae"] and "token_queries" not in meta["fvae"]
+    assert FVAEArtifact.load(str(tmp_path / "old")).model.config.arch == "mlp"
+
+
+def test_icm_fuses_with_a_module_token_fvae():
+    """The anchored decode, the familiarity gate and refinement's decoder read the token arch's
+    flat output like any other: one adapter fuses to itself; two fuse to finite deltas."""
+    from engine.fusion import fuse_adapters
+    from tests.fusion.test_methods import random_adapter
+
+    names = {f"model.layers.{i}.self_attn.{m}_proj": r for i in range(2) for m, r in (("q", 2), ("v", 3))}
+    adapters = [random_adapter(names, 0), random_adapter(dict(list(names.items())[:2]), 1)]
+    layout = Layout.from_adapters(adapters, base_model="m")
+    torch.manual_seed(0)
+    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": 5, "seed": 0}}
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.5))
+    artifact = FVAEArtifact(tokens_model(layout).eval(), normalizer, layout, {}, meta)
+    one = fuse_adapters(adapters[:1], "icm", [1.0], context={"fvae": artifact}).adapter
+    for name, module in adapters[0].modules.items():
+        expected = module.delta()
+        assert (one.modules[name].delta() - expected).norm() <= 1e-5 * expected.norm()
+    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context={"fvae": artifact})
+    assert all(torch.isfinite(m.delta()).all() for m in fused.adapter.modules.values())
