@@ -194,7 +194,7 @@ def test_artifact_round_trip(tmp_path):
 def test_icm_fuses_with_a_module_token_fvae():
     """The anchored decode, the familiarity gate and refinement's decoder read the token arch's
     flat output like any other: one adapter fuses to itself; two fuse to finite deltas."""
-    from engine.fusion import fuse_adapters
+    from engine.fusion import FusionContext, fuse_adapters
     from tests.fusion.test_methods import random_adapter
 
     names = {f"model.layers.{i}.self_attn.{m}_proj": r for i in range(2) for m, r in (("q", 2), ("v", 3))}
@@ -204,9 +204,9 @@ def test_icm_fuses_with_a_module_token_fvae():
     meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": 5, "seed": 0}}
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.5))
     artifact = FVAEArtifact(tokens_model(layout).eval(), normalizer, layout, {}, meta)
-    one = fuse_adapters(adapters[:1], "icm", [1.0], context={"fvae": artifact}).adapter
+    one = fuse_adapters(adapters[:1], "icm", [1.0], context=FusionContext(fvae=artifact)).adapter
     for name, module in adapters[0].modules.items():
         expected = module.delta()
         assert (one.modules[name].delta() - expected).norm() <= 1e-5 * expected.norm()
-    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context={"fvae": artifact})
+    fused = fuse_adapters(adapters, "icm", [0.5, 0.5], context=FusionContext(fvae=artifact))
     assert all(torch.isfinite(m.delta()).all() for m in fused.adapter.modules.values())
