@@ -1,0 +1,97 @@
+"""Hyperparameters picked on the tasks' support examples, as the merging papers pick them on
+validation data.
+
+A method declares its knobs (scaling ``alpha``, a density, a rank...) with the paper's default and
+the grid its authors searched. A knob the caller sets is used as given. A knob left unset is
+searched on the grid when the fusion context has ``loss_fn`` (``LoraAdapter -> float``, the fused
+candidate's mean loss on the few-shot support examples of the fused tasks, the same callable
+``lorahub`` minimises; never the eval split), and takes the paper's default otherwise. What was
+used, and where it came from, goes to the provenance's ``details``.
+
+``alpha`` scales the whole merged update, so its candidates cost one fusion in total: the method
+builds the merge at ``alpha = 1`` and the candidates rescale the ``B`` factors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.adapters.lora import LoraAdapter, LoraModule
+from engine.fusion.registry import FusionInputs
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A hyperparameter: its name, the paper's default, and the grid searched on support examples."""
+
+    name: str
+    default: float
+    grid: tuple[float, ...]
+
+
+def scaled(adapter: LoraAdapter, alpha: float) -> LoraAdapter:
+    """``alpha`` times every module's update (the ``B`` factors are scaled)."""
+    modules = {n: LoraModule(m.A, m.B * alpha, m.scaling) for n, m in adapter.modules.items()}
+    return LoraAdapter(modules=modules, config=dict(adapter.config), source=adapter.source)
+
+
+def pick_on_support(
+    inputs: FusionInputs,
+    params: Any,
+    alpha: Knob,
+    build: Callable[[dict[str, float]], LoraAdapter],
+    knobs: tuple[Knob, ...] = (),
+) -> LoraAdapter:
+    """Fuse with ``params``' knobs, searching the unset ones on the support examples if possible.
+
+    Args:
+        inputs: the fusion's inputs; ``inputs.context["loss_fn"]`` enables the search.
+        params: the method's parameters; a knob whose attribute is ``None`` is unset.
+        alpha: the global scale (applied by rescaling, not passed to ``build``).
+        build: ``values of knobs -> merged adapter at alpha = 1``.
+        knobs: the other knobs (each unset one multiplies the number of fusions by its grid size).
+
+    Returns:
+        The fused adapter, with ``config["icmf_details"]`` recording the values used, their source
+        (``given``, ``support`` or ``default``) and, after a search, every candidate's loss.
+    """
+    given = {k.name: getattr(params, k.name) for k in (*knobs, alpha) if getattr(params, k.name) is not None}
+    unset = [k for k in (*knobs, alpha) if k.name not in given]
+    loss_fn = inputs.context.get("loss_fn")
+    source = {name: "given" for name in given}
+    if not unset or loss_fn is None:
+        values = {**{k.name: k.default for k in unset}, **given}
+        source.update({k.name: "default" for k in unset})
+        fused = scaled(build(_without(values, alpha)), values[alpha.name])
+        fused.config["icmf_details"] = {"hyperparameters": values, "source": source}
+        return fused
+    searched = [k for k in knobs if k.name not in given]
+    alphas = [given[alpha.name]] if alpha.name in given else list(alpha.grid)
+    trials, best = [], None
+    for combination in itertools.product(*(k.grid for k in searched)):
+        structural = {**{k.name: v for k, v in zip(searched, combination, strict=True)}, **given}
+        base = build(_without(structural, alpha))
+        for a in alphas:
+            candidate = scaled(base, a)
+            loss = float(loss_fn(candidate))
+            loss = loss if math.isfinite(loss) else math.inf  # a diverging candidate never wins
+            trials.append({**_without(structural, alpha), alpha.name: a, "loss": loss})
+            if best is None or loss < best[0]:
+                best = (loss, candidate, {**structural, alpha.name: a})
+    _, fused, values = best
+    source.update({k.name: "support" for k in unset})
+    fused.config["icmf_details"] = {
+        "hyperparameters": values,
+        "source": source,
+        "support_loss": best[0],
+        "candidates": trials,
+    }
+    return fused
+
+
+def _without(values: dict[str, float], alpha: Knob) -> dict[str, float]:
+    return {k: v for k, v in values.items() if k != alpha.name}
