@@ -9,12 +9,14 @@ concatenations ``U = [U_1 ... U_K]`` and ``V = [V_1 ... V_K]`` are replaced by t
 (the nearest orthonormal matrices, which removes the interference between tasks' directions) and
 ``dW = alpha * polar(U) diag([s_1 ... s_K]) polar(V)^T``.
 
-LoRA convention: the reference keeps ``int(min(d_out, d_in) / K)`` triplets per task; a LoRA's
-update has only ``r_i`` nonzero ones, so whenever ``r_i <= min(d_out, d_in) / K`` (every practical
-LoRA) the reference keeps all of them, and so does this default (``rank_per_task`` truncates
-further). The padding triplets of zero singular value that the reference also stacks do not change
-the result. Exact low-rank: each task's SVD from QR of its factors, polar factors of
-``[d, sum r_i]`` matrices; the output has rank ``sum r_i``.
+LoRA convention: the reference keeps ``int(min(d_out, d_in) / K)`` triplets per task. A LoRA's
+update has only ``r_i`` nonzero ones; beyond them the reference would stack singular vectors of
+the null space, an arbitrary basis that changes the polar factors. Here each task keeps its
+``r_i`` nonzero triplets (``rank_per_task`` truncates further): what the reference computes in
+Core Space, where each ``R x R`` core keeps ``int(R / K) = r`` triplets (equal ranks), and the same
+merge in full space because polar factors commute with the orthonormal core bases. Exact
+low-rank: each task's SVD from QR of its factors, polar factors of ``[d, sum r_i]`` matrices; the
+output has rank ``sum r_i``.
 
 Task vectors are ``tau_i = K w_i dW_i``. ``alpha`` is searched on the support examples when the
 context has ``loss_fn`` (the reference searches ``(0, 3]`` on validation data), otherwise 1.0.
