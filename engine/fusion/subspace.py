@@ -136,18 +136,18 @@ def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator) -> 
     return tensor * keep.to(tensor.dtype) / (1 - drop)
 
 
-def tsv_dense(matrices: list[torch.Tensor], keep_fraction: float | None = None) -> torch.Tensor:
+def tsv_dense(matrices: list[torch.Tensor], keep: int | None = None) -> torch.Tensor:
     """TSV-Merge of small dense matrices (e.g. Core Space's cores), as the reference does it.
 
-    Each task keeps its top ``int(min(shape) * keep_fraction)`` singular triplets (default
-    ``1/K``); the concatenated left and right singular vectors are replaced by their polar
-    factors and recombined with the kept singular values.
+    Each task keeps its top ``keep`` singular triplets (default ``int(min(shape) / K)``, the
+    reference's ``sv_reduction = 1/K``); the concatenated left and right singular vectors are
+    replaced by their polar factors and recombined with the kept singular values.
     """
-    fraction = 1 / len(matrices) if keep_fraction is None else keep_fraction
+    if keep is None:
+        keep = int(min(matrices[0].shape) / len(matrices))
     us, ss, vhs = [], [], []
     for M in matrices:
         u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
-        k = int(s.shape[0] * fraction)
-        us.append(u[:, :k]), ss.append(s[:k]), vhs.append(vh[:k])
+        us.append(u[:, :keep]), ss.append(s[:keep]), vhs.append(vh[:keep])
     U, S, Vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
     return polar(U) @ torch.diag(S) @ polar(Vh.T).T
