@@ -42,7 +42,7 @@ def scaled(adapter: LoraAdapter, alpha: float) -> LoraAdapter:
 def pick_on_support(
     inputs: FusionInputs,
     params: Any,
-    alpha: Knob,
+    alpha: Knob | None,
     build: Callable[[dict[str, float]], LoraAdapter],
     knobs: tuple[Knob, ...] = (),
 ) -> LoraAdapter:
@@ -51,47 +51,57 @@ def pick_on_support(
     Args:
         inputs: the fusion's inputs; ``inputs.context["loss_fn"]`` enables the search.
         params: the method's parameters; a knob whose attribute is ``None`` is unset.
-        alpha: the global scale (applied by rescaling, not passed to ``build``).
-        build: ``values of knobs -> merged adapter at alpha = 1``.
+        alpha: the global scale (applied by rescaling, not passed to ``build``); None for a
+            method without one.
+        build: ``values of the other knobs -> merged adapter at alpha = 1``.
         knobs: the other knobs (each unset one multiplies the number of fusions by its grid size).
 
     Returns:
         The fused adapter, with ``config["icmf_details"]`` recording the values used, their source
         (``given``, ``support`` or ``default``) and, after a search, every candidate's loss.
     """
-    given = {k.name: getattr(params, k.name) for k in (*knobs, alpha) if getattr(params, k.name) is not None}
-    unset = [k for k in (*knobs, alpha) if k.name not in given]
+    every = (*knobs, alpha) if alpha is not None else knobs
+    given = {k.name: getattr(params, k.name) for k in every if getattr(params, k.name) is not None}
+    unset = [k for k in every if k.name not in given]
     loss_fn = inputs.context.get("loss_fn")
     source = {name: "given" for name in given}
+
+    def scale(values: dict[str, float]) -> float:
+        return 1.0 if alpha is None else values[alpha.name]
+
+    def structural(values: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if alpha is None or k != alpha.name}
+
     if not unset or loss_fn is None:
         values = {**{k.name: k.default for k in unset}, **given}
         source.update({k.name: "default" for k in unset})
-        fused = scaled(build(_without(values, alpha)), values[alpha.name])
+        fused = scaled(build(structural(values)), scale(values))
         fused.config["icmf_details"] = {"hyperparameters": values, "source": source}
         return fused
     searched = [k for k in knobs if k.name not in given]
-    alphas = [given[alpha.name]] if alpha.name in given else list(alpha.grid)
+    if alpha is None:
+        scales = [{}]
+    else:
+        grid = [given[alpha.name]] if alpha.name in given else list(alpha.grid)
+        scales = [{alpha.name: a} for a in grid]
     trials, best = [], None
     for combination in itertools.product(*(k.grid for k in searched)):
-        structural = {**{k.name: v for k, v in zip(searched, combination, strict=True)}, **given}
-        base = build(_without(structural, alpha))
-        for a in alphas:
-            candidate = scaled(base, a)
+        others = {**{k.name: v for k, v in zip(searched, combination, strict=True)}, **structural(given)}
+        base = build(others)
+        for choice in scales:
+            values = {**others, **choice}
+            candidate = scaled(base, scale(values))
             loss = float(loss_fn(candidate))
             loss = loss if math.isfinite(loss) else math.inf  # a diverging candidate never wins
-            trials.append({**_without(structural, alpha), alpha.name: a, "loss": loss})
+            trials.append({**values, "loss": loss})
             if best is None or loss < best[0]:
-                best = (loss, candidate, {**structural, alpha.name: a})
-    _, fused, values = best
+                best = (loss, candidate, values)
+    loss, fused, values = best
     source.update({k.name: "support" for k in unset})
     fused.config["icmf_details"] = {
         "hyperparameters": values,
         "source": source,
-        "support_loss": best[0],
+        "support_loss": loss,
         "candidates": trials,
     }
     return fused
-
-
-def _without(values: dict[str, float], alpha: Knob) -> dict[str, float]:
-    return {k: v for k, v in values.items() if k != alpha.name}
