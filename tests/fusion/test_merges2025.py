@@ -276,3 +276,70 @@ def test_zero_updates_merge_to_zero_not_nan():
     for method in ("iso_c", "iso_cts", "tsv", "knots", "core_space", "star"):
         delta = fused_delta(adapters, method, {}, [0.0, 0.0])
         assert torch.isfinite(delta).all() and delta.abs().max() == 0, method
+
+
+# ---- RegMean ------------------------------------------------------------------------------------
+
+
+def ref_reduce_non_diag(G: torch.Tensor, a: float) -> torch.Tensor:  # RegMean reference
+    weight = torch.diag(torch.ones(G.shape[0], dtype=G.dtype) - a) + torch.full_like(G, a)
+    return G * weight
+
+
+def ref_regmean(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
+    """bloomberg/dataless-model-merging ``regmean_merge`` for one ``y = W x`` layer."""
+    sum_gram_m_ws = sum(G @ W.T for W, G in zip(weights, grams, strict=True))
+    return (torch.inverse(sum(grams)) @ sum_gram_m_ws).T
+
+
+def random_grams(
+    tasks: list[str], modules: dict[str, int], seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for task in tasks:
+        out[task] = {}
+        for name, d_in in modules.items():
+            X = torch.randn(50, d_in, generator=g, dtype=torch.float64) * torch.rand(
+                d_in, generator=g, dtype=torch.float64
+            )
+            out[task][name] = X.T @ X / 50
+    return out
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.4])
+def test_regmean_matches_the_reference_with_a_module_one_adapter_lacks(shrink):
+    g = torch.Generator().manual_seed(5)
+    adapters = adapters_for([3, 2, 4], d_out=12, d_in=10, seed=5)
+    extra = LoraModule(torch.randn(2, 10, generator=g), torch.randn(12, 2, generator=g), scaling=0.5)
+    adapters[1].modules["n"] = extra  # only the second adapter targets "n"
+    tasks = ["a", "b", "c"]
+    grams = random_grams(tasks, {"m": 10, "n": 10})
+    result = fuse_adapters(
+        adapters, "regmean", params={"shrink": shrink}, tasks=tasks, context={"grams": grams}
+    )
+    W0 = torch.randn(12, 10, generator=g, dtype=torch.float64)  # the base cancels
+    for name in ("m", "n"):
+        task_weights = [W0 + (a.modules[name].delta() if name in a.modules else 0) for a in adapters]
+        shrunk = [ref_reduce_non_diag(grams[t][name], shrink) for t in tasks]
+        expected = ref_regmean(task_weights, shrunk) - W0
+        assert rel(result.adapter.modules[name].delta(), expected) < TOL, name
+    assert result.provenance["details"]["source"] == {"shrink": "given"}
+
+
+def test_regmean_refuses_missing_inputs_before_any_work():
+    adapters = adapters_for([2, 2], d_out=8, d_in=6)
+    with pytest.raises(FusionConfigError, match="Gram matrices"):
+        fuse_adapters(adapters, "regmean", tasks=["a", "b"])
+    with pytest.raises(FusionConfigError, match="task of each adapter"):
+        fuse_adapters(adapters, "regmean", context={"grams": {}})
+    with pytest.raises(FusionConfigError, match="no Gram matrices for task"):
+        fuse_adapters(adapters, "regmean", tasks=["a", "b"], context={"grams": random_grams(["a"], {"m": 6})})
+    with pytest.raises(FusionConfigError, match="positive"):
+        fuse_adapters(
+            adapters,
+            "regmean",
+            [1.0, -1.0],
+            tasks=["a", "b"],
+            context={"grams": random_grams(["a", "b"], {"m": 6})},
+        )

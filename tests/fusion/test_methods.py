@@ -156,11 +156,18 @@ def test_every_method_writes_a_finite_peft_adapter_with_provenance(method, peft_
     """Generic registry contract: finite factors, a PEFT-loadable directory whose layers give the
     fused deltas, provenance naming the method and its reference."""
     adapters = [load_adapter(p) for p in peft_dirs]
-    params, context = {}, {}
+    params, context, tasks = {}, {}, ["t0", "t1", "t2"]
     if method == "lorahub":
         params = {"budget": 4}
         context = {"loss_fn": lambda a: float(sum(m.delta().pow(2).sum() for m in a.modules.values()))}
-    result = fuse_adapters(adapters, method, params=params, context=context)
+    if method == "regmean":  # input Gram matrices of full rank
+        g = torch.Generator().manual_seed(0)
+        grams = {}
+        for task in tasks:
+            X = {n: torch.randn(64, m.d_in, generator=g) for n, m in adapters[0].modules.items()}
+            grams[task] = {n: x.T @ x / 64 for n, x in X.items()}
+        context = {"grams": grams}
+    result = fuse_adapters(adapters, method, params=params, tasks=tasks, context=context)
     out = result.save(tmp_path / method)
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     assert provenance["method"] == method and provenance["reference"]

@@ -9,6 +9,7 @@ from engine.fusion.methods import (  # noqa: F401
     linear,
     lorahub,
     pruning,
+    regmean,
     star,
     task_arithmetic,
     tsv,
