@@ -1,12 +1,13 @@
 """Hyperparameters picked on the tasks' support examples, as the merging papers pick them on
 validation data.
 
-A method declares its knobs (scaling ``alpha``, a density, a rank...) with the paper's default and
-the grid its authors searched. A knob the caller sets is used as given. A knob left unset is
-searched on the grid when the fusion context has ``loss_fn`` (``LoraAdapter -> float``, the fused
-candidate's mean loss on the few-shot support examples of the fused tasks, the same callable
-``lorahub`` minimises; never the eval split), and takes the paper's default otherwise. What was
-used, and where it came from, goes to the provenance's ``details``.
+A method declares its knobs (scaling ``alpha``, a density, a shrinkage...) with the paper's default
+and a grid over the range its authors searched. A knob the caller sets is used as given. A knob
+left unset is searched on the grid when the fusion context has ``loss_fn`` (``LoraAdapter ->
+float``, the fused candidate's mean loss on the few-shot support examples of the fused tasks, the
+callable ``lorahub`` minimises; never the eval split) or a few-shot ``objective`` (its
+``adapter_loss``), and takes the paper's default otherwise. What was used, and where it came from,
+goes to the provenance's ``details``.
 
 ``alpha`` scales the whole merged update, so its candidates cost one fusion in total: the method
 builds the merge at ``alpha = 1`` and the candidates rescale the ``B`` factors.
@@ -39,6 +40,15 @@ def scaled(adapter: LoraAdapter, alpha: float) -> LoraAdapter:
     return LoraAdapter(modules=modules, config=dict(adapter.config), source=adapter.source)
 
 
+def support_loss(inputs: FusionInputs) -> Callable[[LoraAdapter], float] | None:
+    """``context["loss_fn"]``, else the few-shot ``context["objective"]``'s adapter loss, else None."""
+    loss_fn = inputs.context.get("loss_fn")
+    objective = inputs.context.get("objective")
+    if loss_fn is None and objective is not None:
+        return objective.adapter_loss
+    return loss_fn
+
+
 def pick_on_support(
     inputs: FusionInputs,
     params: Any,
@@ -49,7 +59,7 @@ def pick_on_support(
     """Fuse with ``params``' knobs, searching the unset ones on the support examples if possible.
 
     Args:
-        inputs: the fusion's inputs; ``inputs.context["loss_fn"]`` enables the search.
+        inputs: the fusion's inputs; a support loss in the context enables the search.
         params: the method's parameters; a knob whose attribute is ``None`` is unset.
         alpha: the global scale (applied by rescaling, not passed to ``build``); None for a
             method without one.
@@ -63,7 +73,7 @@ def pick_on_support(
     every = (*knobs, alpha) if alpha is not None else knobs
     given = {k.name: getattr(params, k.name) for k in every if getattr(params, k.name) is not None}
     unset = [k for k in every if k.name not in given]
-    loss_fn = inputs.context.get("loss_fn")
+    loss_fn = support_loss(inputs)
     source = {name: "given" for name in given}
 
     def scale(values: dict[str, float]) -> float:

@@ -54,7 +54,7 @@ def test_regmean_from_the_support_examples(lab_catalog):
     through = fuse_adapters(
         adapters,
         "regmean",
-        params={"inputs_from": "adapter"},
+        params={"inputs_from": "adapter", "shrink": 0.9},
         tasks=["copy", "reverse"],
         context={"objective": objective},
     )
