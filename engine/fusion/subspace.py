@@ -83,6 +83,12 @@ def concat_svd(
     return q_b @ u[:, :keep], s[:keep], [blk @ q.T for blk, q in zip(blocks, q_as, strict=True)]
 
 
+def left_singular_vectors(M: torch.Tensor) -> torch.Tensor:
+    """``U`` of the thin SVD of a tall ``M [d, k]`` from its QR and a ``k x k`` SVD (signs aside)."""
+    q, r = torch.linalg.qr(M.double())
+    return q @ torch.linalg.svd(r)[0]
+
+
 def polar(X: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor ``P Q^T`` of ``X = P S Q^T`` (nearest matrix with orthonormal columns).
 

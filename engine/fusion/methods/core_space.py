@@ -5,8 +5,9 @@ https://arxiv.org/abs/2509.17786, code https://github.com/apanariello4/core-spac
 (``MatrixPerLayerMerger.get_core_matrices``, ``merge_space="core"``).
 
 Per module, with ``R = sum r_i``: the reference bases are the right singular vectors of the stacked
-``A``'s (``V_ref^T = svd([A_1; ...; A_K]).Vh``, ``R x d_in``) and the left singular vectors of the
-stacked ``B``'s (``U_ref = svd([B_1 ... B_K]).U``, ``d_out x R``). Every task update lies in their
+``A``'s (``V_ref^T = svd([A_1; ...; A_K]).Vh``, ``R x d_in``) and the left singular vectors of
+the stacked ``B``'s (``U_ref = svd([B_1 ... B_K]).U``, ``d_out x R``), each from a QR and an
+``R x R`` SVD (the same vectors up to signs, which no inner method depends on). Every task update lies in their
 span, so ``tau_i = U_ref M_i V_ref^T`` exactly with the core ``M_i = (U_ref^T B_i)(A_i V_ref)``
 (``R x R``). The inner method merges the cores, and ``dW = alpha * U_ref M V_ref^T``: a LoRA of
 rank ``R`` with ``B = alpha U_ref M`` and ``A = V_ref^T``. The stacked factors are
@@ -40,7 +41,14 @@ from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fuse_by_module
 from engine.fusion.registry import FusionInputs, fusion_method
 from engine.fusion.selection import Knob, pick_on_support
-from engine.fusion.subspace import dare_drop, isotropic, task_factors, ties_rows, tsv_dense
+from engine.fusion.subspace import (
+    dare_drop,
+    isotropic,
+    left_singular_vectors,
+    task_factors,
+    ties_rows,
+    tsv_dense,
+)
 
 Inner = Literal["ta", "ties", "dare", "tsv", "iso_c"]
 DEFAULT_ALPHA = {"ta": 0.4, "ties": 1.0, "dare": 0.4, "tsv": 0.2, "iso_c": 1.0}
@@ -81,8 +89,8 @@ def core_bases(
     factors: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``(U_ref [d_out, R], Vh_ref [R, d_in], cores M_i [R, R])`` with ``B_i A_i = U_ref M_i Vh_ref``."""
-    vh_ref = torch.linalg.svd(torch.cat([a.double() for a, _ in factors]), full_matrices=False)[2]
-    u_ref = torch.linalg.svd(torch.cat([b.double() for _, b in factors], dim=1), full_matrices=False)[0]
+    vh_ref = left_singular_vectors(torch.cat([a.double() for a, _ in factors]).T).T
+    u_ref = left_singular_vectors(torch.cat([b.double() for _, b in factors], dim=1))
     cores = [(u_ref.T @ b.double()) @ (a.double() @ vh_ref.T) for a, b in factors]
     return u_ref, vh_ref, cores
 
