@@ -215,7 +215,7 @@ def bench_layout(k: int, rank: int, seed: int, repeats: int) -> dict:
     return {"layout": f"llama3-8b-all-r{rank}", "layers": 32, "per_module_s": per_module, "model_s": totals}
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], rows_2025: list[dict], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +223,7 @@ def plot(rows: list[dict], path) -> None:
 
     dims = [str(r["d"]) for r in rows]
     x = range(len(rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, spectral) = plt.subplots(1, 3, figsize=(15, 4))
     width = 0.27
     for offset, key, label in (
         (-width, "peft_svd_s", "PEFT dense svd"),
@@ -245,6 +245,24 @@ def plot(rows: list[dict], path) -> None:
     right.set_xlabel("d")
     right.set_ylabel("speed-up vs PEFT dense svd")
     right.legend()
+    width = 0.16
+    for n, (key, label) in enumerate(
+        (
+            ("icmf_svd_s", "icmf svd"),
+            ("icmf_core_space_s", "icmf core_space (tsv)"),
+            ("full_space_tsv_s", "TSV-M in full space"),
+            ("icmf_knots_s", "icmf knots (ties)"),
+            ("full_space_knots_s", "KnOTS in full space"),
+        )
+    ):
+        xs = [i + (n - 2) * width for i, r in enumerate(rows_2025) if key in r]
+        spectral.bar(xs, [r[key] for r in rows_2025 if key in r], width, label=label)
+    spectral.set_yscale("log")
+    spectral.set_xticks(range(len(rows_2025)), [str(r["d"]) for r in rows_2025])
+    spectral.set_xlabel("d")
+    spectral.set_ylabel("seconds per merge (log)")
+    spectral.set_title("2025 merges: low-rank vs full space")
+    spectral.legend(fontsize=7)
     fig.suptitle("merge_speed: K adapters, rank r, one d x d layer")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -301,7 +319,7 @@ def main() -> None:
     }
     result["environment"] = environment()
     write_json("merge_speed", result)
-    plot(rows, RESULTS / "merge_speed.png")
+    plot(rows, rows_2025, RESULTS / "merge_speed.png")
     print(f"wrote {RESULTS / 'merge_speed.json'} and .png")
 
 

@@ -15,7 +15,8 @@ LoRA convention: the reference applies these to full fine-tuning deltas, where t
 ``min(d_out, d_in)`` values. A sum of LoRAs has rank ``R <= sum r_i``; its other singular
 directions are an arbitrary basis of the null space, so here the spectrum (and the dimension that
 ``common_fraction`` divides) is the sum's ``R`` nonzero singular values. This is what Core Space
-merging's Iso-C computes for LoRAs (its core is ``R x R``). Everything is exact low-rank algebra:
+merging's Iso-C computes for LoRAs (its core is ``R x R``) whenever the sum has rank ``R``, and
+the reference itself whenever ``R >= min(d_out, d_in)``. Everything is exact low-rank algebra:
 QR of the stacked factors, small SVDs, and polar factors of ``[d, R]`` matrices; the output has
 rank ``R``.
 
