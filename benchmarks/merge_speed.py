@@ -10,8 +10,9 @@ For K adapters of rank r on one ``d x d`` linear layer, times (same process, sam
 Reports time ratios (goal: >= 20x at d = 2048) and the relative difference of the merged
 ``dW`` against PEFT's (goal: <= 1e-4). Writes results/merge_speed.json and .png.
 
-The 2025 merges that decompose all K updates together, next to the exact ``svd`` (``--dense-max``
-bounds the dims where their full-space versions run):
+The 2025 merges that decompose all K updates together, next to the exact ``svd``
+(``--methods 2025``; results/merge_speed_2025.json and .png; ``--dense-max`` bounds the dims where
+their full-space versions run; the merged ``dW`` must agree to <= 1e-4):
 
 - ``icmf_core_space``: ``core_space`` (inner ``tsv``, alpha 1) in the ``Kr x Kr`` core, against
   TSV-M computed in full space (a ``d x d`` SVD per task, polar factors of ``d x Kr``);
@@ -22,7 +23,9 @@ bounds the dims where their full-space versions run):
 LoRA on all seven linears (K adapters of rank r) and totals them over its 32 layers.
 
     .venv/bin/python benchmarks/merge_speed.py [--dims 1024 2048 4096] [--k 8] [--rank 16]
+        [--methods classic|2025|both]
     .venv/bin/python benchmarks/merge_speed.py --layout llama3-8b --k 8 --rank 16
+        (results/merge_speed_llama3_8b.json)
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ def bench_layout(k: int, rank: int, seed: int, repeats: int) -> dict:
     return {"layout": f"llama3-8b-all-r{rank}", "layers": 32, "per_module_s": per_module, "model_s": totals}
 
 
-def plot(rows: list[dict], rows_2025: list[dict], path) -> None:
+def plot(rows: list[dict], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +226,7 @@ def plot(rows: list[dict], rows_2025: list[dict], path) -> None:
 
     dims = [str(r["d"]) for r in rows]
     x = range(len(rows))
-    fig, (left, right, spectral) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.27
     for offset, key, label in (
         (-width, "peft_svd_s", "PEFT dense svd"),
@@ -245,6 +248,18 @@ def plot(rows: list[dict], rows_2025: list[dict], path) -> None:
     right.set_xlabel("d")
     right.set_ylabel("speed-up vs PEFT dense svd")
     right.legend()
+    fig.suptitle("merge_speed: K adapters, rank r, one d x d layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_2025(rows_2025: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, spectral = plt.subplots(figsize=(7, 4))
     width = 0.16
     for n, (key, label) in enumerate(
         (
@@ -281,6 +296,13 @@ def main() -> None:
         "--dense-max", type=int, default=2048, help="largest d where the full-space 2025 merges also run"
     )
     parser.add_argument("--layout", choices=("llama3-8b",), help="time the low-rank merges on a model layout")
+    parser.add_argument(
+        "--methods",
+        choices=("classic", "2025", "both"),
+        default="both",
+        help="classic: PEFT svd vs icmf svd/task_arithmetic (merge_speed.json); 2025: core_space and "
+        "knots (merge_speed_2025.json)",
+    )
     args = parser.parse_args()
     if args.layout:
         result = {"benchmark": "merge_speed_layout", "k": args.k, "rank": args.rank, "seed": args.seed}
@@ -289,38 +311,33 @@ def main() -> None:
         write_json("merge_speed_llama3_8b", result)
         print(f"whole model (32 layers): {result['model_s']}")
         return
-    rows = []
-    for d in args.dims:
-        row = bench_dim(d, args.k, args.rank, args.seed, args.repeats)
-        rows.append(row)
-        print(
-            f"d={d:5d}  peft svd {row['peft_svd_s']:.3f}s  icmf svd {row['icmf_svd_s']:.4f}s "
-            f"({row['speedup_svd']:.0f}x, rel diff {row['rel_diff_svd']:.1e})  task_arithmetic "
-            f"{row['icmf_task_arithmetic_s']:.4f}s ({row['speedup_task_arithmetic']:.0f}x, "
-            f"rel diff {row['rel_diff_task_arithmetic']:.1e})"
-        )
-    rows_2025 = []
-    for d in args.dims:
-        row = bench_2025(d, args.k, args.rank, args.seed, args.repeats, dense=d <= args.dense_max)
-        rows_2025.append(row)
-        print(
-            "  ".join(
-                f"{key} {value:.3g}" if isinstance(value, float) else f"{key}={value}"
-                for key, value in row.items()
+    if args.methods in ("classic", "both"):
+        rows = []
+        for d in args.dims:
+            row = bench_dim(d, args.k, args.rank, args.seed, args.repeats)
+            rows.append(row)
+            print(
+                f"d={d:5d}  peft svd {row['peft_svd_s']:.3f}s  icmf svd {row['icmf_svd_s']:.4f}s "
+                f"({row['speedup_svd']:.0f}x, rel diff {row['rel_diff_svd']:.1e})  task_arithmetic "
+                f"{row['icmf_task_arithmetic_s']:.4f}s ({row['speedup_task_arithmetic']:.0f}x, "
+                f"rel diff {row['rel_diff_task_arithmetic']:.1e})"
             )
-        )
-    result = {
-        "benchmark": "merge_speed",
-        "k": args.k,
-        "rank": args.rank,
-        "seed": args.seed,
-        "rows": rows,
-        "rows_2025": rows_2025,
-    }
-    result["environment"] = environment()
-    write_json("merge_speed", result)
-    plot(rows, rows_2025, RESULTS / "merge_speed.png")
-    print(f"wrote {RESULTS / 'merge_speed.json'} and .png")
+        result = {"benchmark": "merge_speed", "k": args.k, "rank": args.rank, "seed": args.seed, "rows": rows}
+        result["environment"] = environment()
+        write_json("merge_speed", result)
+        plot(rows, RESULTS / "merge_speed.png")
+        print(f"wrote {RESULTS / 'merge_speed.json'} and .png")
+    if args.methods in ("2025", "both"):
+        rows_2025 = []
+        for d in args.dims:
+            row = bench_2025(d, args.k, args.rank, args.seed, args.repeats, dense=d <= args.dense_max)
+            rows_2025.append(row)
+            print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        result = {"benchmark": "merge_speed_2025", "k": args.k, "rank": args.rank, "seed": args.seed}
+        result.update(rows=rows_2025, environment=environment())
+        write_json("merge_speed_2025", result)
+        plot_2025(rows_2025, RESULTS / "merge_speed_2025.png")
+        print(f"wrote {RESULTS / 'merge_speed_2025.json'} and .png")
 
 
 if __name__ == "__main__":
