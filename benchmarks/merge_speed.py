@@ -308,9 +308,17 @@ def main() -> None:
         help="classic: PEFT svd vs icmf svd/task_arithmetic (merge_speed.json); 2025: core_space and "
         "knots (merge_speed_2025.json)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (on a shared, oversubscribed machine 1 avoids OpenMP spin-waiting)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.layout:
         result = {"benchmark": "merge_speed_layout", "k": args.k, "rank": args.rank, "seed": args.seed}
+        result["torch_threads"] = torch.get_num_threads()
         result.update(bench_layout(args.k, args.rank, args.seed, args.repeats))
         result["environment"] = environment()
         write_json("merge_speed_llama3_8b", result)
@@ -339,6 +347,7 @@ def main() -> None:
             rows_2025.append(row)
             print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         result = {"benchmark": "merge_speed_2025", "k": args.k, "rank": args.rank, "seed": args.seed}
+        result["torch_threads"] = torch.get_num_threads()
         result.update(rows=rows_2025, environment=environment())
         write_json("merge_speed_2025", result)
         plot_2025(rows_2025, RESULTS / "merge_speed_2025.png")
