@@ -318,7 +318,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.layout:
         result = {"benchmark": "merge_speed_layout", "k": args.k, "rank": args.rank, "seed": args.seed}
-        result["torch_threads"] = torch.get_num_threads()
         result.update(bench_layout(args.k, args.rank, args.seed, args.repeats))
         result["environment"] = environment()
         write_json("merge_speed_llama3_8b", result)
@@ -347,7 +346,6 @@ def main() -> None:
             rows_2025.append(row)
             print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         result = {"benchmark": "merge_speed_2025", "k": args.k, "rank": args.rank, "seed": args.seed}
-        result["torch_threads"] = torch.get_num_threads()
         result.update(rows=rows_2025, environment=environment())
         write_json("merge_speed_2025", result)
         plot_2025(rows_2025, RESULTS / "merge_speed_2025.png")
