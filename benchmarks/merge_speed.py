@@ -15,7 +15,8 @@ The 2025 merges that decompose all K updates together, next to the exact ``svd``
 their full-space versions run; the merged ``dW`` must agree to <= 1e-4):
 
 - ``icmf_core_space``: ``core_space`` (inner ``tsv``, alpha 1) in the ``Kr x Kr`` core, against
-  TSV-M computed in full space (a ``d x d`` SVD per task, polar factors of ``d x Kr``);
+  TSV-M computed in full space (a ``d x d`` SVD per task, polar factors of ``d x Kr``); the same
+  merge when ``K r <= d`` (otherwise the core is ``d x d`` and keeps ``d/K`` triplets per task);
 - ``icmf_knots``: ``knots`` (TIES, density 0.2, alpha 1) from QR factors, against KnOTS in full
   space (the SVD of the dense ``d x K d`` concatenation, then the same TIES step).
 
