@@ -18,7 +18,9 @@ Inner methods (on the cores, as the reference's ``_merge_tensors``):
 - ``ta``: the sum (task arithmetic; equal to it in full space);
 - ``ties``: TIES with ``density`` (reference default ``topK=10``, i.e. 0.1), disjoint mean;
 - ``dare``: drop with probability ``drop`` (default 0.3), rescale by ``1/(1-drop)``, sum;
-- ``tsv``: TSV-M on the cores, each keeping ``int(R/K)`` singular triplets (the reference default);
+- ``tsv``: TSV-M on the cores, each keeping ``int(R/K)`` singular triplets (the reference default;
+  ``r`` with equal ranks, i.e. full-space TSV-M, unless ``R`` exceeds ``d_in`` or ``d_out`` and
+  the core shrinks to ``min(R, d)``);
 - ``iso_c``: the sum with its ``R`` singular values replaced by their mean (Iso-C; equal to
   :mod:`iso_c <engine.fusion.methods.iso>` in full space).
 
