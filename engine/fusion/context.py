@@ -36,6 +36,8 @@ class FusionContext:
             defaults to ``objective.adapter_loss``.
         icm_inputs_cache: keeps each input's ``icm`` encoding across fusions (a server's);
             results are bit-identical with and without it.
+        grams: each task's input Gram matrices by module, ``{task: {module: G [d_in, d_in]}}``
+            (``regmean``; computed from ``objective`` when unset).
     """
 
     fvae: FVAEArtifact | None = None
@@ -43,6 +45,7 @@ class FusionContext:
     objective: FewShotObjective | None = None
     loss_fn: Callable[[LoraAdapter], float] | None = None
     icm_inputs_cache: IcmInputsCache | None = None
+    grams: Mapping[str, Mapping[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.loss_fn is None and self.objective is not None:
@@ -59,4 +62,6 @@ CONTEXT_HINTS = {
     "loss_fn": "few-shot examples of the fused tasks to score candidates on: define the tasks with "
     "examples in the catalog (`icmf task add`)",
     "icm_inputs_cache": "an engine.fusion.icm_inputs.IcmInputsCache",
+    "grams": "each task's input Gram matrices ({task: {module: G}}), or few-shot examples of the fused "
+    "tasks to compute them from (`icmf task add`)",
 }

@@ -52,6 +52,12 @@ def params_and_context(method, catalog):
         return {"budget": 4, "compose": "factors"}, FusionContext(
             loss_fn=lambda a: sum(float(m.A.norm()) for m in a.modules.values())
         )
+    if method == "regmean":  # identity Gram matrices: every input direction weighs the same
+        d_in = {
+            n: m.d_in for e in catalog.entries() for n, m in catalog.load_adapter(e["id"]).modules.items()
+        }
+        identity = {name: torch.eye(d) for name, d in d_in.items()}
+        return {}, FusionContext(grams={e["task"]: identity for e in catalog.entries()})
     if method in ("ties", "dare_ties", "dare_linear", "magnitude_prune"):
         return {"density": 0.5}, None
     return {}, None

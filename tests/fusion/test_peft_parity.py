@@ -80,3 +80,22 @@ def test_matches_peft_add_weighted_adapter(adapter_dirs, combination_type, monke
         ours = fused.modules[name].delta()
         error = float((ours - delta).norm() / delta.norm())
         assert error < 2e-5, f"{combination_type} {name}: relative error {error:.2e}"
+
+
+# The 2025 merges have no PEFT counterpart; where they reduce to the exact weighted sum they must
+# give PEFT's ``cat`` (tasks enter as K w_i dW_i, so alpha = 1/K undoes the K).
+REDUCES_TO_CAT = {
+    "core_space_ta": ("core_space", {"inner": "ta", "alpha": 1 / len(WEIGHTS)}),
+    "star_full_spectrum": ("star", {"eta": 100.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REDUCES_TO_CAT))
+def test_2025_merges_reduce_to_peft_cat(adapter_dirs, case, monkeypatch):
+    method, params = REDUCES_TO_CAT[case]
+    expected = peft_merged_deltas(adapter_dirs, "cat", monkeypatch)
+    adapters = [load_adapter(p) for p in adapter_dirs]
+    fused = fuse_adapters(adapters, method, weights=WEIGHTS, params=params).adapter
+    for name, delta in expected.items():
+        error = float((fused.modules[name].delta() - delta).norm() / delta.norm())
+        assert error < 2e-5, f"{case} {name}: relative error {error:.2e}"

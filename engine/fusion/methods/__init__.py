@@ -1,3 +1,16 @@
 """Built-in fusion methods; importing this package registers them."""
 
-from engine.fusion.methods import cat, icm, linear, lorahub, pruning, task_arithmetic  # noqa: F401
+from engine.fusion.methods import (  # noqa: F401
+    cat,
+    core_space,
+    icm,
+    iso,
+    knots,
+    linear,
+    lorahub,
+    pruning,
+    regmean,
+    star,
+    task_arithmetic,
+    tsv,
+)

@@ -1,0 +1,63 @@
+"""RegMean's input Gram matrices through the LoRA host, and regmean fusing from the support examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.adapters import load_adapter
+from engine.fusion import FusionContext, fuse_adapters
+from engine.tasks.fewshot import FewShotObjective
+from engine.tasks.functional import adapter_factors
+from engine.tasks.grams import input_grams
+
+
+def test_grams_are_the_inputs_of_each_module(lab_catalog):
+    catalog = lab_catalog.catalog
+    objective = FewShotObjective.from_catalog(catalog, ["copy"], catalog.layout(), k=6)
+    host, batch = objective.host, objective.shots["copy"].batch
+    base = input_grams(host, batch)
+    assert set(base) == {m.name for m in host.layout.modules}
+    # Independently: layer 0's q_proj sees the first input norm of the token embeddings.
+    llama = host.model.get_base_model().model
+    with torch.no_grad():
+        x = llama.layers[0].input_layernorm(llama.embed_tokens(batch["input_ids"]))
+    x = x.reshape(-1, x.shape[-1]).double()
+    first = next(n for n in base if n.endswith("layers.0.self_attn.q_proj"))
+    torch.testing.assert_close(base[first], x.T @ x / x.shape[0])
+    # Through an adapter: layer 0's inputs are unchanged, a later layer's are not.
+    adapter = load_adapter(lab_catalog.dirs["copy"])
+    adapted = input_grams(host, batch, adapter_factors(adapter, host.layout))
+    torch.testing.assert_close(adapted[first], base[first])
+    last = next(n for n in reversed(list(base)) if n.endswith("q_proj"))
+    assert not torch.allclose(adapted[last], base[last])
+
+
+@pytest.mark.slow
+def test_regmean_from_the_support_examples(lab_catalog):
+    catalog = lab_catalog.catalog
+    objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], catalog.layout(), k=8)
+    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    context = FusionContext(objective=objective)
+    # Two copies of one adapter: RegMean returns it (the Gram matrices cancel).
+    same = fuse_adapters(
+        [adapters[0]] * 2, "regmean", params={"shrink": 0.0}, tasks=["copy", "reverse"], context=context
+    )
+    for name, module in same.adapter.modules.items():
+        expected = adapters[0].modules[name].delta()
+        assert float((module.delta() - expected).norm() / expected.norm()) < 1e-4
+    picked = fuse_adapters(adapters, "regmean", tasks=["copy", "reverse"], context=context)
+    details = picked.provenance["details"]
+    assert details["source"] == {"shrink": "support"} and len(details["candidates"]) == 6
+    assert details["support_loss"] == min(c["loss"] for c in details["candidates"])
+    through = fuse_adapters(
+        adapters,
+        "regmean",
+        params={"inputs_from": "adapter", "shrink": 0.9},
+        tasks=["copy", "reverse"],
+        context=FusionContext(objective=objective),
+    )
+    assert through.provenance["params"]["inputs_from"] == "adapter"
+    assert all(
+        torch.isfinite(m.A).all() and torch.isfinite(m.B).all() for m in through.adapter.modules.values()
+    )
