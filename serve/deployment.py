@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, IcmfError
 from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
 from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
@@ -30,7 +30,7 @@ from serve.spec import BASE_MODEL_ID
 ROUTING_IDS_PER_REPLICA = 256
 
 
-class LoadError(Exception):
+class LoadError(IcmfError):
     """An adapter could not be loaded; ``status`` is the HTTP status to report."""
 
     def __init__(self, message: str, status: int):

@@ -18,13 +18,14 @@ from typing import Any, Literal
 import pydantic
 
 from engine.catalog.schema import check_name
+from engine.errors import IcmfError
 
 BASE_MODEL_ID = "base"
 FUSED_PREFIX = "fused-"
 MAX_SPEC_INPUTS = 16
 
 
-class SpecError(ValueError):
+class SpecError(IcmfError, ValueError):
     """A malformed ``model`` field (HTTP 400 or 422)."""
 
     def __init__(self, message: str, status: int = 422):
