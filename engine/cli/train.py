@@ -15,10 +15,12 @@ def train(args) -> int:
     from engine._ray import ensure_ray
     from engine.cli._output import console
     from engine.meta.config import load_config
+    from engine.meta.preflight import plan_training
     from engine.meta.train import train_fvae
 
     cfg = load_config(args.config)
+    plan = plan_training(cfg, workers=args.workers)  # every fault listed before Ray starts
     ensure_ray()
-    path = train_fvae(cfg, resume=args.resume, workers=args.workers)
+    path = train_fvae(cfg, resume=args.resume, plan=plan)
     console.print(f"trained F-VAE written to {path}")
     return 0
