@@ -87,8 +87,10 @@ def fit_with_retries(
 
     Raises:
         the workers' deterministic error itself (its type and message), or Ray Train's
-        ``WorkerGroupError`` once the retries are spent.
+        ``WorkerGroupError`` / ``ControllerError`` once the retries are spent (or for a
+        controller failure that is not a worker's death).
     """
+    from ray.exceptions import RayActorError
     from ray.train import ControllerError, WorkerGroupError
 
     failures = 0
@@ -96,18 +98,22 @@ def fit_with_retries(
         try:
             return make_trainer().fit()
         except ControllerError as exc:
-            if is_deterministic(exc.controller_failure):
-                raise exc.controller_failure from None
-            raise
+            # The controller may be the one to notice a worker's death (an actor call failed).
+            cause = exc.controller_failure
+            if is_deterministic(cause):
+                raise cause from None
+            if not isinstance(cause, RayActorError):
+                raise
+            error, causes = exc, [type(cause).__name__]
         except WorkerGroupError as exc:
             fatal = first_deterministic(exc.worker_failures)
             if fatal is not None:
                 raise fatal from None
-            failures += 1
-            if max_failures != -1 and failures > max_failures:
-                raise
-            causes = sorted({type(e).__name__ for e in exc.worker_failures.values()})
-            log(
-                f"worker group failed ({', '.join(causes)}); restarting from the latest checkpoint "
-                f"(retry {failures} of {max_failures if max_failures != -1 else 'unlimited'})"
-            )
+            error, causes = exc, sorted({type(e).__name__ for e in exc.worker_failures.values()})
+        failures += 1
+        if max_failures != -1 and failures > max_failures:
+            raise error
+        log(
+            f"worker group failed ({', '.join(causes)}); restarting from the latest checkpoint "
+            f"(retry {failures} of {max_failures if max_failures != -1 else 'unlimited'})"
+        )
