@@ -73,7 +73,7 @@ def test_memory_estimate_is_checked_against_the_workers_memory(bad_setup):
     cfg = load_config(bad_setup)
     cfg = cfg.model_copy(update={"tasks": ["sign"]})
     plan = plan_training(cfg)
-    assert 0 < plan.memory.total and plan.memory.model > 0 and plan.memory.pool > 0
+    assert plan.memory.total > 0 and plan.memory.model > 0 and plan.memory.pool > 0
     with pytest.raises(MetaConfigError, match="memory: a training worker needs about"):
         plan_training(cfg, worker_memory=plan.memory.total // 2)
 
@@ -109,18 +109,15 @@ def test_icmf_train_fails_within_seconds_before_ray_starts(bad_setup):
 
 # ---------------------------------------------------------------------------------- in workers
 def test_fail_fast_classifies_errors():
-    with pytest.raises(WorkerFault, match=r"worker 0, step 3: RuntimeError: mat1 and mat2 shapes"):
-        with fail_fast("worker 0, step 3"):
-            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)")
-    with pytest.raises(ExamplesError):  # project errors pass unchanged
-        with fail_fast("setup"):
-            raise ExamplesError("x.jsonl", ["no such file"])
-    with pytest.raises(OSError):  # I/O may be transient: stays retryable
-        with fail_fast("setup"):
-            raise OSError("connection reset")
-    with pytest.raises(RuntimeError, match="Gloo"):  # a collective broken by a dead peer
-        with fail_fast("step"):
-            raise RuntimeError("[Gloo] Connection closed by peer")
+    shape_error = r"worker 0, step 3: RuntimeError: mat1 and mat2 shapes"
+    with pytest.raises(WorkerFault, match=shape_error), fail_fast("worker 0, step 3"):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)")
+    with pytest.raises(ExamplesError), fail_fast("setup"):  # project errors pass unchanged
+        raise ExamplesError("x.jsonl", ["no such file"])
+    with pytest.raises(OSError), fail_fast("setup"):  # I/O may be transient: stays retryable
+        raise OSError("connection reset")
+    with pytest.raises(RuntimeError, match="Gloo"), fail_fast("step"):  # a peer died
+        raise RuntimeError("[Gloo] Connection closed by peer")
     died = RuntimeError("ActorDiedError")
     fatal = TaskError("task 'x': bad")
     assert first_deterministic({0: died, 1: died}) is None

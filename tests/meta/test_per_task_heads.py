@@ -49,7 +49,7 @@ def test_specs_differ_only_in_the_head_and_share_one_objective(heads_catalog):
 
 
 def test_a_task_whose_adapted_modules_differ_is_refused(heads_catalog, tmp_path):
-    root, uri = heads_catalog
+    _, uri = heads_catalog
     catalog = Catalog(uri)
     spec, examples = write_task_files(tmp_path, "parity", spec_seed=7)  # another body
     assert (
