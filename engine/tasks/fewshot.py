@@ -24,6 +24,7 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter
+from engine.errors import IcmfError
 from engine.tasks.base import BaseTaskModel, Batch, Example
 from engine.tasks.errors import TaskError
 from engine.tasks.functional import Factors, LoraHost, adapter_factors
@@ -114,17 +115,27 @@ class FewShotObjective:
         from engine.tasks.shared_base import adapted_fingerprint, group_by_spec, shared_base_fault
         from engine.tasks.store import load_task
 
-        definitions = {t: load_task(catalog, t) for t in tasks}
-        examples, heads = {}, {}
-        for task, definition in definitions.items():
-            rows = getattr(load_task_examples(definition, catalog), split)
+        definitions, examples, heads, faults = {}, {}, {}, []
+        for task in tasks:  # every task's fault is listed at once
+            try:
+                definitions[task] = load_task(catalog, task)
+                rows = getattr(load_task_examples(definitions[task], catalog), split)
+            except IcmfError as exc:
+                faults.append(exc)
+                continue
             if rows.num_rows == 0:
-                raise TaskError(f"task {task!r}: its {split} split is empty")
+                faults.append(TaskError(f"task {task!r}: its {split} split is empty"))
+                continue
             if k is not None:
                 rows = rows.select(range(min(k, rows.num_rows)))
             examples[task] = rows.to_list()
             entries = catalog.entries(task=task)
             heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
+        if len(faults) == 1:
+            raise faults[0]
+        if faults:
+            lines = "\n".join(f"  - {f}" for f in faults)
+            raise TaskError(f"few-shot examples of {len(faults)} task(s) cannot be used:\n{lines}")
         groups = list(group_by_spec({t: d.model for t, d in definitions.items()}).values())
         models = [task_model(definitions[group[0]].model) for group in groups]
         bases = [model.build_base() for model in models]
