@@ -190,7 +190,7 @@ def plan_training(
     manifest = catalog.manifest()
     in_layout = set(manifest.filter(pc.equal(manifest["layout_id"], layout.layout_id))["task"].to_pylist())
     other_layout = [t for t in tasks if t not in in_layout]
-    if other_layout:
+    if other_layout and cfg.tasks is not None:  # named on purpose; else tasks of other base models
         faults.append(
             f"tasks {other_layout} have no adapters in layout {layout.layout_id}; name their layout "
             "with layout_id or leave them out (exclude_tasks)"
