@@ -148,7 +148,7 @@ def _trainer(loop, tmp_path: Path, name: str):
     return lambda: TorchTrainer(
         loop,
         train_loop_config={"dir": str(tmp_path), "examples": "missing.jsonl"},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.01}),
         run_config=RunConfig(
             name=name, storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=0)
         ),
