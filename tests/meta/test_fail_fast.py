@@ -155,8 +155,24 @@ def _trainer(loop, tmp_path: Path, name: str):
     )
 
 
+@pytest.fixture
+def own_placement_groups(ray_session):
+    """Remove the placement groups a failed run leaves behind: Ray Train's cleaner actor cannot
+    always reach the cluster (e.g. with several local Ray instances on one machine), and a group
+    left holding a CPU fraction starves the next test's Ray Data tasks."""
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    before = set(placement_group_table())
+    yield
+    for pg_id, info in placement_group_table().items():
+        if pg_id not in before and info["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray_session.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_placement_groups")
 def test_a_deterministic_worker_error_ends_the_run_at_once(ray_session, tmp_path):
     from engine.meta.failures import fit_with_retries
 
@@ -171,6 +187,7 @@ def test_a_deterministic_worker_error_ends_the_run_at_once(ray_session, tmp_path
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_placement_groups")
 def test_a_dead_worker_is_retried(ray_session, tmp_path):
     from engine.meta.failures import fit_with_retries
 
