@@ -7,8 +7,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
+def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class IcmfError(Exception):
-    """Base class of every error the engine raises on purpose."""
+    """Base class of every error the engine raises on purpose.
+
+    Errors cross process boundaries (Ray pickles a worker's exception to its driver), so they are
+    rebuilt from their message and attributes, not by calling ``__init__`` again: subclasses take
+    their own arguments (a source and a list of faults, ...), which ``BaseException`` would pass
+    back as the one formatted message and fail (``missing 1 required positional argument``).
+    """
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class FaultsError(IcmfError, ValueError):

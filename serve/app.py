@@ -33,7 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, IcmfError
 from engine.lru import ByteBoundedLRU
 from serve.config import ServeConfig
 from serve.deployment import AdapterModel
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 api = FastAPI(title="ICM-Fusion serving", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-class ApiError(Exception):
+class ApiError(IcmfError):
     """A request fault with its HTTP status and a reason for the client."""
 
     def __init__(self, status: int, message: str):

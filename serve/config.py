@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from engine.errors import FaultsError, pydantic_faults
+from engine.errors import FaultsError, IcmfError, pydantic_faults
 
 PATH_FIELDS = ("catalog", "base_model", "tokenizer", "fvae")
 
@@ -99,9 +99,52 @@ class ServeConfig(pydantic.BaseModel):
         except pydantic.ValidationError as exc:
             raise ServeConfigError("invalid serve config", pydantic_faults(exc.errors())) from None
         faults = config.missing_paths() if check_paths else []
+        if check_paths and not faults:
+            faults = config.content_faults()
         if faults:
             raise ServeConfigError("invalid serve config", faults)
         return config
+
+    def content_faults(self) -> list[str]:
+        """Faults a replica would hit at start-up, found on the driver first (Serve would restart
+        a failing replica again and again): the catalog opens, the base model's config and the
+        tokenizer load, the F-VAE loads and reads a layout of the catalog."""
+        faults = []
+        catalog = None
+        try:
+            from engine.catalog.catalog import Catalog
+
+            catalog = Catalog(self.catalog)
+            catalog.version()
+        except (IcmfError, OSError, ValueError) as exc:
+            faults.append(f"catalog: {self.catalog} cannot be opened ({exc})")
+            catalog = None
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(self.base_model)
+        except (OSError, ValueError) as exc:
+            faults.append(
+                f"base_model: {self.base_model} is not a model directory ({type(exc).__name__}: {exc})"
+            )
+        try:
+            from serve.host import load_tokenizer
+
+            load_tokenizer(self.tokenizer, self.tokenizer_kind)
+        except (OSError, ValueError, KeyError) as exc:
+            faults.append(f"tokenizer: {self.tokenizer} cannot be loaded as {self.tokenizer_kind!r} ({exc})")
+        if self.fvae:
+            try:
+                from engine.fvae.artifact import FVAEArtifact
+
+                layout_id = FVAEArtifact.load(self.fvae).layout.layout_id
+                if catalog is not None and layout_id not in set(catalog.manifest()["layout_id"].to_pylist()):
+                    faults.append(
+                        f"fvae: {self.fvae} reads layout {layout_id}, which no adapter of {self.catalog} has"
+                    )
+            except (IcmfError, OSError, ValueError, KeyError) as exc:
+                faults.append(f"fvae: {self.fvae} cannot be loaded ({type(exc).__name__}: {exc})")
+        return faults
 
     def missing_paths(self) -> list[str]:
         """Faults for local paths that do not exist (URIs such as ``s3://`` are not checked)."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray import serve
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, IcmfError
 from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
 from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
@@ -41,7 +41,7 @@ MAX_FACTOR_ABS = 1e4
 logger = logging.getLogger(__name__)
 
 
-class LoadError(Exception):
+class LoadError(IcmfError):
     """An adapter could not be loaded; ``status`` is the HTTP status to report."""
 
     def __init__(self, message: str, status: int):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import pydantic
 
 from engine.catalog.schema import check_name
+from engine.errors import IcmfError
 
 BASE_MODEL_ID = "base"
 FUSED_PREFIX = "fused-"
@@ -55,7 +56,7 @@ def loads_strict(text: str | bytes) -> Any:
         raise JsonError(str(exc), syntax=True) from None
 
 
-class SpecError(ValueError):
+class SpecError(IcmfError, ValueError):
     """A malformed ``model`` field (HTTP 400 or 422)."""
 
     def __init__(self, message: str, status: int = 422):

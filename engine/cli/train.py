@@ -15,11 +15,13 @@ def train(args) -> int:
     from engine._output import console, training_progress
     from engine._ray import ensure_ray
     from engine.meta.config import load_config
+    from engine.meta.preflight import plan_training
     from engine.meta.train import train_fvae
 
     cfg = load_config(args.config)
+    plan = plan_training(cfg, workers=args.workers)  # every fault listed before Ray starts
     ensure_ray()
     with training_progress(cfg.train.steps, print_reports=True) as show:
-        path = train_fvae(cfg, resume=args.resume, workers=args.workers, progress=show)
+        path = train_fvae(cfg, resume=args.resume, plan=plan, progress=show)
     console.print(f"trained F-VAE written to {path}")
     return 0

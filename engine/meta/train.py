@@ -37,6 +37,8 @@ from engine.fvae.normalize import SlotNormalizer
 from engine.fvae.taskvec import project
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
+from engine.meta.failures import fail_fast, fit_with_retries
+from engine.meta.preflight import TrainingPlan, check_memory, plan_training
 from engine.meta.schedule import SpikeGuard, learning_rate
 from engine.meta.step import DataLoss, EpisodeBatch, EpisodeSettings, episode_loss, slot_mask
 
@@ -192,7 +194,9 @@ def context_vectors(
     task has one), or None for adapter-derived vectors.
 
     Raises:
-        MetaConfigError: source context with tasks lacking a vector, or vectors of other models.
+        MetaConfigError: source context with tasks lacking a vector, vectors of different sizes,
+            or vectors of model specs that differ in the modules the adapters adapt (specs that
+            differ elsewhere, e.g. one head per task, are fine: :mod:`engine.tasks.shared_base`).
     """
     from engine.task_vectors import load_task_vectors
     from engine.task_vectors.store import vector_tasks
@@ -209,19 +213,49 @@ def context_vectors(
     if missing:
         return None
     stored = load_task_vectors(catalog, tasks)
-    models = {v.model for v in stored.values()}
+    models = sorted({v.model for v in stored.values()})
     dims = {v.dim for v in stored.values()}
-    if len(models) != 1 or len(dims) != 1:
+    if len(dims) != 1:
         raise MetaConfigError(
-            f"the tasks' stored vectors come from {len(models)} models / {len(dims)} sizes; recompute them with one model"
+            f"the tasks' stored vectors have {len(dims)} sizes {sorted(dims)}; recompute them with "
+            "models of one hidden size"
         )
+    if len(models) > 1:
+        shared_vector_models(catalog, stored, catalog.layout(cfg.layout_id))
     info = {
         "kind": "context",
         "dim": dims.pop(),
-        "model": models.pop(),
+        "model": models[0] if len(models) == 1 else models,
         "k": {t: v.k for t, v in stored.items()},
     }
     return {t: v.vector.float() for t, v in stored.items()}, info
+
+
+def shared_vector_models(catalog, stored: dict, layout: Layout) -> None:
+    """Vectors of several model specs condition one F-VAE when each was computed with its task's
+    current definition and the definitions agree on the adapted modules (e.g. one head per task).
+
+    Raises:
+        MetaConfigError: naming the stale vectors, or the tasks whose adapted modules differ.
+    """
+    from engine.task_vectors.vector import spec_hash
+    from engine.tasks.errors import TaskError
+    from engine.tasks.shared_base import check_shared_base
+    from engine.tasks.store import load_task, task_names
+
+    defined = set(task_names(catalog))
+    specs = {t: load_task(catalog, t).model for t in stored if t in defined}
+    stale = sorted(t for t, v in stored.items() if t not in specs or spec_hash(specs[t]) != v.model)
+    if stale:
+        raise MetaConfigError(
+            f"the stored vectors of {stale} were computed with another model spec than their task "
+            "definition's (the tasks' vectors come from several specs); recompute them with "
+            "`icmf taskvec` or use task_vectors.source: adapter_projection"
+        )
+    try:
+        check_shared_base(specs, [m.name for m in layout.modules])
+    except TaskError as exc:
+        raise MetaConfigError(f"stored task vectors: {exc}") from None
 
 
 def resolve_fusion_loss(cfg: MetaTrainConfig, catalog, tasks: list[str]) -> str:
@@ -352,12 +386,15 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop (one process per worker)."""
     import ray.train
 
-    cfg = MetaTrainConfig.model_validate(config["cfg"])
-    layout = Layout.from_dict(config["layout"])
-    # Copies: the arrays arrive read-only from Ray's object store.
-    normalizer = SlotNormalizer(torch.tensor(config["mean"]), torch.tensor(config["std"]))
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # Errors that would repeat (config, data, shapes) end the run at once (engine.meta.failures);
+    # streaming and the collectives stay outside, where a failure may be a peer's death.
+    with fail_fast(f"training worker {rank}, setting up"):
+        cfg = MetaTrainConfig.model_validate(config["cfg"])
+        layout = Layout.from_dict(config["layout"])
+        # Copies: the arrays arrive read-only from Ray's object store.
+        normalizer = SlotNormalizer(torch.tensor(config["mean"]), torch.tensor(config["std"]))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # Each worker streams its own share of the catalog (train_fvae: one dataset per share, every
@@ -372,13 +409,16 @@ def train_loop(config: dict[str, Any]) -> None:
         set(vectors),
     )
     fill_s = time.perf_counter() - fill_start
-    data_loss = None
-    if config["fusion_loss"] == "data":
-        data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
     device = ray.train.torch.get_device()
-    model = FVAE(fvae_config(cfg, layout, config.get("cond_dim"))).to(device)
-    normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    with fail_fast(f"training worker {rank}, setting up"):
+        data_loss = None
+        if config["fusion_loss"] == "data":
+            data_loss = data_fusion_loss(cfg, layout, sorted(vectors), cfg.train.seed + rank)
+        model = FVAE(fvae_config(cfg, layout, config.get("cond_dim"))).to(device)
+        normalizer = SlotNormalizer(normalizer.mean.to(device), normalizer.std.to(device))
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
     start = _load_checkpoint(model, optimizer)
     settings = EpisodeSettings(
         cfg.train.fusion_weight, cfg.train.combine, cfg.train.project, cfg.train.anchor
@@ -388,21 +428,22 @@ def train_loop(config: dict[str, Any]) -> None:
     window_start, window_steps, skipped = time.perf_counter(), 0, 0
     guard = SpikeGuard(cfg.train.skip_spikes)
     for step in range(start + 1, cfg.train.steps + 1):
-        episode = pool.sample(cfg.train.max_tasks, rng)
-        batch = EpisodeBatch(
-            x=torch.stack([store[i][0] for i in episode.adapter_index]).to(device),
-            mask=torch.stack([store[i][1] for i in episode.adapter_index]).to(device),
-            cond=torch.stack([vectors[t] for t in episode.tasks]).to(device),
-            tasks=episode.tasks,
-            ids=tuple(store[i][2] for i in episode.adapter_index),
-        )
-        model.train()
-        rate = learning_rate(step, cfg.train)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
-        optimizer.zero_grad()
-        losses["loss"].backward()
+        with fail_fast(f"training worker {rank}, step {step}"):
+            episode = pool.sample(cfg.train.max_tasks, rng)
+            batch = EpisodeBatch(
+                x=torch.stack([store[i][0] for i in episode.adapter_index]).to(device),
+                mask=torch.stack([store[i][1] for i in episode.adapter_index]).to(device),
+                cond=torch.stack([vectors[t] for t in episode.tasks]).to(device),
+                tasks=episode.tasks,
+                ids=tuple(store[i][2] for i in episode.adapter_index),
+            )
+            model.train()
+            rate = learning_rate(step, cfg.train)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            losses = episode_loss(model, normalizer, batch, layout, settings, data_loss)
+            optimizer.zero_grad()
+            losses["loss"].backward()
         if guard.accept(_average_gradients(model, losses["loss"])):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
@@ -506,11 +547,21 @@ def train_fvae(
     cfg: MetaTrainConfig,
     resume: bool = False,
     workers: int | None = None,
+    plan: TrainingPlan | None = None,
+    log=print,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
     """Meta-train an F-VAE on a catalog with Ray Train; returns the artifact location.
 
-    Needs a running Ray (``engine._ray.ensure_ray``). Statistics are recomputed when stale.
+    Needs a running Ray (``engine._ray.ensure_ray``). Everything checkable on the driver is
+    checked first (:func:`engine.meta.preflight.plan_training`; pass ``plan`` when the caller
+    already did, e.g. before starting Ray). Statistics are recomputed when stale. A worker error
+    that would repeat ends the run at once; a dead worker or node restarts the group from the
+    latest checkpoint, at most ``train.max_failures`` times (:mod:`engine.meta.failures`).
+
+    Raises:
+        MetaConfigError: the setup's faults, all listed; or the workers' deterministic error.
+
     ``progress`` is called on the driver with each report of rank 0 (``step``, ``steps`` and the
     window's metrics), from a background thread.
     """
@@ -518,33 +569,25 @@ def train_fvae(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from engine.catalog import Catalog
-
-    catalog = Catalog(cfg.catalog)
-    layout = catalog.layout(cfg.layout_id)
+    plan = plan or plan_training(cfg, workers)
+    check_memory(plan)
+    catalog, layout, tasks, shares = plan.catalog, plan.layout, plan.tasks, plan.shares
+    num_workers, fusion_loss = plan.workers, plan.fusion_loss
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         stats = catalog.compute_stats(layout.layout_id)
     normalizer = SlotNormalizer.for_arch(cfg.fvae.arch, layout, stats.mean, stats.std, stats.count)
-    num_workers = workers or cfg.train.workers
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
     # ``columns``, not ``select_columns``: a fused projection would coalesce blocks to whole shards.
     dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"])
-    tasks = cfg.task_filter(sorted(catalog.tasks()))
-    if not tasks:
-        raise MetaConfigError(
-            f"no training tasks: catalog {cfg.catalog} has {sorted(catalog.tasks())}, config keeps none"
-        )
-    fusion_loss = resolve_fusion_loss(cfg, catalog, tasks)
     in_context = context_vectors(cfg, catalog, tasks)
     if in_context is not None:
         vectors, vector_source = in_context
     else:
         vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
         vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
-    shares = worker_shares(catalog, layout.layout_id, tasks, num_workers, cfg.train.data_split)
     name, resuming = _run_name(cfg.out, resume)
     progress_queue = None
     if progress is not None:
@@ -552,37 +595,42 @@ def train_fvae(
 
         # No CPU: the training workers and Ray Data hold them all.
         progress_queue = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "layout": layout.to_dict(),
-            "mean": normalizer.mean.numpy(),
-            "std": normalizer.std.numpy(),
-            "threads": max(1, int(cpus)),
-            "task_vectors": vectors,
-            "cond_dim": int(vector_source["dim"]),
-            "fusion_loss": fusion_loss,
-            "num_shares": len(shares),
-            "progress": progress_queue,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
-        ),
-        # Our own split (not Ray Train's ``streaming_split``, which hands out blocks as workers ask
-        # and so cannot promise every worker every task: shards often hold one task each). Each
-        # dataset is configured only when a worker first asks for it, i.e. once per share.
-        datasets=worker_datasets(catalog, layout.layout_id, shares),
-        dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(
-            name=name,
-            storage_path=_storage_path(cfg.out),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
+
+    def trainer() -> TorchTrainer:
+        # A fresh trainer per attempt on the same run name: Ray Train resumes it from its latest
+        # checkpoint. Its own retries are off (max_failures=0): fit_with_retries decides.
+        return TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "cfg": cfg.model_dump(),
+                "layout": layout.to_dict(),
+                "mean": normalizer.mean.numpy(),
+                "std": normalizer.std.numpy(),
+                "threads": max(1, int(cpus)),
+                "task_vectors": vectors,
+                "cond_dim": int(vector_source["dim"]),
+                "fusion_loss": fusion_loss,
+                "num_shares": len(shares),
+                "progress": progress_queue,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cpus}
+            ),
+            # Our own split (not Ray Train's ``streaming_split``, which hands out blocks as workers
+            # ask and so cannot promise every worker every task: shards often hold one task each).
+            # Each dataset is configured only when a worker first asks for it, i.e. once per share.
+            datasets=worker_datasets(catalog, layout.layout_id, shares),
+            dataset_config=DataConfig(datasets_to_split=[]),
+            run_config=RunConfig(
+                name=name,
+                storage_path=_storage_path(cfg.out),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+
     with _forward_progress(progress_queue, progress):
-        result = trainer.fit()
+        result = fit_with_retries(trainer, cfg.train.max_failures, log)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as directory:

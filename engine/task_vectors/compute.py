@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.catalog import Catalog
-from engine.errors import CatalogError
+from engine.errors import CatalogError, IcmfError
 from engine.task_vectors.vector import (
     TaskVector,
     check_dims,
@@ -130,21 +130,35 @@ def plan_task_vectors(
     adapters: AdapterChoice | Mapping[str, AdapterChoice] = "first",
     model: ModelSpec | Mapping[str, Any] | str | None = None,
 ) -> list[TaskPlan]:
-    """Choose each task's examples and adapters (see :func:`compute_task_vectors`)."""
+    """Choose each task's examples and adapters (see :func:`compute_task_vectors`), on the driver
+    before any Ray work starts.
+
+    Raises:
+        TaskError: listing the faults of every task at once (definitions, examples, adapters).
+    """
     catalog = catalog if isinstance(catalog, Catalog) else Catalog(catalog)
     if not tasks:
         raise TaskError("no tasks given; name at least one task")
     if isinstance(examples, str) and len(tasks) > 1:
         raise TaskError(f"one examples file for {len(tasks)} tasks; map each task to its file")
     spec = load_model_spec(model) if model is not None else None
-    plans = []
+    plans, faults = [], []
     for task in tasks:
         source = examples if isinstance(examples, str) or examples is None else examples.get(task)
-        task_spec, rows, label = _examples_for(catalog, task, source, spec)
-        chosen = select_examples(rows, k, seed, what=f"task {task!r} ({label})")
-        choice = adapters.get(task, "first") if isinstance(adapters, Mapping) else adapters
-        ids = _adapters_for(catalog, task, choice) if with_adapter else []
+        try:
+            task_spec, rows, label = _examples_for(catalog, task, source, spec)
+            chosen = select_examples(rows, k, seed, what=f"task {task!r} ({label})")
+            choice = adapters.get(task, "first") if isinstance(adapters, Mapping) else adapters
+            ids = _adapters_for(catalog, task, choice) if with_adapter else []
+        except IcmfError as exc:
+            faults.append(exc)
+            continue
         plans.append(TaskPlan(task, task_spec, chosen, label, ids))
+    if len(faults) == 1:
+        raise faults[0]
+    if faults:
+        lines = "\n".join(f"  - {f}" for f in faults)
+        raise TaskError(f"{len(faults)} task(s) cannot be planned:\n{lines}")
     return plans
 
 

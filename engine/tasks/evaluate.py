@@ -27,6 +27,7 @@ from engine.tasks.base import task_model
 from engine.tasks.errors import TaskError
 from engine.tasks.examples import load_task_examples
 from engine.tasks.metrics import GAP_EPS, gap_closure, summarize_gaps
+from engine.tasks.shared_base import adapted_fingerprint, group_by_spec, shared_base_fault
 from engine.tasks.spec import TaskDefinition
 from engine.tasks.store import load_task
 
@@ -263,9 +264,15 @@ def evaluate_fusion(
     examples = {t: _eval_examples(definitions[t], catalog, max_eval) for t in tasks}
     step = progress or (lambda _n: None)
     metrics: dict[str, dict[str, dict]] = {t: {} for t in tasks}
-    for group in _group_by_model(definitions).values():
-        model = task_model(definitions[group[0]].model)
-        base = model.build_base()
+    groups = list(_group_by_model(definitions).values())
+    models = [task_model(definitions[group[0]].model) for group in groups]
+    bases = [model.build_base() for model in models]
+    if len(groups) > 1:  # one fused adapter for every task: the modules it adapts must agree
+        names = sorted(load_adapter(adapter).modules)
+        fault = shared_base_fault(groups, [adapted_fingerprint(base, names) for base in bases])
+        if fault is not None:
+            raise TaskError(fault)
+    for group, model, base in zip(groups, models, bases, strict=True):
         for t in group:
             metrics[t]["base"] = model.metrics(base, examples[t], batch_size)
             step(1)
@@ -295,11 +302,9 @@ def _eval_examples(definition: TaskDefinition, catalog: Catalog, max_eval: int |
 
 
 def _group_by_model(definitions: Mapping[str, TaskDefinition]) -> dict[str, list[str]]:
-    """Tasks sharing one model spec share one base model."""
-    groups: dict[str, list[str]] = {}
-    for task, definition in definitions.items():
-        groups.setdefault(definition.model.model_dump_json(), []).append(task)
-    return groups
+    """Tasks sharing one model spec share one base model; each other spec (e.g. another head)
+    gets its own."""
+    return group_by_spec({task: definition.model for task, definition in definitions.items()})
 
 
 @contextmanager

@@ -9,7 +9,9 @@ split, never the held-out one. It is differentiable in the adapter (through
 - ``lorahub``'s gradient-free weight search (:meth:`FewShotObjective.adapter_loss`, no grad).
 
 A task whose adapters carry a head (``modules_to_save``, e.g. a classifier) is scored with its
-own head, as a multi-head multi-task model would be.
+own head, as a multi-head multi-task model would be. Tasks may have different model specs (e.g.
+a custom model whose factory builds one head per task) when the modules their adapters adapt are
+the same (:mod:`engine.tasks.shared_base`): each task is scored with its own model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter
+from engine.errors import IcmfError
 from engine.tasks.base import BaseTaskModel, Batch, Example
 from engine.tasks.errors import TaskError
 from engine.tasks.functional import Factors, LoraHost, adapter_factors
@@ -39,12 +42,15 @@ class TaskShots:
         batch: the encoded support examples (the task model's ``encode``).
         head: the task's head tensors (``modules_to_save``), or None.
         count: number of examples.
+        host: the task's own model with LoRA slots, when it differs from the objective's
+            (another model spec with the same adapted modules); None: the objective's host.
     """
 
     task: str
     batch: Batch
     head: dict[str, torch.Tensor] | None = None
     count: int = 0
+    host: LoraHost | None = None
 
 
 @dataclass
@@ -52,7 +58,8 @@ class FewShotObjective:
     """Mean support loss over tasks of an adapter in ``host.layout``'s canonical form.
 
     Attributes:
-        host: the base model with LoRA slots (one per task model).
+        host: the base model with LoRA slots (tasks of other model specs carry their own host
+            in :class:`TaskShots`; all hosts share the layout).
         shots: task -> its encoded support examples and head.
     """
 
@@ -66,9 +73,11 @@ class FewShotObjective:
         layout: Layout,
         examples: Mapping[str, Sequence[Example]],
         heads: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+        base: torch.nn.Module | None = None,
     ) -> FewShotObjective:
-        """Build from examples in memory (``{task: [example, ...]}``) and optional heads."""
-        host = LoraHost(task_model, layout)
+        """Build from examples in memory (``{task: [example, ...]}``) and optional heads
+        (``base``: an already built plain base of ``task_model``, wrapped in place)."""
+        host = LoraHost(task_model, layout, base=base)
         heads = heads or {}
         shots = {}
         for task, rows in examples.items():
@@ -94,32 +103,57 @@ class FewShotObjective:
         the support split stays unseen until fusion).
 
         Heads come from each task's first catalog adapter (the one fusion treats as its own).
+        Tasks of different model specs get one host per spec; the specs must agree on the
+        layout's modules (:func:`engine.tasks.shared_base.check_shared_base`).
 
         Raises:
-            TaskError: a task without a definition, tasks of different models, or no examples in ``split``.
+            TaskError: a task without a definition, tasks whose adapted modules differ, or no
+                examples in ``split``.
         """
         from engine.tasks.base import task_model
         from engine.tasks.examples import load_task_examples
+        from engine.tasks.shared_base import adapted_fingerprint, group_by_spec, shared_base_fault
         from engine.tasks.store import load_task
 
-        definitions = {t: load_task(catalog, t) for t in tasks}
-        models = {d.model.model_dump_json() for d in definitions.values()}
-        if len(models) != 1:
-            raise TaskError(
-                f"tasks {list(tasks)} use {len(models)} different models; fuse tasks of one model"
-            )
-        examples, heads = {}, {}
-        for task, definition in definitions.items():
-            rows = getattr(load_task_examples(definition, catalog), split)
+        definitions, examples, heads, faults = {}, {}, {}, []
+        for task in tasks:  # every task's fault is listed at once
+            try:
+                definitions[task] = load_task(catalog, task)
+                rows = getattr(load_task_examples(definitions[task], catalog), split)
+            except IcmfError as exc:
+                faults.append(exc)
+                continue
             if rows.num_rows == 0:
-                raise TaskError(f"task {task!r}: its {split} split is empty")
+                faults.append(TaskError(f"task {task!r}: its {split} split is empty"))
+                continue
             if k is not None:
                 rows = rows.select(range(min(k, rows.num_rows)))
             examples[task] = rows.to_list()
             entries = catalog.entries(task=task)
             heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
-        model = task_model(next(iter(definitions.values())).model)
-        return cls.from_examples(model, layout, examples, heads)
+        if len(faults) == 1:
+            raise faults[0]
+        if faults:
+            lines = "\n".join(f"  - {f}" for f in faults)
+            raise TaskError(f"few-shot examples of {len(faults)} task(s) cannot be used:\n{lines}")
+        groups = list(group_by_spec({t: d.model for t, d in definitions.items()}).values())
+        models = [task_model(definitions[group[0]].model) for group in groups]
+        bases = [model.build_base() for model in models]
+        if len(groups) > 1:
+            names = [m.name for m in layout.modules]
+            fault = shared_base_fault(groups, [adapted_fingerprint(base, names) for base in bases])
+            if fault is not None:
+                raise TaskError(fault)
+        objective = cls.from_examples(
+            models[0], layout, {t: examples[t] for t in groups[0]}, heads, base=bases[0]
+        )
+        for group, model, base in zip(groups[1:], models[1:], bases[1:], strict=True):
+            other = cls.from_examples(model, layout, {t: examples[t] for t in group}, heads, base=base)
+            for task, shot in other.shots.items():
+                shot.host = other.host
+                objective.shots[task] = shot
+        objective.shots = {t: objective.shots[t] for t in tasks}  # the caller's task order
+        return objective
 
     @property
     def tasks(self) -> list[str]:
@@ -153,7 +187,8 @@ class FewShotObjective:
         if sample is not None and sample < shot.count:
             rows = torch.randperm(shot.count, generator=generator)[:sample]
             batch = select_rows(batch, rows)
-        return self.host.loss(adapter, batch, head=shot.head if head is None else head)
+        host = shot.host or self.host
+        return host.loss(adapter, batch, head=shot.head if head is None else head)
 
     def loss(
         self,
@@ -180,8 +215,10 @@ class FewShotObjective:
                 raise TaskError(f"task {task!r}: {shot.count} few-shot example(s); a split needs >= 2")
             order = torch.randperm(shot.count, generator=generator)
             cut = min(max(1, round(shot.count * fraction)), shot.count - 1)
-            first[task] = TaskShots(task, select_rows(shot.batch, order[:cut]), shot.head, cut)
-            second[task] = TaskShots(task, select_rows(shot.batch, order[cut:]), shot.head, shot.count - cut)
+            first[task] = TaskShots(task, select_rows(shot.batch, order[:cut]), shot.head, cut, shot.host)
+            second[task] = TaskShots(
+                task, select_rows(shot.batch, order[cut:]), shot.head, shot.count - cut, shot.host
+            )
         return FewShotObjective(self.host, first), FewShotObjective(self.host, second)
 
     def folds(self, k: int, seed: int = 0) -> list[tuple[FewShotObjective, FewShotObjective]]:

@@ -102,3 +102,21 @@ def test_icmf_serve_check_validates_the_file(tmp_path, capsys):
     assert main(["serve", str(bad), "--check"]) == 1
     err = capsys.readouterr().err
     assert all(word in err for word in ("cache_size", "base_model", "tokenizer"))
+
+
+def test_files_that_exist_but_cannot_be_served_fail_on_the_driver(tmp_path):
+    """A replica would fail on them at start-up, and Serve would restart it again and again."""
+    for name in ("base", "fvae"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "tok.json").write_text('{"format": "something-else"}')
+    args = {
+        "catalog": str(tmp_path),  # a directory, but no catalog in it
+        "base_model": str(tmp_path / "base"),
+        "tokenizer": str(tmp_path / "tok.json"),
+        "fvae": str(tmp_path / "fvae"),
+    }
+    with pytest.raises(ServeConfigError) as info:
+        ServeConfig.from_args(args)
+    message = str(info.value)
+    for fault in ("base_model: ", "is not a model directory", "tokenizer: ", "fvae: ", "cannot be loaded"):
+        assert fault in message, message

@@ -23,7 +23,6 @@ from typing import Literal
 
 import pydantic
 import torch
-from peft.utils import merge_utils
 
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.lowrank import dense_to_lowrank
@@ -56,14 +55,23 @@ def _prune_random(tensor: torch.Tensor, density: float, generator: torch.Generat
     return tensor * keep / density
 
 
+def _merge_utils():
+    # Imported when a merge runs: importing PEFT pulls in transformers' models (seconds), which
+    # every `icmf` command would otherwise pay when the CLI lists the methods.
+    from peft.utils import merge_utils
+
+    return merge_utils
+
+
 def _prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    return tensor if density >= 1 else merge_utils.magnitude_based_pruning(tensor, density)
+    return tensor if density >= 1 else _merge_utils().magnitude_based_pruning(tensor, density)
 
 
 def _elect_and_merge(pruned: list[torch.Tensor], weights: torch.Tensor, params: SignParams) -> torch.Tensor:
     stacked = torch.stack(pruned)  # [K, ...]
     w = weights.view((-1,) + (1,) * (stacked.dim() - 1)).to(stacked.dtype)
     if params.convention == "peft":
+        merge_utils = _merge_utils()
         agree = merge_utils.calculate_majority_sign_mask(stacked, method=params.majority_sign)
         return merge_utils.disjoint_merge(stacked * w, agree)
     weighted = stacked * w
