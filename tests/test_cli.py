@@ -100,25 +100,3 @@ def test_synth_and_stats(tmp_path, capsys, ray_session):
     stats = json.loads(out)
     assert code == 0 and stats["num_adapters"] == 20 and sum(stats["tasks"].values()) == 20
     assert stats["slots"] == 2 * 2 * 4 * 64 and stats["mean_std"] > 0
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys, ray_session):
-    argv = [
-        "demo",
-        "--workdir",
-        str(tmp_path / "demo"),
-        "--per-task",
-        "1",
-        "--steps",
-        "30",
-        "--fvae-steps",
-        "10",
-    ]
-    code, out, _ = run(capsys, *argv)
-    assert code == 0 and "demo finished" in out
-    for method in ("task_arithmetic", "ties", "lorahub", "icm", "icm+refine+span"):
-        assert method in out and (tmp_path / "demo" / "fused" / method / "adapter_model.safetensors").exists()
-    assert (tmp_path / "demo" / "fusion_quality.png").stat().st_size > 0
-    assert (tmp_path / "demo" / "catalog" / "manifest" / "v00000004.parquet").exists()
