@@ -84,8 +84,8 @@ def test_the_demo_serve_config_names_absolute_paths(tmp_path, monkeypatch, where
     monkeypatch.chdir(tmp_path)
     workdir = Path("icmf-demo") if where == "relative" else tmp_path / "icmf-demo"
     workdir.mkdir()
-    path = write_serve_config(workdir, Catalog(workdir / "catalog"), workdir / "fvae")
+    path = write_serve_config(workdir, Catalog(workdir / "catalog"), workdir / "fvae").resolve()
     monkeypatch.chdir(tmp_path / "icmf-demo")  # read from elsewhere
-    _, config = load_serve_file(path.resolve(), check_paths=False)
+    _, config = load_serve_file(path, check_paths=False)
     for value in (config.catalog, config.base_model, config.tokenizer, config.fvae):
         assert Path(value).is_absolute() and value.startswith(str(tmp_path / "icmf-demo"))
