@@ -1,4 +1,4 @@
-"""fusion_quality: every fusion method's gap closure on the lab's real suites (DESIGN.md §4).
+"""fusion_quality: every fusion method's gap closure on the lab's real suites (docs/design.md §4).
 
 For each suite (the lab's ``encoder`` and ``generative``, and ``features``: a custom-model
 classification suite with per-task heads and 16 support shots, :mod:`benchmarks.lab.features`,

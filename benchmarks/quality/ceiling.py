@@ -2,7 +2,7 @@
 
 No fusion method sees this much data (they see the tasks' adapters and at most their support
 examples); the row says how close to the own adapters a single adapter of the same rank can get
-at all, the way DESIGN.md §2's probe reports it. Generative suite only: the encoder's tasks each
+at all (docs/design.md §4, the ceiling row). Generative suite only: the encoder's tasks each
 need their own head, which a joint LoRA would have to share.
 """
 

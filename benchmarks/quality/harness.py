@@ -1,4 +1,4 @@
-"""Score fused adapters on a lab suite: base, own and fused losses, gap closure (DESIGN.md §4).
+"""Score fused adapters on a lab suite: base, own and fused losses, gap closure (docs/design.md §4).
 
 One :class:`SuiteHarness` per suite holds the frozen base with LoRA slots (built once), every kept
 task's held-out and support examples, its own adapter (run 0's final checkpoint in the ``main``

@@ -49,7 +49,7 @@ BASELINES: tuple[MethodRow, ...] = (
 )
 
 # ICM-Fusion rows (need a meta-trained F-VAE). ``icm`` is the paper's method as specified: latent
-# task-vector arithmetic, decode; the others add this project's few-shot steps (DESIGN.md §2.6).
+# task-vector arithmetic, decode; the others add this project's few-shot steps (docs/design.md §2.6).
 REFINE = {"refine_steps": 100, "refine_lr": 0.05}
 ICM_ROWS: tuple[MethodRow, ...] = (
     MethodRow("icm", "icm"),

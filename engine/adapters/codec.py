@@ -1,6 +1,6 @@
 """Adapter <-> canonical form <-> flat float32 vector (pure tensor math, no I/O).
 
-Canonical form (DESIGN.md §2.1): scaling folded into ``B`` (every canonical adapter has scaling 1),
+Canonical form (docs/design.md §2.1): scaling folded into ``B`` (every canonical adapter has scaling 1),
 ranks zero-padded to the layout's ``r_max``, modules the adapter does not target stored as zeros
 with ``mask = False``, and optionally each module in the canonical SVD gauge.
 """

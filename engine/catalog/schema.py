@@ -1,4 +1,4 @@
-"""Arrow schemas and names of a catalog's files (DESIGN.md §5).
+"""Arrow schemas and names of a catalog's files (docs/design.md §5).
 
     <root>/catalog.json                      settings (format, gauge)
     <root>/manifest/v00000001.parquet        one full manifest per committed version

@@ -1,4 +1,4 @@
-"""The Fusion-VAE over flat normalised LoRA vectors (DESIGN.md §2.4)."""
+"""The Fusion-VAE over flat normalised LoRA vectors (docs/design.md §2.4)."""
 
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE, kl_divergence

@@ -1,4 +1,4 @@
-"""Fusion in latent space (DESIGN.md §2.6), pure torch.
+"""Fusion in latent space (docs/design.md §2.6), pure torch.
 
 The paper adjusts the *orientation* of the task vectors to balance conflicting directions, then
 lets the F-VAE reconstruct one LoRA. This project's default: unit-normalise the task vectors,

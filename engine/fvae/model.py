@@ -1,6 +1,6 @@
 """The Fusion-VAE: a conditional VAE over flat normalised adapter vectors (pure torch, no I/O).
 
-``E([l; v]) -> (mu, logvar)``, ``D([z; v]) -> l`` (DESIGN.md §2.4). Two architectures share the
+``E([l; v]) -> (mu, logvar)``, ``D([z; v]) -> l`` (docs/design.md §2.4). Four architectures share the
 interface: the reference 1-D conv stack, a chunked variant, a dense MLP, and the module-token
 F-VAE (:mod:`engine.fvae.tokens`) for adapters of real 7-8 B models.
 """

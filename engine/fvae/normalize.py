@@ -1,4 +1,4 @@
-"""Per-slot normalisation of flat adapter vectors (DESIGN.md §2.2), pure torch."""
+"""Per-slot normalisation of flat adapter vectors (docs/design.md §2.2), pure torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Running ``icmf`` commands on a Ray cluster through the Ray Jobs API (DESIGN.md §7).
+"""Running ``icmf`` commands on a Ray cluster through the Ray Jobs API (docs/design.md §7).
 
 ``entrypoint`` checks and quotes the command locally (before anything reaches the cluster),
 ``runtime_env`` builds the job's runtime environment, ``client`` talks to the cluster.

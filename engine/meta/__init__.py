@@ -1,1 +1,1 @@
-"""Meta-training of the F-VAE in episodes (DESIGN.md §2.5)."""
+"""Meta-training of the F-VAE in episodes (docs/design.md §2.5)."""

@@ -1,4 +1,4 @@
-"""Episode sampling (DESIGN.md §2.5): task subsets, long-tail aware, pure Python/numpy.
+"""Episode sampling (docs/design.md §2.5): task subsets, long-tail aware, pure Python/numpy.
 
 Tasks are drawn uniformly — not in proportion to how many adapters they have — so tail tasks are
 not drowned by head tasks; then one adapter per drawn task, uniformly within the task.

@@ -1,6 +1,6 @@
 """Fusion losses for meta-training (pure torch, differentiable).
 
-With no task examples, the data-free proxy (DESIGN.md §2.5) asks the fused delta to act like each
+With no task examples, the data-free proxy (docs/design.md §2.5) asks the fused delta to act like each
 task's own delta on that task's input subspace — the row space of ``A_t``:
 ``|| (dW_f - dW_t) A_t^T ||^2 / || dW_t A_t^T ||^2``, computed from factors only
 (``dW A_t^T = B (A A_t^T)``), never forming ``d_out x d_in`` matrices.

@@ -1,4 +1,4 @@
-"""Meta-training the F-VAE with Ray Train (DESIGN.md §2.5).
+"""Meta-training the F-VAE with Ray Train (docs/design.md §2.5).
 
 Each worker streams its own share of the catalog (``train.data_split``: a disjoint, task-balanced
 split of every task's adapters by default) into a bounded, task-balanced pool, then runs

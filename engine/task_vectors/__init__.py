@@ -1,4 +1,4 @@
-"""In-context task vectors (DESIGN.md §2.3): per task, the base model's mean last-layer hidden
+"""In-context task vectors (docs/design.md §2.3): per task, the base model's mean last-layer hidden
 state over k examples, optionally with the task's adapter applied; computed on a Ray Data actor
 pool and stored in the catalog under ``task_vectors/<task>.json``."""
 

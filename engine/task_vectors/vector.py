@@ -2,7 +2,7 @@
 
 A task vector ``v_t [d]`` is the mean over k in-context examples of the base model's last-layer
 hidden state (causal LM: at the last token; encoder: pooled), optionally with the task's adapter
-applied (the ICM-LoRA reference does so). See DESIGN.md §2.3.
+applied (the ICM-LoRA reference does so). See docs/design.md §2.3.
 """
 
 from __future__ import annotations

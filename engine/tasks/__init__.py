@@ -6,7 +6,7 @@
 - :mod:`~engine.tasks.apply`: apply a PEFT adapter directory or a catalog adapter, unmerged.
 - :mod:`~engine.tasks.examples`: load JSON Lines / CSV / Parquet examples and split them.
 - :mod:`~engine.tasks.store`: task definitions under ``<catalog>/tasks/<name>.json``.
-- :mod:`~engine.tasks.evaluate`: gap closure of a fused adapter (DESIGN.md §4).
+- :mod:`~engine.tasks.evaluate`: gap closure of a fused adapter (docs/design.md §4).
 - :mod:`~engine.tasks.metrics`: the pure math behind all of it.
 """
 

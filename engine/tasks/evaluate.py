@@ -1,4 +1,4 @@
-"""Evaluate a fused adapter on its tasks (DESIGN.md §4).
+"""Evaluate a fused adapter on its tasks (docs/design.md §4).
 
 Per task t, on t's held-out eval split: the loss of the base model ``L_base``, of t's own adapter
 ``L_t`` and of the fused adapter ``L_f`` (plus accuracy or exact match, and perplexity for LMs),

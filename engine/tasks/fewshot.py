@@ -1,6 +1,6 @@
 """The few-shot objective: the mean loss of one adapter over the support examples of several tasks.
 
-It scores a *fused* adapter the way fusion is judged (DESIGN.md §4) but on the few-shot support
+It scores a *fused* adapter the way fusion is judged (docs/design.md §4) but on the few-shot support
 split, never the held-out one. It is differentiable in the adapter (through
 :class:`~engine.tasks.functional.LoraHost`), so it serves three consumers:
 

@@ -145,7 +145,7 @@ def finalize_classification(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def gap_closure(l_base: float, l_own: float, l_fused: float, eps: float = GAP_EPS) -> float | None:
-    """``G = (L_base - L_fused) / (L_base - L_own)`` (DESIGN.md §4).
+    """``G = (L_base - L_fused) / (L_base - L_own)`` (docs/design.md §4).
 
     1.0 = the fused adapter is as good as the task's own adapter, 0.0 = as good as no adapter,
     negative = worse than no adapter.

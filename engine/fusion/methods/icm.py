@@ -1,5 +1,5 @@
 """``icm``: ICM-Fusion — fusion by task-vector arithmetic in the latent space of a meta-trained
-F-VAE (DESIGN.md §2.6–2.7).
+F-VAE (docs/design.md §2.6–2.7).
 
 Each input adapter is put in the F-VAE's layout, normalised and encoded with its task's vector
 (the one seen in meta-training, or — for a task the F-VAE never saw — the vector derived from
@@ -493,7 +493,7 @@ def refine_latent(
     gate: float = 1.0,
     split: _PartialSplit | None = None,
 ):
-    """Few-shot latent refinement (DESIGN.md §2.6): Adam on the fusion weights and a residual of
+    """Few-shot latent refinement (docs/design.md §2.6): Adam on the fusion weights and a residual of
     the fused code (and of the fused task vector with ``refine_condition``), minimising the fused
     adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
     is frozen, so the adapter stays on the F-VAE's manifold. With ``decoded`` (the inputs' decoded
