@@ -31,7 +31,7 @@ class FVAEConfig:
             fused latent decodes the same in training and at fusion time. ``batch``: the
             reference's BatchNorm — its batch statistics make the one-sample fused decode of an
             episode differ between training (batch statistics) and inference (running
-            statistics); measured on the lab's generative suite, K = 2: G 0.77 vs 0.16.
+            statistics); benchmarks/README.md has the measurement.
             ``group``: GroupNorm with 8 channels per group; ``none``: no normalisation.
         recon_reduction: how reconstruction and KL are balanced. ``sum`` (default): the reference's
             — squared error summed over a sample's elements + ``kl_weight`` x KL — divided through

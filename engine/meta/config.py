@@ -59,8 +59,8 @@ class TrainSection(_Strict):
     lr_schedule: Literal["constant", "cosine"] = pydantic.Field(
         "constant",
         description="'constant': lr throughout (the reference's); 'cosine': linear warm-up, then a half "
-        "cosine from lr down to min_lr_ratio x lr at the last step (engine.meta.schedule). On the lab's "
-        "generative suite, 4000 constant steps reached a lower training fusion loss (1.30 vs 1.40)",
+        "cosine from lr down to min_lr_ratio x lr at the last step (engine.meta.schedule); constant is the "
+        "default because it fitted the lab better (benchmarks/README.md)",
     )
     warmup_steps: int | None = pydantic.Field(
         None, ge=0, description="cosine only; default 5% of the steps, at most 100"
