@@ -9,12 +9,18 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format clean
 
+# pip's own output goes to $(VENV)/install.log, shown only when the install fails.
+INSTALL_LOG := $(VENV)/install.log
+LOGGED = >>$(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); echo "install failed (log: $(INSTALL_LOG))"; exit 1; }
+
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip  # old pips backtrack for many minutes on this tree
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU_SPEC); fi
-	$(PY) -m pip install -q -e ".[dev,lab]"
-	touch $@
+	@echo "installing icm-fusion and its dependencies into $(VENV) (a few minutes the first time; log: $(INSTALL_LOG))"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@: > $(INSTALL_LOG)
+	@$(PY) -m pip install -q --upgrade pip $(LOGGED)  # old pips backtrack for many minutes on this tree
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU_SPEC) $(LOGGED); fi
+	@$(PY) -m pip install -q -e ".[dev,lab]" $(LOGGED)
+	@touch $@
 
 install: $(VENV)/.installed
 
