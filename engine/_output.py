@@ -111,7 +111,7 @@ def report_line(report: dict[str, Any]) -> str:
     """One training report as the user reads it."""
     skipped = f" ({report['skipped']} spike(s) skipped)" if report.get("skipped") else ""
     return (
-        f"step {report['step']}/{report['steps']} loss {report['loss']:.4f} recon {report['recon']:.4f} "
+        f"[icmf train] step {report['step']}/{report['steps']} loss {report['loss']:.4f} recon {report['recon']:.4f} "
         f"kl {report['kl']:.2f} fusion {report['fusion']:.4f} {report['episodes_per_s']:.1f} episodes/s{skipped}"
     )
 

@@ -40,6 +40,9 @@ class JsonError(ValueError):
         super().__init__(message)
         self.syntax = syntax
 
+    def __reduce__(self):  # pickled across Ray with both arguments, not only the message
+        return type(self), (str(self), self.syntax)
+
 
 def _refuse_constant(name: str) -> Any:
     raise JsonError(f"{name} is not a JSON number (numbers must be finite)", syntax=False)

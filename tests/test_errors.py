@@ -46,6 +46,8 @@ def _sample(name: str, annotation) -> object:
         return [f"{name}: first fault", f"{name}: second fault"]
     if text == "int":
         return 418
+    if text == "bool":
+        return True
     if "str" in text:
         return f"the {name}"
     raise AssertionError(f"no sample value for argument {name}: {text}; extend _sample")

@@ -244,8 +244,10 @@ class FewShotObjective:
             for task, shot in self.shots.items():
                 parts = orders[task].tensor_split(k)
                 rest = torch.cat([p for j, p in enumerate(parts) if j != i])
-                fit[task] = TaskShots(task, select_rows(shot.batch, rest), shot.head, len(rest))
-                held[task] = TaskShots(task, select_rows(shot.batch, parts[i]), shot.head, len(parts[i]))
+                fit[task] = TaskShots(task, select_rows(shot.batch, rest), shot.head, len(rest), shot.host)
+                held[task] = TaskShots(
+                    task, select_rows(shot.batch, parts[i]), shot.head, len(parts[i]), shot.host
+                )
             pairs.append((FewShotObjective(self.host, fit), FewShotObjective(self.host, held)))
         return pairs
 
