@@ -35,9 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import CatalogError, IcmfError
 from engine.lru import ByteBoundedLRU
+from engine.tasks.tokenizers import load_tokenizer
 from serve.config import ServeConfig
 from serve.deployment import AdapterModel
-from serve.host import load_tokenizer
 from serve.metrics import RequestMetrics
 from serve.spec import (
     BASE_MODEL_ID,
@@ -537,7 +537,7 @@ class Router:
     def _encode(self, text: str) -> list[int]:
         if len(text) > self.limits.max_prompt_chars:
             raise ApiError(400, f"prompt is {len(text)} characters; at most {self.limits.max_prompt_chars}")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_with_specials(text)
 
     def _check_length(self, body: GenerationRequest, ids: list[int]) -> list[int]:
         if body.max_tokens > self.limits.max_tokens:

@@ -28,9 +28,10 @@ from typing import Any
 from ray import serve
 
 from engine.errors import CatalogError, IcmfError
+from engine.tasks.tokenizers import load_tokenizer
 from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
-from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
+from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm
 from serve.metrics import ServeMetrics
 from serve.spec import BASE_MODEL_ID, FUSED_PREFIX
 

@@ -346,8 +346,8 @@ def generative_pretrain_job(lab_dir: str, size: GenerativeSize, seed: int, event
     """Pretrain the character-level Llama on generic text and save it with its tokenizer."""
     from benchmarks.lab import generative as G
     from benchmarks.lab import generative_tasks
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.examples import generative_words
+    from engine.tasks.chartok import CharTokenizer
 
     suite_dir = Path(lab_dir) / "generative"
     base_dir, record_path = suite_dir / "base", suite_dir / "pretrain.json"
@@ -402,8 +402,8 @@ def generative_task_job(lab_dir: str, task: str, size: GenerativeSize, seed: int
     from peft import get_peft_model
 
     from benchmarks.lab import generative as G
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.generative_tasks import DESCRIPTIONS
+    from engine.tasks.chartok import CharTokenizer
 
     suite_dir = Path(lab_dir) / "generative"
     report_path = suite_dir / "tasks" / f"{task}.json"

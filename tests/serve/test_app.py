@@ -42,8 +42,8 @@ def offline_greedy(served, adapter_dir, prompt=PROMPT, max_tokens=8) -> str:
     """The same adapter run offline: stock PEFT on a fresh base, ``generate`` with greedy decoding."""
     from peft import PeftModel
 
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.generative import load_base
+    from engine.tasks.chartok import CharTokenizer
 
     suite = served["suite"]
     tok = CharTokenizer.load(suite["tokenizer"]["path"])

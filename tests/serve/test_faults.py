@@ -248,8 +248,8 @@ def test_chat_prompt_uses_the_tokenizer_template(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from engine.tasks.tokenizers import HFTokenizer
     from serve.app import chat_prompt_ids
-    from serve.host import HFTokenizer
 
     words = ["<unk>", "</s>", "<user>", "<assistant>", "hello", "there"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
