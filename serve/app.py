@@ -43,7 +43,7 @@ from serve.spec import (
     BASE_MODEL_ID,
     MAX_SEED,
     JsonError,
-    SpecError,
+    ModelFieldError,
     Target,
     check_method_params,
     loads_strict,
@@ -493,7 +493,7 @@ class Router:
     def _resolve(self, model: Any) -> Target:
         try:
             target = parse_model_field(model, tuple(self.config.base_aliases), self.limits.max_model_chars)
-        except SpecError as exc:
+        except ModelFieldError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if target.kind == "adapter" and target.model_id in self.fusions:
             return Target("fusion", target.model_id, self.fusions[target.model_id])
@@ -519,7 +519,7 @@ class Router:
     def _check_spec(self, spec: dict[str, Any]) -> None:
         try:
             check_method_params(spec)
-        except SpecError as exc:
+        except ModelFieldError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if spec["method"] == "icm" and not self.config.fvae:
             raise ApiError(422, "method 'icm' needs an F-VAE and this server has none (config: fvae)")

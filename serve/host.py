@@ -4,7 +4,7 @@ Each linear module an adapter targets is wrapped once in :class:`LoraLinear`, wh
 base layer as it is and adds ``(x Aᵀ)(s·B)ᵀ`` for the adapter each sample asks for. Adapters
 are added and removed by name; a batch may mix adapters (``"__base__"`` = the bare base). The
 base weights are never written: merging would move d/r times more bytes per swap and drift in
-half precision (docs/design.md §6); :meth:`LoraHost.base_fingerprint` lets tests prove it.
+half precision (docs/design.md §6); :meth:`MultiLoraHost.base_fingerprint` lets tests prove it.
 
 Why not PEFT's ``PeftModel`` here: its per-sample ``adapter_names`` path registers hooks on every
 LoRA layer and splits the batch on every call, and ``add_adapter`` builds and initialises new
@@ -139,8 +139,11 @@ class LoraLinear(nn.Module):
         return y
 
 
-class LoraHost:
-    """A base causal LM hosting named LoRA adapters.
+class MultiLoraHost:
+    """A base causal LM hosting many named LoRA adapters for generation, routed per sample.
+
+    (The few-shot objective's :class:`engine.tasks.functional.LoraHost` is another thing: it
+    substitutes differentiable factors per call into one PEFT model and never generates.)
 
     Args:
         base: a ``PreTrainedModel`` (e.g. from :func:`load_causal_lm`); its targeted linear

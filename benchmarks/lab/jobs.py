@@ -56,25 +56,23 @@ def read_sidecar(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def save_adapter(peft_model, path: Path, base_id: str, meta: dict) -> None:
-    """``save_pretrained`` (no embedding layers, base id pinned) + sidecar, appearing atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, save_embedding_layers=False)
-    # PEFT keeps target_modules as a set, so its JSON order follows the process's string hash
-    # seed; sort it, or the same weights would get another sha256 (and catalog id) per build.
-    config_file = tmp / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base_id
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing here
-    (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+def save_peft_checkpoint(peft_model, path: Path, base_id: str, meta: dict) -> None:
+    """``save_pretrained`` (no embedding layers, base id pinned) + sidecar, appearing atomically
+    (:func:`engine.adapters.io.staged_dir`)."""
+    from engine.adapters.io import staged_dir
+
+    with staged_dir(path) as tmp:
+        peft_model.save_pretrained(tmp, save_embedding_layers=False)
+        # PEFT keeps target_modules as a set, so its JSON order follows the process's string hash
+        # seed; sort it, or the same weights would get another sha256 (and catalog id) per build.
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base_id
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing here
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _mean(values) -> float:
@@ -199,7 +197,7 @@ class _Saver:
             "eval": metrics,
             "path": str(path.relative_to(self.suite_dir)),
         }
-        save_adapter(model, path, self.base_id, meta)
+        save_peft_checkpoint(model, path, self.base_id, meta)
         self.metas.append(meta)
         self.events.put(("adapter", self.suite, self.task))
 

@@ -188,10 +188,10 @@ def test_auth(served):
 
 
 def test_swaps_never_touch_the_base_weights(served):
-    from serve.host import LoraHost, load_causal_lm
+    from serve.host import MultiLoraHost, load_causal_lm
 
     base_path = served["suite"]["base_model"]["path"]
-    pristine = LoraHost(load_causal_lm(base_path), eos_token_id=2, pad_token_id=0).base_fingerprint()
+    pristine = MultiLoraHost(load_causal_lm(base_path), eos_token_id=2, pad_token_id=0).base_fingerprint()
     for adapter in adapter_ids(served):  # more adapters than the cache holds: loads and evictions
         complete(served, adapter, max_tokens=2)
     health = get_json(served, "/status")
