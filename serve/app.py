@@ -33,7 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import CatalogError, IcmfError
+from engine.errors import CatalogError, IcmfError, pydantic_faults
 from engine.lru import ByteBoundedLRU
 from engine.tasks.tokenizers import load_tokenizer
 from serve.config import ServeConfig
@@ -178,8 +178,7 @@ def parse_body(raw: bytes, kind: type[GenerationRequest]) -> GenerationRequest:
     try:
         body = kind.model_validate(data)
     except pydantic.ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ApiError(422, f"invalid request: {reasons}") from None
+        raise ApiError(422, f"invalid request: {'; '.join(pydantic_faults(exc.errors()))}") from None
     except RecursionError:  # the fields' validators on a deep (but parseable) structure
         raise ApiError(400, "request body is nested too deeply") from None
     unsupported = body.unsupported()
@@ -282,7 +281,7 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, f"invalid request: {exc.errors()}")
+    return error_response(422, f"invalid request: {'; '.join(pydantic_faults(exc.errors()))}")
 
 
 @api.exception_handler(Exception)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pydantic
 
 from engine.catalog.schema import check_name
-from engine.errors import IcmfError
+from engine.errors import IcmfError, pydantic_faults
 
 BASE_MODEL_ID = "base"
 FUSED_PREFIX = "fused-"
@@ -173,7 +173,7 @@ def fusion_target(raw: Any) -> Target:
     try:
         spec = FusionSpec.model_validate(raw)
     except pydantic.ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+        reasons = "; ".join(pydantic_faults(exc.errors(), top="spec"))
         raise ModelFieldError(f"invalid fusion spec: {reasons}", 422) from None
     return Target("fusion", spec.model_id(), spec.canonical())
 
