@@ -11,7 +11,7 @@ import torch
 from benchmarks.lab.config import SIZES
 from benchmarks.lab.examples import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
 TINY = SIZES["tiny"]
 

@@ -13,6 +13,8 @@ from benchmarks.lab.config import SIZES, derive_seed
 from benchmarks.lab.examples import prepare_encoder, prepare_generative, read_jsonl
 from engine.tasks.chartok import CharTokenizer
 
+pytestmark = pytest.mark.lab
+
 
 def test_char_tokenizer_round_trip_and_save(tmp_path):
     tok = CharTokenizer()

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.serve.conftest import TOKEN
+from tests.helpers import SERVE_TOKEN as TOKEN
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.lab]
 PROMPT = "copy:planet="
 
 

@@ -214,7 +214,7 @@ def test_stop_matcher_holds_back_partial_matches():
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
     from serve.host import MultiLoraHost
-    from tests.conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     host = MultiLoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
     prompt = [[1, 5, 9, 12]]

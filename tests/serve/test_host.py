@@ -8,7 +8,7 @@ import torch
 from engine.adapters.io import load_adapter
 from engine.adapters.lora import LoraAdapter
 from serve.host import BASE_ADAPTER, MultiLoraHost
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 PROMPTS = [[1, 5, 9, 12], [1, 7], [1, 3, 3, 3, 8, 22]]
 
