@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -36,9 +35,13 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import environment
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO / "benchmarks" / "results" / "tmp"
@@ -312,30 +315,6 @@ def build_catalog(work_dir: Path, n: int, layout_spec: str, seed: int, num_tasks
 
 
 # ---------------------------------------------------------------------------------------- report
-def environment() -> dict[str, Any]:
-    import numpy
-    import psutil
-    import pyarrow
-    import ray
-    import torch
-
-    return {
-        "timestamp": datetime.now(timezone.utc).isoformat(),
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "cpu_count_physical": psutil.cpu_count(logical=False),
-        "total_memory_bytes": psutil.virtual_memory().total,
-        "loadavg_at_end": os.getloadavg(),
-    }
-
-
 def summarise(n: int, pa_res: dict, ray_res: dict) -> dict[str, Any]:
     sampled = ray_res["sampled"]
     return {
@@ -515,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "mb": "10^6 bytes of float32 weights (rows * N * 4)",
             "mib": "2^20 bytes",
         },
-        "environment": dict(environment(), loadavg_at_start=load_at_start),
+        "environment": dict(environment(), loadavg_at_start=load_at_start, loadavg_at_end=os.getloadavg()),
         "summary": rows,
         "peak_rss_ratio_largest_over_smallest": memory,
         "goals": goals,
@@ -530,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         png_path,
         f"catalog_scan: layout {args.layout} (N={layout.size} float32), batch {args.batch_size}; "
-        f"{env['cpu_count']} CPUs (load avg {load_at_start[0]:.1f} at start), Ray {env['ray']}, "
-        f"pyarrow {env['pyarrow']}; {result['environment']['timestamp'][:16]}Z",
+        f"{env['cpu_count']} CPUs (load avg {load_at_start[0]:.1f} at start), Ray {env['versions']['ray']}, "
+        f"pyarrow {env['versions']['pyarrow']}; {result['environment']['timestamp'][:16]}Z",
     )
     print()
     print_table(rows, memory)

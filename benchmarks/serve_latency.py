@@ -13,7 +13,7 @@ its adapter) and ``grouped`` (one forward per adapter within a Serve batch).
     python -m benchmarks.serve_latency --lab DIR --fvae DIR --quick
     python -m benchmarks.serve_latency --large-base          # results/serve_latency_large_base.*
 
-``--large-base`` times the replica's decode path alone (:class:`serve.host.LoraHost`, no HTTP or
+``--large-base`` times the replica's decode path alone (:class:`serve.host.MultiLoraHost`, no HTTP or
 Ray: the router and transport cost the same with or without an adapter) on a random Llama of
 hidden 512 and 8 layers, where the matmuls outweigh the fixed per-module cost of the LoRA wrapper:
 base-only against one cached rank-8 adapter on every attention and MLP projection, interleaved.
@@ -190,7 +190,7 @@ def large_base(hidden: int, layers: int, rank: int, requests: int, rounds: int, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.adapters.lora import LoraAdapter, LoraModule
-    from serve.host import BASE_ADAPTER, LoraHost
+    from serve.host import BASE_ADAPTER, MultiLoraHost
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # as a replica runs (torch_threads: 1)
@@ -209,7 +209,7 @@ def large_base(hidden: int, layers: int, rank: int, requests: int, rounds: int, 
         if name.rsplit(".", 1)[-1] in LARGE_TARGETS:
             a = torch.randn(rank, module.in_features) / module.in_features**0.5
             modules[name] = LoraModule(A=a, B=torch.randn(module.out_features, rank) * 0.01, scaling=2.0)
-    host = LoraHost(model, eos_token_id=2, pad_token_id=0)
+    host = MultiLoraHost(model, eos_token_id=2, pad_token_id=0)
     host.add("adapter", LoraAdapter(modules=modules, config={"r": rank}))
     prompt = list(range(3, 3 + 15))
     scenarios = {"base_only": BASE_ADAPTER, "cached_adapter": "adapter"}
@@ -235,7 +235,7 @@ def large_base(hidden: int, layers: int, rank: int, requests: int, rounds: int, 
 def main_large_base(args) -> int:
     result = {
         "loadavg_before": os.getloadavg(),
-        "note": "LoraHost decode path only (no HTTP, no Ray); scenarios interleaved per round",
+        "note": "MultiLoraHost decode path only (no HTTP, no Ray); scenarios interleaved per round",
         "max_tokens": args.max_tokens,
         **large_base(512, 8, 8, args.requests, args.rounds, args.max_tokens),
         "loadavg_after": os.getloadavg(),

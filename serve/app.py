@@ -33,17 +33,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import CatalogError, IcmfError
+from engine.errors import CatalogError, IcmfError, pydantic_faults
 from engine.lru import ByteBoundedLRU
+from engine.tasks.tokenizers import load_tokenizer
 from serve.config import ServeConfig
 from serve.deployment import AdapterModel
-from serve.host import load_tokenizer
 from serve.metrics import RequestMetrics
 from serve.spec import (
     BASE_MODEL_ID,
     MAX_SEED,
     JsonError,
-    SpecError,
+    ModelFieldError,
     Target,
     check_method_params,
     loads_strict,
@@ -178,8 +178,7 @@ def parse_body(raw: bytes, kind: type[GenerationRequest]) -> GenerationRequest:
     try:
         body = kind.model_validate(data)
     except pydantic.ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ApiError(422, f"invalid request: {reasons}") from None
+        raise ApiError(422, f"invalid request: {'; '.join(pydantic_faults(exc.errors()))}") from None
     except RecursionError:  # the fields' validators on a deep (but parseable) structure
         raise ApiError(400, "request body is nested too deeply") from None
     unsupported = body.unsupported()
@@ -282,7 +281,7 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, f"invalid request: {exc.errors()}")
+    return error_response(422, f"invalid request: {'; '.join(pydantic_faults(exc.errors()))}")
 
 
 @api.exception_handler(Exception)
@@ -493,7 +492,7 @@ class Router:
     def _resolve(self, model: Any) -> Target:
         try:
             target = parse_model_field(model, tuple(self.config.base_aliases), self.limits.max_model_chars)
-        except SpecError as exc:
+        except ModelFieldError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if target.kind == "adapter" and target.model_id in self.fusions:
             return Target("fusion", target.model_id, self.fusions[target.model_id])
@@ -519,7 +518,7 @@ class Router:
     def _check_spec(self, spec: dict[str, Any]) -> None:
         try:
             check_method_params(spec)
-        except SpecError as exc:
+        except ModelFieldError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if spec["method"] == "icm" and not self.config.fvae:
             raise ApiError(422, "method 'icm' needs an F-VAE and this server has none (config: fvae)")
@@ -537,7 +536,7 @@ class Router:
     def _encode(self, text: str) -> list[int]:
         if len(text) > self.limits.max_prompt_chars:
             raise ApiError(400, f"prompt is {len(text)} characters; at most {self.limits.max_prompt_chars}")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_with_specials(text)
 
     def _check_length(self, body: GenerationRequest, ids: list[int]) -> list[int]:
         if body.max_tokens > self.limits.max_tokens:

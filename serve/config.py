@@ -128,7 +128,7 @@ class ServeConfig(pydantic.BaseModel):
                 f"base_model: {self.base_model} is not a model directory ({type(exc).__name__}: {exc})"
             )
         try:
-            from serve.host import load_tokenizer
+            from engine.tasks.tokenizers import load_tokenizer
 
             load_tokenizer(self.tokenizer, self.tokenizer_kind)
         except (OSError, ValueError, KeyError) as exc:

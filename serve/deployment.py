@@ -28,9 +28,10 @@ from typing import Any
 from ray import serve
 
 from engine.errors import CatalogError, IcmfError
+from engine.tasks.tokenizers import load_tokenizer
 from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
-from serve.host import BASE_ADAPTER, LoraHost, load_causal_lm, load_tokenizer
+from serve.host import BASE_ADAPTER, MultiLoraHost, load_causal_lm
 from serve.metrics import ServeMetrics
 from serve.spec import BASE_MODEL_ID, FUSED_PREFIX
 
@@ -107,7 +108,7 @@ def fuse_spec(catalog, spec: dict[str, Any], fvae=None, icm_inputs=None):
     ).adapter
 
 
-def _generate_grouped(host: LoraHost, prompts, adapters, budgets, ignore, sampling) -> list[list[int]]:
+def _generate_grouped(host: MultiLoraHost, prompts, adapters, budgets, ignore, sampling) -> list[list[int]]:
     """One forward pass per distinct adapter in the batch (the alternative to mixed batches)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for name in dict.fromkeys(adapters):
@@ -150,7 +151,7 @@ class AdapterModel:
         torch.set_num_threads(self.config.torch_threads)
         self.catalog = Catalog(self.config.catalog, adapter_cache_bytes=self.config.read_cache_mib * 2**20)
         tokenizer = load_tokenizer(self.config.tokenizer, self.config.tokenizer_kind)
-        self.host = LoraHost(
+        self.host = MultiLoraHost(
             load_causal_lm(self.config.base_model), tokenizer.eos_token_id, tokenizer.pad_token_id
         )
         self.fvae = None

@@ -4,7 +4,7 @@ Each linear module an adapter targets is wrapped once in :class:`LoraLinear`, wh
 base layer as it is and adds ``(x Aᵀ)(s·B)ᵀ`` for the adapter each sample asks for. Adapters
 are added and removed by name; a batch may mix adapters (``"__base__"`` = the bare base). The
 base weights are never written: merging would move d/r times more bytes per swap and drift in
-half precision (docs/design.md §6); :meth:`LoraHost.base_fingerprint` lets tests prove it.
+half precision (docs/design.md §6); :meth:`MultiLoraHost.base_fingerprint` lets tests prove it.
 
 Why not PEFT's ``PeftModel`` here: its per-sample ``adapter_names`` path registers hooks on every
 LoRA layer and splits the batch on every call, and ``add_adapter`` builds and initialises new
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,60 +29,6 @@ from torch.nn import functional as F
 from engine.adapters.lora import LoraAdapter
 
 BASE_ADAPTER = "__base__"  # the bare base in a batch's adapter names (PEFT's spelling too)
-
-
-class CharTokenizer:
-    """The lab's character tokenizer read from its JSON file (``icmf-lab-char-tokenizer/1``):
-    ids 0..3 are ``<pad> <bos> <eos> <unk>``, then one id per character."""
-
-    FORMAT = "icmf-lab-char-tokenizer/1"
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "char_tokenizer.json"
-        data = json.loads(path.read_text())
-        if data.get("format") != self.FORMAT:
-            raise ValueError(f"{path}: not a lab char tokenizer (format {data.get('format')!r})")
-        self.chars = data["chars"]
-        self._ids = {c: i + 4 for i, c in enumerate(self.chars)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
-
-    def encode(self, text: str) -> list[int]:
-        """``<bos>`` followed by one id per character (unknown characters -> ``<unk>``)."""
-        return [self.bos_token_id] + [self._ids.get(c, self.unk_token_id) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i - 4] for i in ids if i >= 4)
-
-
-class HFTokenizer:
-    """A transformers tokenizer with the same small interface as :class:`CharTokenizer`."""
-
-    def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(str(path))
-        self.eos_token_id = self._tok.eos_token_id
-        self.pad_token_id = (
-            self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
-        )
-        self.chat_template = getattr(self._tok, "chat_template", None)  # None: chat is not served
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok(text)["input_ids"])
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """A chat rendered by the tokenizer's template, ready for the assistant's reply."""
-        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(path: str | Path, kind: str):
-    return CharTokenizer(path) if kind == "char" else HFTokenizer(path)
 
 
 def load_causal_lm(path: str | Path):
@@ -194,8 +139,11 @@ class LoraLinear(nn.Module):
         return y
 
 
-class LoraHost:
-    """A base causal LM hosting named LoRA adapters.
+class MultiLoraHost:
+    """A base causal LM hosting many named LoRA adapters for generation, routed per sample.
+
+    (The few-shot objective's :class:`engine.tasks.functional.LoraHost` is another thing: it
+    substitutes differentiable factors per call into one PEFT model and never generates.)
 
     Args:
         base: a ``PreTrainedModel`` (e.g. from :func:`load_causal_lm`); its targeted linear

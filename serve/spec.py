@@ -22,7 +22,7 @@ from typing import Any, Literal
 import pydantic
 
 from engine.catalog.schema import check_name
-from engine.errors import IcmfError
+from engine.errors import IcmfError, pydantic_faults
 
 BASE_MODEL_ID = "base"
 FUSED_PREFIX = "fused-"
@@ -59,7 +59,7 @@ def loads_strict(text: str | bytes) -> Any:
         raise JsonError(str(exc), syntax=True) from None
 
 
-class SpecError(IcmfError, ValueError):
+class ModelFieldError(IcmfError, ValueError):
     """A malformed ``model`` field (HTTP 400 or 422)."""
 
     def __init__(self, message: str, status: int = 422):
@@ -154,13 +154,13 @@ def parse_model_field(model: str, base_aliases: tuple[str, ...] = (), max_chars:
     """Resolve an OpenAI ``model`` string (syntax only; existence is checked by the caller).
 
     Raises:
-        SpecError: 400 for unparseable JSON or an oversized field, 422 for a well-formed but
+        ModelFieldError: 400 for unparseable JSON or an oversized field, 422 for a well-formed but
             invalid spec or name.
     """
     if not isinstance(model, str) or not model:
-        raise SpecError("'model' must be a non-empty string", 400)
+        raise ModelFieldError("'model' must be a non-empty string", 400)
     if len(model) > max_chars:
-        raise SpecError(f"'model' is {len(model)} characters; at most {max_chars}", 400)
+        raise ModelFieldError(f"'model' is {len(model)} characters; at most {max_chars}", 400)
     if model == BASE_MODEL_ID or model in base_aliases:
         return Target("base", BASE_MODEL_ID)
     if model.lstrip().startswith("{"):
@@ -168,7 +168,7 @@ def parse_model_field(model: str, base_aliases: tuple[str, ...] = (), max_chars:
     try:
         check_name("adapter id", model)
     except ValueError as exc:
-        raise SpecError(str(exc), 422) from None
+        raise ModelFieldError(str(exc), 422) from None
     return Target("adapter", model)
 
 
@@ -176,8 +176,8 @@ def fusion_target(raw: Any) -> Target:
     try:
         spec = FusionSpec.model_validate(raw)
     except pydantic.ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
-        raise SpecError(f"invalid fusion spec: {reasons}", 422) from None
+        reasons = "; ".join(pydantic_faults(exc.errors(), top="spec"))
+        raise ModelFieldError(f"invalid fusion spec: {reasons}", 422) from None
     return Target("fusion", spec.model_id(), spec.canonical())
 
 
@@ -186,14 +186,14 @@ def check_method_params(spec: dict[str, Any]) -> None:
     fusion itself would fail the same way, after reading every input).
 
     Raises:
-        SpecError: 422 for an unknown method or invalid parameters.
+        ModelFieldError: 422 for an unknown method or invalid parameters.
     """
     from engine.fusion.registry import get_method
 
     try:
         get_method(spec["method"]).parse_params(spec["params"])
     except ValueError as exc:
-        raise SpecError(f"invalid fusion spec: {exc}", 422) from None
+        raise ModelFieldError(f"invalid fusion spec: {exc}", 422) from None
 
 
 def _parse_json(text: str) -> Any:
@@ -202,5 +202,7 @@ def _parse_json(text: str) -> Any:
     except JsonError as exc:
         # A syntax error is a malformed request (400); well-formed but unusable is a bad spec.
         if exc.syntax:
-            raise SpecError(f"'model' looks like a fusion spec but is not valid JSON: {exc}", 400) from None
-        raise SpecError(f"invalid fusion spec: {exc}", 422) from None
+            raise ModelFieldError(
+                f"'model' looks like a fusion spec but is not valid JSON: {exc}", 400
+            ) from None
+        raise ModelFieldError(f"invalid fusion spec: {exc}", 422) from None

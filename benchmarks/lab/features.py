@@ -37,7 +37,7 @@ from benchmarks.lab.encoder import fit_linear_probe
 from benchmarks.lab.encoder_tasks import TASKS as LEXICON_TASKS
 from benchmarks.lab.encoder_tasks import split_examples
 from benchmarks.lab.examples import read_jsonl, write_jsonl
-from benchmarks.lab.jobs import save_adapter
+from benchmarks.lab.jobs import save_peft_checkpoint
 from benchmarks.lab.training import run_training
 
 SUITE = "features"
@@ -154,7 +154,7 @@ def _task(out: Path, base_path: Path, task: str, seed: int) -> dict[str, Any]:
                 "step": step,
             }
             meta["eval"] = _accuracy(peft_model, eval_x, eval_y)
-            save_adapter(peft_model, path, BASE_ID, meta)
+            save_peft_checkpoint(peft_model, path, BASE_ID, meta)
             adapters.append({**meta, "path": str(path)})
 
         run_training(

@@ -2,7 +2,7 @@
 
 Built from a ``LlamaConfig`` with a seeded random init, pretrained in the lab on generic text
 (:func:`pretrain`), saved with ``save_pretrained`` (safetensors) next to its
-:class:`~benchmarks.lab.chartok.CharTokenizer`. Task adapters are PEFT LoRA on the attention
+:class:`~engine.tasks.chartok.CharTokenizer`. Task adapters are PEFT LoRA on the attention
 projections; a training sequence is ``<bos> prompt completion <eos>`` with the loss on
 ``completion <eos>`` only.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.lab.chartok import CharTokenizer
 from benchmarks.lab.training import run_training
+from engine.tasks.chartok import CharTokenizer
 
 BASE_ID = "lab/tiny-llama-char"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -56,25 +56,23 @@ def read_sidecar(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def save_adapter(peft_model, path: Path, base_id: str, meta: dict) -> None:
-    """``save_pretrained`` (no embedding layers, base id pinned) + sidecar, appearing atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, save_embedding_layers=False)
-    # PEFT keeps target_modules as a set, so its JSON order follows the process's string hash
-    # seed; sort it, or the same weights would get another sha256 (and catalog id) per build.
-    config_file = tmp / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base_id
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing here
-    (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+def save_peft_checkpoint(peft_model, path: Path, base_id: str, meta: dict) -> None:
+    """``save_pretrained`` (no embedding layers, base id pinned) + sidecar, appearing atomically
+    (:func:`engine.adapters.io.staged_dir`)."""
+    from engine.adapters.io import staged_dir
+
+    with staged_dir(path) as tmp:
+        peft_model.save_pretrained(tmp, save_embedding_layers=False)
+        # PEFT keeps target_modules as a set, so its JSON order follows the process's string hash
+        # seed; sort it, or the same weights would get another sha256 (and catalog id) per build.
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base_id
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing here
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _mean(values) -> float:
@@ -199,7 +197,7 @@ class _Saver:
             "eval": metrics,
             "path": str(path.relative_to(self.suite_dir)),
         }
-        save_adapter(model, path, self.base_id, meta)
+        save_peft_checkpoint(model, path, self.base_id, meta)
         self.metas.append(meta)
         self.events.put(("adapter", self.suite, self.task))
 
@@ -346,8 +344,8 @@ def generative_pretrain_job(lab_dir: str, size: GenerativeSize, seed: int, event
     """Pretrain the character-level Llama on generic text and save it with its tokenizer."""
     from benchmarks.lab import generative as G
     from benchmarks.lab import generative_tasks
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.examples import generative_words
+    from engine.tasks.chartok import CharTokenizer
 
     suite_dir = Path(lab_dir) / "generative"
     base_dir, record_path = suite_dir / "base", suite_dir / "pretrain.json"
@@ -402,8 +400,8 @@ def generative_task_job(lab_dir: str, task: str, size: GenerativeSize, seed: int
     from peft import get_peft_model
 
     from benchmarks.lab import generative as G
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.generative_tasks import DESCRIPTIONS
+    from engine.tasks.chartok import CharTokenizer
 
     suite_dir = Path(lab_dir) / "generative"
     report_path = suite_dir / "tasks" / f"{task}.json"

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lab.chartok import DEFAULT_CHARS, SPECIALS
 from engine.tasks.spec import ModelSpec
 
 GENERATIVE_MAX_LENGTH = 128  # the lab Llama's max_position_embeddings
@@ -30,20 +29,10 @@ def suite_model_spec(suite: dict[str, Any]) -> ModelSpec:
             pooling="mean",
         )
     if suite["kind"] == "causal-lm":
-        chars = json.loads(Path(tokenizer["path"]).read_text()).get("chars", DEFAULT_CHARS)
         return ModelSpec(
             kind="causal_lm",
             path=base["path"],
-            tokenizer={
-                "kind": "char",
-                "vocab": [*SPECIALS, *chars],
-                "pad_token": SPECIALS[0],
-                "bos_token": SPECIALS[1],
-                "eos_token": SPECIALS[2],
-                "unk_token": SPECIALS[3],
-                "add_bos": True,
-                "add_eos": True,
-            },
+            tokenizer={"kind": "char", "path": tokenizer["path"], "add_bos": True, "add_eos": True},
             max_length=GENERATIVE_MAX_LENGTH,
         )
     if suite["kind"] == "custom-classification":  # benchmarks.lab.features

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from benchmarks.lab import generative
-from benchmarks.lab.chartok import CharTokenizer
 from benchmarks.lab.tasks import read_split
 from benchmarks.lab.training import run_training
 from engine.adapters import load_adapter
 from engine.adapters.lora import LoraAdapter
+from engine.tasks.chartok import CharTokenizer
 
 RANK = 8
 STEPS_PER_TASK = 160  # ~5 epochs of each task's 1,024 training examples at batch 32

@@ -7,11 +7,13 @@ file can run arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,20 +229,36 @@ def save_adapter(
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise AdapterError(str(out_dir), f"refusing to write non-finite values in {key}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
                 raise AdapterError(str(out_dir), f"invalid extra file name {name!r}")
             (staging / name).write_bytes(data)
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory next to ``out_dir`` to write an adapter into; on success it replaces
+    ``out_dir`` whole (readers see the old directory or the new one, never a mix), on an error it
+    is removed and ``out_dir`` is left as it was.
+
+    Example::
+
+        with staged_dir(out) as tmp:
+            peft_model.save_pretrained(tmp)
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def peft_state(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

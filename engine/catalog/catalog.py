@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from engine.adapters.codec import CanonicalAdapter, from_flat, to_canonical, to_flat, to_lora
+from engine.adapters.codec import from_flat, to_canonical, to_flat, to_lora
 from engine.adapters.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from engine.adapters.layout import Layout, ModuleSpec
 from engine.adapters.lora import LoraAdapter
@@ -329,11 +329,6 @@ class Catalog:
         weights = table.column("weights").combine_chunks().flatten().to_numpy()
         mask = np.asarray(table.column("mask")[0].as_py(), dtype=bool)
         return weights.astype(np.float32, copy=False), mask, extras_from_bytes(table["extras"][0].as_py())
-
-    def load_canonical(self, adapter_id: str) -> CanonicalAdapter:
-        entry = self.get(adapter_id)
-        weights, mask, _ = self._read_row(entry)
-        return from_flat(weights, self.layout(entry["layout_id"]), mask)
 
     def load_adapter(self, adapter_id: str) -> LoraAdapter:
         """A catalog adapter as a :class:`LoraAdapter` (scaling folded, same delta per module).

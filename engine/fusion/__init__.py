@@ -6,7 +6,6 @@ from engine.fusion.api import (
     fuse_adapters,
     fuse_from_catalog,
     fusion_context,
-    select_adapters,
 )
 from engine.fusion.context import FusionContext
 from engine.fusion.registry import (
@@ -31,5 +30,4 @@ __all__ = [
     "fusion_method",
     "get_method",
     "list_methods",
-    "select_adapters",
 ]

@@ -118,18 +118,12 @@ def fuse_adapters(
     return FusionResult(fused, provenance)
 
 
-def select_adapters(
-    catalog: Catalog, adapter_ids: list[str] | None = None, tasks: list[str] | None = None
-) -> list[str]:
-    """Adapter ids to fuse: the given ids, or for each task its first-ingested adapter."""
-    return [e["id"] for e in _select_entries(catalog, adapter_ids, tasks)]
-
-
 def _select_entries(
     catalog: Catalog, adapter_ids: list[str] | None = None, tasks: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """The manifest rows of :func:`select_adapters`' choice (a task's row is looked up once, not
-    again by its id: each lookup lists the manifest versions, a LIST on object stores)."""
+    """The manifest rows to fuse: the given ids, or for each task its first-ingested adapter (a
+    task's row is looked up once, not again by its id: each lookup lists the manifest versions, a
+    LIST on object stores)."""
     if bool(adapter_ids) == bool(tasks):
         raise FusionConfigError("give either adapter ids or task names (exactly one of the two)")
     if adapter_ids:

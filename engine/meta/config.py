@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,10 @@ import pydantic
 import yaml
 
 from engine.errors import FaultsError, pydantic_faults
+from engine.fvae.config import FVAEConfig
+
+# FVAEConfig's defaults: the one place they are set
+_FVAE = {f.name: f.default for f in dataclasses.fields(FVAEConfig) if f.default is not dataclasses.MISSING}
 
 
 class MetaConfigError(FaultsError):
@@ -20,22 +25,26 @@ class _Strict(pydantic.BaseModel):
 
 
 class FVAESection(_Strict):
+    """The F-VAE's settings: defaults (and meanings) are :class:`engine.fvae.config.FVAEConfig`'s."""
+
     arch: Literal["conv", "chunked", "mlp", "tokens"] = pydantic.Field(
-        "conv",
+        _FVAE["arch"],
         description="'tokens': the module-token F-VAE (one token per rank component of every module; "
         "parameters independent of depth and N; per-module-type scale normaliser)",
     )
-    latent_dim: int = pydantic.Field(256, gt=0)
-    depth: int = pydantic.Field(12, gt=0, le=20)
-    channels: int = pydantic.Field(8, gt=0)
-    max_channels: int = pydantic.Field(64, gt=0)
-    chunk_size: int = pydantic.Field(1024, gt=0)
-    hidden: int = pydantic.Field(256, gt=0)
-    token_queries: int = pydantic.Field(8, gt=0, description="tokens only: attention-pooling queries")
-    kl_weight: float = pydantic.Field(0.005, ge=0)
-    norm: Literal["none", "instance", "batch", "group"] = "instance"
+    latent_dim: int = pydantic.Field(_FVAE["latent_dim"], gt=0)
+    depth: int = pydantic.Field(_FVAE["depth"], gt=0, le=20)
+    channels: int = pydantic.Field(_FVAE["channels"], gt=0)
+    max_channels: int = pydantic.Field(_FVAE["max_channels"], gt=0)
+    chunk_size: int = pydantic.Field(_FVAE["chunk_size"], gt=0)
+    hidden: int = pydantic.Field(_FVAE["hidden"], gt=0)
+    token_queries: int = pydantic.Field(
+        _FVAE["token_queries"], gt=0, description="tokens only: attention-pooling queries"
+    )
+    kl_weight: float = pydantic.Field(_FVAE["kl_weight"], ge=0)
+    norm: Literal["none", "instance", "batch", "group"] = _FVAE["norm"]
     recon_reduction: Literal["mean", "sum"] = pydantic.Field(
-        "sum",
+        _FVAE["recon_reduction"],
         description="'sum': the reference's balance, squared error summed over a sample's elements "
         "+ kl_weight x KL (divided through by the elements, so per element KL weighs kl_weight / N); "
         "'mean': per-element mean + kl_weight x KL, which on the lab suites collapses the posterior",

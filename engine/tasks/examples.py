@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from engine.catalog import Catalog
 
 MAX_FAULTS = 10  # bad rows listed in one error before "... and N more"
-TEXT_ROLES = ("prompt", "completion", "text")
 SPLIT_ROLE = "split"  # the column of predefined splits (SplitSpec.column), read as text
 SPLIT_NAMES = ("train", "support", "eval")
 

@@ -74,7 +74,8 @@ class TokenizerSpec(_Strict):
     Attributes:
         kind: ``char`` (one token per character), ``whitespace`` (one token per
             whitespace-separated word), or ``hf`` (a transformers tokenizer saved in ``path``).
-        path: local directory of a transformers tokenizer (``hf`` only; never downloaded).
+        path: local directory of a transformers tokenizer (``hf``; never downloaded), or a
+            character tokenizer file (``char``; :mod:`engine.tasks.chartok`) instead of ``vocab``.
         vocab: token strings in id order (``char``/``whitespace``). ``char`` defaults to
             ``<pad> <bos> <eos> <unk>`` then printable ASCII; ``whitespace`` needs one.
         pad_token, bos_token, eos_token, unk_token: special tokens, entries of ``vocab``
@@ -101,13 +102,15 @@ class TokenizerSpec(_Strict):
         kind, vocab = data.get("kind"), data.get("vocab")
         specials = {k: data.get(k) for k in ("pad_token", "bos_token", "eos_token", "unk_token")}
         faults = []
-        if kind == "hf":
-            if not data.get("path"):
+        if kind == "hf" or (kind == "char" and data.get("path") is not None):
+            # the tokenizer (a transformers directory, a character tokenizer file) has its own vocab
+            source = "kind 'hf'" if kind == "hf" else "a tokenizer file (path)"
+            if kind == "hf" and not data.get("path"):
                 faults.append("path: required for kind 'hf' (a local directory with tokenizer files)")
             if vocab is not None:
-                faults.append("vocab: not used by kind 'hf'; remove it (the tokenizer has its own)")
+                faults.append(f"vocab: not used by {source}; remove it (the tokenizer has its own)")
             faults += [
-                f"{k}: not used by kind 'hf'; set special tokens on the tokenizer itself"
+                f"{k}: not used by {source}; the tokenizer brings its own special tokens"
                 for k, v in specials.items()
                 if v is not None
             ]

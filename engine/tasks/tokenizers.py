@@ -1,14 +1,18 @@
-"""Text -> token ids: built-in character / whitespace tokenizers, and transformers tokenizers.
+"""Text -> token ids: built-in character / whitespace tokenizers, the character tokenizer file
+(:mod:`engine.tasks.chartok`), and transformers tokenizers.
 
 The built-in tokenizers need no files and no hub, so tests and the tiny lab model run anywhere;
 a transformers tokenizer is loaded from a local directory only (``local_files_only=True``).
+Task models and the server load tokenizers here, so both turn a text into the same ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from engine.tasks.chartok import CharTokenizer
 from engine.tasks.errors import TaskError
 from engine.tasks.spec import DEFAULT_CHAR_SPECIALS, TokenizerSpec
 
@@ -98,9 +102,18 @@ class HFTokenizer:
         self.eos_token_id = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_token_id = pad if pad is not None else 0  # padding is masked; any id works
+        self.chat_template = getattr(tok, "chat_template", None)  # None: chat is not served
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A chat rendered by the tokenizer's template, ready for the assistant's reply."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode_with_specials(self, text: str) -> list[int]:
         """Ids with the tokenizer's own special tokens (e.g. ``[CLS] ... [SEP]``)."""
@@ -123,7 +136,7 @@ class TextEncoder:
         add_eos: append EOS to completions and texts.
     """
 
-    tokenizer: VocabTokenizer | HFTokenizer
+    tokenizer: VocabTokenizer | CharTokenizer | HFTokenizer
     add_bos: bool
     add_eos: bool
 
@@ -165,6 +178,9 @@ def build_text_encoder(spec: TokenizerSpec) -> TextEncoder:
     if spec.kind == "hf":
         tokenizer = HFTokenizer(spec.path)
         add_bos = tokenizer.adds_bos_by_default() if spec.add_bos is None else spec.add_bos
+    elif spec.path is not None:  # kind char, from a character tokenizer file
+        tokenizer = _char_tokenizer_file(spec.path)
+        add_bos = True if spec.add_bos is None else spec.add_bos
     else:
         if spec.vocab is None:  # default char vocab and its specials
             specials = {k: getattr(spec, k) or v for k, v in DEFAULT_CHAR_SPECIALS.items()}
@@ -181,3 +197,23 @@ def build_text_encoder(spec: TokenizerSpec) -> TextEncoder:
         if value and token_id is None:
             raise TaskError(f"tokenizer.{flag} is true but the tokenizer has no such token; set it false")
     return TextEncoder(tokenizer=tokenizer, add_bos=add_bos, add_eos=spec.add_eos)
+
+
+def _char_tokenizer_file(path: str) -> CharTokenizer:
+    try:
+        return CharTokenizer.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TaskError(
+            f"tokenizer.path {path!r}: cannot load a character tokenizer from it ({exc}); "
+            "give a char_tokenizer.json file (or its directory) written by CharTokenizer.save"
+        ) from None
+
+
+def load_tokenizer(path: str | Path, kind: str) -> CharTokenizer | HFTokenizer:
+    """The tokenizer the server encodes prompts and decodes outputs with: a character tokenizer
+    file (``kind="char"``) or a transformers tokenizer directory (``"hf"``).
+
+    Raises:
+        TaskError: the file or directory cannot be loaded as ``kind``.
+    """
+    return _char_tokenizer_file(str(path)) if kind == "char" else HFTokenizer(str(path))

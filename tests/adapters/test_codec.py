@@ -21,7 +21,7 @@ from engine.adapters import (
     to_lora,
 )
 from engine.errors import AdapterError
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

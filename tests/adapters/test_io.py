@@ -11,7 +11,7 @@ from peft import PeftModel
 from engine.adapters import load_adapter, save_adapter
 from engine.adapters.lora import LoraModule
 from engine.errors import AdapterError
-from tests.conftest import make_adapter, rewrite_config, rewrite_weights, tiny_bert, tiny_llama
+from tests.helpers import make_adapter, rewrite_config, rewrite_weights, tiny_bert, tiny_llama
 
 Q0 = "model.layers.0.self_attn.q_proj"
 

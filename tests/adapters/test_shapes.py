@@ -12,7 +12,7 @@ from engine.adapters.layout import Layout
 from engine.adapters.shapes import layout_from_config, module_shapes
 from engine.catalog import Catalog
 from engine.errors import AdapterError, CatalogError, IngestError
-from tests.conftest import make_adapter, tiny_llama
+from tests.helpers import make_adapter, tiny_llama
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -16,7 +16,7 @@ import torch
 from engine.adapters import load_adapter
 from engine.catalog import Catalog
 from engine.errors import AdapterError, CatalogError, IngestError
-from tests.conftest import make_adapter, rewrite_config, rewrite_weights, tiny_llama
+from tests.helpers import make_adapter, rewrite_config, rewrite_weights, tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def test_batch_with_disagreeing_shapes_is_rejected(tmp_path):
 
 
 def test_modules_to_save_travel_with_the_adapter(tmp_path):
-    from tests.conftest import tiny_bert
+    from tests.helpers import tiny_bert
 
     path = make_adapter(
         tmp_path / "cls", base=tiny_bert(), target_modules=("query", "value"), modules_to_save=["classifier"]

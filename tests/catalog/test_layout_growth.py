@@ -17,7 +17,7 @@ from engine.catalog import Catalog
 from engine.catalog import catalog as catalog_module
 from engine.catalog import fs as cfs
 from engine.errors import CatalogError, CommitConflict, IngestError
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def rel_err(a, b) -> float:

@@ -10,7 +10,7 @@ import pytest
 from engine.adapters import load_adapter
 from engine.catalog import Catalog
 from engine.errors import IngestError
-from tests.conftest import make_adapter, rewrite_config
+from tests.helpers import make_adapter, rewrite_config
 
 
 def rel_err(a, b) -> float:

@@ -17,7 +17,7 @@ from engine.fvae.artifact import FVAEArtifact
 from engine.jobs import JobsClient
 from engine.jobs.client import STOPPED_EXIT
 from tests.clusters.local_cluster import LocalCluster, free_port
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.s3]
 

@@ -9,8 +9,8 @@ import torch
 from engine.adapters import load_adapter
 from engine.catalog import Catalog
 from engine.fusion import FusionContext, fuse_adapters, fuse_from_catalog, list_methods
-from tests.conftest import make_adapter
 from tests.fusion.test_methods import _artifact
+from tests.helpers import make_adapter
 
 INPUTS = {
     "qv4": dict(r=4, target_modules=("q_proj", "v_proj")),

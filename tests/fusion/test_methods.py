@@ -22,7 +22,7 @@ from engine.fusion import (
 )
 from engine.fusion.lowrank import dense_to_lowrank, lowrank_weighted_sum, truncate_lowrank
 from engine.fusion.methods.pruning import SignParams, merge_tensors
-from tests.conftest import make_adapter, tiny_llama
+from tests.helpers import make_adapter, tiny_llama
 
 
 def random_adapter(ranks: dict[str, int], seed: int, d_out: int = 12, d_in: int = 10) -> LoraAdapter:

@@ -11,7 +11,7 @@ from peft.utils import merge_utils
 
 from engine.adapters import load_adapter
 from engine.fusion import fuse_adapters
-from tests.conftest import make_adapter, tiny_llama
+from tests.helpers import make_adapter, tiny_llama
 
 WEIGHTS = [0.6, 0.3, 0.8]
 SEED = 7

@@ -11,7 +11,7 @@ from engine.adapters import load_adapter
 from engine.catalog import fs as cfs
 from engine.errors import CatalogError
 from engine.fusion import PROVENANCE_FILE, fuse_adapters
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def test_fused_adapter_saved_to_a_uri(tmp_path):

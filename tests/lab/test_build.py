@@ -11,7 +11,7 @@ import torch
 from benchmarks.lab.config import SIZES
 from benchmarks.lab.examples import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
 TINY = SIZES["tiny"]
 
@@ -143,7 +143,7 @@ def test_generative_adapter_loads_in_peft_and_matches_its_recorded_score(tiny_la
     from peft import PeftModel
 
     from benchmarks.lab import generative as G
-    from benchmarks.lab.chartok import CharTokenizer
+    from engine.tasks.chartok import CharTokenizer
 
     _, lab = tiny_lab
     gen = lab["suites"]["generative"]

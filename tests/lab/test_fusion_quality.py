@@ -11,6 +11,8 @@ import pytest
 from benchmarks.fusion_quality import main, task_sets
 from benchmarks.quality.harness import SuiteHarness, own_adapter_id
 
+pytestmark = pytest.mark.lab
+
 
 def test_task_sets_are_distinct_sorted_and_seeded():
     tasks = list("abcdef")

@@ -9,9 +9,11 @@ import pytest
 
 from benchmarks.lab import encoder_tasks, generative_tasks
 from benchmarks.lab.build import _longtail_pick, longtail_counts
-from benchmarks.lab.chartok import CharTokenizer
 from benchmarks.lab.config import SIZES, derive_seed
 from benchmarks.lab.examples import prepare_encoder, prepare_generative, read_jsonl
+from engine.tasks.chartok import CharTokenizer
+
+pytestmark = pytest.mark.lab
 
 
 def test_char_tokenizer_round_trip_and_save(tmp_path):
@@ -117,3 +119,23 @@ def test_features_suite_inputs_and_model_spec(tmp_path):
     rows = [{"input": features.word_features(w), "label": i} for i, w in enumerate(["cat", "ran", "sad"])]
     metrics = model.metrics(model.build_base(), rows)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+
+
+def test_char_tokenizer_file_is_read_one_way_by_training_task_models_and_the_server(tmp_path):
+    """Training (the lab), task models (``tokenizer: {kind: char, path}``) and the server all read
+    the file with :class:`CharTokenizer`: a prompt with accents gets the ids it was trained with."""
+    from engine.tasks.errors import SpecError, TaskError
+    from engine.tasks.spec import TokenizerSpec, validate_spec
+    from engine.tasks.tokenizers import build_text_encoder, load_tokenizer
+
+    path = CharTokenizer().save(tmp_path)
+    trained = CharTokenizer.load(path).encode("café:", add_bos=True)
+    assert trained == CharTokenizer().encode("cafe:", add_bos=True)
+    assert load_tokenizer(path, "char").encode_with_specials("café:") == trained
+    encoder = build_text_encoder(TokenizerSpec(kind="char", path=str(path), add_eos=True))
+    assert encoder.prompt("café:") == trained
+    assert encoder.completion("é") == [*CharTokenizer().encode("e"), encoder.tokenizer.eos_token_id]
+    with pytest.raises(SpecError, match=r"vocab: not used by a tokenizer file \(path\)"):
+        validate_spec(TokenizerSpec, {"kind": "char", "path": str(path), "vocab": ["a"]})
+    with pytest.raises(TaskError, match="cannot load a character tokenizer"):
+        load_tokenizer(tmp_path / "missing.json", "char")

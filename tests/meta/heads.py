@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from engine.tasks import task_model
-from tests.tasks.conftest import save_lora, write_jsonl
+from tests.helpers import save_lora, write_jsonl
 from tests.tasks.custom_models import TASK_CLASSES, multi_head_label
 
 BASE_ID = "tests/multi-head-mlp"

@@ -110,8 +110,7 @@ def test_data_loss_scores_each_task_with_the_fused_adapters_own_head(bert_spec, 
     # A LoRA and its classifier head are trained together: an episode that fuses adapter b must
     # score it with b's head, not with the head of the task's first catalog adapter.
     from engine.tasks import TaskDefinition, save_task, task_model
-    from tests.conftest import rewrite_weights
-    from tests.tasks.conftest import save_lora, sentiment_rows, write_jsonl
+    from tests.helpers import rewrite_weights, save_lora, sentiment_rows, write_jsonl
 
     catalog = Catalog(tmp_path / "cat")
     base = task_model(bert_spec).build_base()

@@ -196,3 +196,14 @@ def test_a_dead_worker_is_retried(ray_session, tmp_path):
     assert result.error is None and (tmp_path / "done").exists()
     assert len(retries) == 1 and "restarting from the latest checkpoint (retry 1 of 2)" in retries[0]
     assert len(list(tmp_path.glob("attempt-*"))) == 2
+
+
+def test_fvae_section_defaults_are_fvae_config_defaults():
+    import dataclasses
+
+    from engine.fvae.config import FVAEConfig
+    from engine.meta.config import FVAESection
+
+    config = FVAEConfig(input_dim=4096, cond_dim=8, **FVAESection().model_dump())
+    assert config == FVAEConfig(input_dim=4096, cond_dim=8)
+    assert set(FVAESection.model_fields) <= {f.name for f in dataclasses.fields(FVAEConfig)}

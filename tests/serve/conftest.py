@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import SERVE_TOKEN, save_lora
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PORT = 18765  # not Serve's default 8000: other local servers may hold it
-TOKEN = "test-token-7f3a"
 CACHE_SIZE = 3  # smaller than the load test's working set: evictions happen
-HERE = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(config, items):
-    if importlib.util.find_spec("textblob") is None:
-        skip = pytest.mark.skip(reason="the lab's extra is not installed: pip install -e '.[lab]'")
-        for item in items:
-            if HERE in Path(item.fspath).parents and "served" in getattr(item, "fixturenames", ()):
-                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +50,15 @@ def serve_lab(tmp_path_factory):
 
 
 def _noise_adapter(base_path: str, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-
     from benchmarks.lab.generative import TARGET_MODULES, load_base
 
-    torch.manual_seed(123)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGET_MODULES), init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(load_base(base_path), config)
+    def amplify(model):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.mul_(20.0)
-        model.save_pretrained(out)
-    return out
+
+    return save_lora(load_base(base_path), out, seed=123, train=amplify, target_modules=list(TARGET_MODULES))
 
 
 def serve_args(suite: dict, catalog) -> dict:
@@ -87,7 +71,7 @@ def serve_args(suite: dict, catalog) -> dict:
         "cache_size": CACHE_SIZE,
         "negative_ttl_s": 2.0,
         "fingerprint_check_s": 1.0,  # the background re-hash runs during the tests
-        "auth_token": TOKEN,
+        "auth_token": SERVE_TOKEN,
         "auth_token_env": None,
         "limits": {"max_prompt_chars": 64, "max_tokens": 16, "max_body_bytes": 8192},
     }

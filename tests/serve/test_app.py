@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.serve.conftest import TOKEN
+from tests.helpers import SERVE_TOKEN as TOKEN
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.lab]
 PROMPT = "copy:planet="
 
 
@@ -42,8 +42,8 @@ def offline_greedy(served, adapter_dir, prompt=PROMPT, max_tokens=8) -> str:
     """The same adapter run offline: stock PEFT on a fresh base, ``generate`` with greedy decoding."""
     from peft import PeftModel
 
-    from benchmarks.lab.chartok import CharTokenizer
     from benchmarks.lab.generative import load_base
+    from engine.tasks.chartok import CharTokenizer
 
     suite = served["suite"]
     tok = CharTokenizer.load(suite["tokenizer"]["path"])
@@ -188,10 +188,10 @@ def test_auth(served):
 
 
 def test_swaps_never_touch_the_base_weights(served):
-    from serve.host import LoraHost, load_causal_lm
+    from serve.host import MultiLoraHost, load_causal_lm
 
     base_path = served["suite"]["base_model"]["path"]
-    pristine = LoraHost(load_causal_lm(base_path), eos_token_id=2, pad_token_id=0).base_fingerprint()
+    pristine = MultiLoraHost(load_causal_lm(base_path), eos_token_id=2, pad_token_id=0).base_fingerprint()
     for adapter in adapter_ids(served):  # more adapters than the cache holds: loads and evictions
         complete(served, adapter, max_tokens=2)
     health = get_json(served, "/status")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from serve.spec import SpecError, parse_model_field
+from serve.spec import ModelFieldError, parse_model_field
 
 
 def spec(**fields) -> str:
@@ -21,7 +21,7 @@ def spec(**fields) -> str:
 # ---------------------------------------------------------------- 1. deep JSON
 def test_deeply_nested_spec_is_a_422_not_a_recursion_error():
     model = '{"method":' + "[" * 2000 + "]" * 2000 + "}"
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(ModelFieldError) as info:
         parse_model_field(model, max_chars=10_000)
     assert info.value.status == 422 and "nest" in str(info.value)
 
@@ -48,7 +48,7 @@ def test_deeply_nested_body_is_a_400():
     ],
 )
 def test_non_finite_huge_or_nested_spec_numbers_are_422(model):
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(ModelFieldError) as info:
         parse_model_field(model)
     assert info.value.status == 422
 
@@ -56,10 +56,10 @@ def test_non_finite_huge_or_nested_spec_numbers_are_422(model):
 def test_spec_params_are_checked_against_the_method_before_any_fusion():
     from serve.spec import check_method_params
 
-    with pytest.raises(SpecError, match="lam") as info:
+    with pytest.raises(ModelFieldError, match="lam") as info:
         check_method_params({"method": "task_arithmetic", "params": {"lam": "x"}})
     assert info.value.status == 422
-    with pytest.raises(SpecError, match="no-such"):
+    with pytest.raises(ModelFieldError, match="no-such"):
         check_method_params({"method": "no-such", "params": {}})
     check_method_params({"method": "ties", "params": {"density": 0.4}})
 
@@ -213,10 +213,10 @@ def test_stop_matcher_holds_back_partial_matches():
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy():
-    from serve.host import LoraHost
-    from tests.conftest import tiny_llama
+    from serve.host import MultiLoraHost
+    from tests.helpers import tiny_llama
 
-    host = LoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
+    host = MultiLoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
     prompt = [[1, 5, 9, 12]]
     greedy = host.generate(prompt, ["__base__"], [12], [True])
     hot = {"temperature": 5.0, "top_p": 1.0, "seed": 7}
@@ -248,8 +248,8 @@ def test_chat_prompt_uses_the_tokenizer_template(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from engine.tasks.tokenizers import HFTokenizer
     from serve.app import chat_prompt_ids
-    from serve.host import HFTokenizer
 
     words = ["<unk>", "</s>", "<user>", "<assistant>", "hello", "there"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -22,7 +22,7 @@ from engine.fvae.normalize import SlotNormalizer
 from engine.task_vectors import TaskVector, save_task_vectors
 from serve.deployment import fuse_spec
 from serve.spec import FusionSpec
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 COND_DIM = 6
 

@@ -1,4 +1,4 @@
-"""LoraHost (torch + PEFT, no Ray): unmerged adapters, mixed batches, pristine base weights."""
+"""MultiLoraHost (torch + PEFT, no Ray): unmerged adapters, mixed batches, pristine base weights."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from engine.adapters.io import load_adapter
 from engine.adapters.lora import LoraAdapter
-from serve.host import BASE_ADAPTER, LoraHost
-from tests.conftest import tiny_llama
+from serve.host import BASE_ADAPTER, MultiLoraHost
+from tests.helpers import tiny_llama
 
 PROMPTS = [[1, 5, 9, 12], [1, 7], [1, 3, 3, 3, 8, 22]]
 
@@ -17,7 +17,7 @@ PROMPTS = [[1, 5, 9, 12], [1, 7], [1, 3, 3, 3, 8, 22]]
 def host_and_adapters(adapter_factory):
     # B scaled up so each adapter changes the greedy output (a mix-up would show)
     adapters = [load_adapter(adapter_factory(seed=s, alpha=64)) for s in (1, 2)]
-    host = LoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
+    host = MultiLoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
     for i, adapter in enumerate(adapters):
         host.add(f"a{i}", adapter)
     return host, adapters
@@ -55,7 +55,7 @@ def test_budgets_and_eos(host_and_adapters):
 
 def test_swaps_leave_the_base_weights_bit_identical(host_and_adapters):
     host, adapters = host_and_adapters
-    fresh = LoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0).base_fingerprint()
+    fresh = MultiLoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0).base_fingerprint()
     assert host.base_fingerprint() == fresh
     for round_ in range(3):
         host.remove("a0")
@@ -118,7 +118,7 @@ def test_mixed_ranks_and_targets_equal_stock_peft_per_sample(adapter_factory):
         {"seed": 4, "r": 8, "alpha": 16, "use_rslora": True},
     ]
     paths = [adapter_factory(**spec) for spec in specs]
-    host = LoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
+    host = MultiLoraHost(tiny_llama(), eos_token_id=2, pad_token_id=0)
     for i, path in enumerate(paths):
         host.add(f"m{i}", load_adapter(path))
     ids = torch.tensor([PROMPTS[0], PROMPTS[0], PROMPTS[0]])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from serve.config import ServeConfig, ServeConfigError, load_serve_file
-from serve.spec import SpecError, parse_model_field
+from serve.spec import ModelFieldError, parse_model_field
 
 
 def spec(**fields) -> str:
@@ -56,7 +56,7 @@ def test_base_adapter_and_aliases():
     ],
 )
 def test_malformed_model_fields_are_refused_with_a_status(model, status):
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(ModelFieldError) as info:
         parse_model_field(model)
     assert info.value.status == status
 

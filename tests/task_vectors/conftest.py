@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.tasks.conftest import bert_spec_dict, save_lora, sentiment_rows, write_jsonl
+from tests.helpers import LAB_BASE_ID, bert_spec_dict, make_adapter, save_lora, sentiment_rows, write_jsonl
 
-LAB_BASE_ID = "tests/lab-tiny-llama"
 SPLIT = {"eval": 4, "support": 8, "seed": 0}
 
 
@@ -18,7 +17,6 @@ def tv_catalog(tmp_path_factory):
     from engine.catalog import Catalog
     from engine.demo.tasks import lab_model_spec, write_lab_examples
     from engine.tasks import ModelSpec, TaskDefinition, save_task, task_model
-    from tests.conftest import make_adapter
 
     root = tmp_path_factory.mktemp("taskvec")
     catalog = Catalog(root / "catalog")

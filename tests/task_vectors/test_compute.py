@@ -13,7 +13,7 @@ from engine.task_vectors.compute import plan_task_vectors
 from engine.tasks import task_model
 from engine.tasks.apply import adapted
 from engine.tasks.errors import TaskError
-from tests.tasks.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 K = 4

@@ -8,7 +8,7 @@ import shutil
 import yaml
 
 from engine.cli.main import main
-from tests.tasks.conftest import bert_spec_dict, sentiment_rows, write_jsonl
+from tests.helpers import bert_spec_dict, sentiment_rows, write_jsonl
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ from engine.tasks import (
     task_model,
 )
 from engine.tasks.metrics import gap_closure, summarize_gaps
-from tests.conftest import rewrite_weights
+from tests.helpers import rewrite_weights
 
 
 def zero_adapter(source, target):
@@ -155,8 +155,7 @@ def test_fused_classifier_is_scored_with_the_tasks_own_head(tmp_path, bert_spec,
     from engine.catalog import Catalog
     from engine.fusion import fuse_from_catalog
     from engine.tasks import TaskDefinition, evaluate_fusion, save_task
-    from tests.conftest import rewrite_weights
-    from tests.tasks.conftest import save_lora, sentiment_rows, write_jsonl
+    from tests.helpers import rewrite_weights, save_lora, sentiment_rows, write_jsonl
 
     catalog = Catalog(tmp_path / "cat")
     base = bert_task.build_base()

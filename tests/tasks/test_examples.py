@@ -7,7 +7,7 @@ import pytest
 
 from engine.tasks import ExamplesError, SplitSpec, load_examples, split_examples
 from engine.tasks.examples import first_occurrences, split_indices
-from tests.tasks.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 ROWS = [
     {"question": f"<copy> {i % 10} <sep>", "answer": f"00{i % 7}", "label": i % 3, "extra": "x"}

@@ -17,7 +17,7 @@ from engine.tasks.apply import adapted
 from engine.tasks.errors import ExamplesError, TaskError
 from engine.tasks.fewshot import FewShotObjective
 from engine.tasks.functional import LoraHost, adapter_factors
-from tests.tasks.conftest import save_lora, sentiment_rows, write_jsonl
+from tests.helpers import save_lora, sentiment_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from engine.demo import tiny
 from engine.demo.tasks import lab_examples
 from engine.tasks import TaskError, TaskModel, adapted, apply_adapter, task_model
 from engine.tasks.models.custom import last_linear_name
-from tests.tasks.conftest import bert_spec_dict, custom_spec_dict, save_lora, sentiment_rows
+from tests.helpers import bert_spec_dict, custom_spec_dict, save_lora, sentiment_rows
 
 
 @pytest.fixture(scope="module")

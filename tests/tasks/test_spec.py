@@ -9,7 +9,7 @@ import yaml
 
 from engine.tasks import ModelSpec, SpecError, SplitSpec, TaskDefinition, load_model_spec
 from engine.tasks.spec import infer_format, validate_spec
-from tests.tasks.conftest import bert_spec_dict, custom_spec_dict
+from tests.helpers import bert_spec_dict, custom_spec_dict
 
 
 def faults_of(data, cls=ModelSpec) -> list[str]:

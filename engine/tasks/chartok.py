@@ -1,8 +1,10 @@
-"""A character-level tokenizer for the generative suite: one id per printable ASCII character.
+"""The character tokenizer file format ``icmf-lab-char-tokenizer/1``: its one reader and writer.
 
-Ids ``0..3`` are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; then ``\\n`` and the 95 printable
-ASCII characters. Text is NFKD-normalised and accents are dropped before encoding, so ``"café"``
-becomes ``"cafe"``; any other character maps to ``<unk>``. Saved as a small JSON file.
+Ids ``0..3`` are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; then one id per character (by default
+``\\n`` and the 95 printable ASCII characters). Text is NFKD-normalised and accents are dropped
+before encoding, so ``"café"`` becomes ``"cafe"``; any other character maps to ``<unk>``. Saved as
+a small JSON file. The lab trains with it, task models (``tokenizer: {kind: char, path: FILE}``)
+score with it and the server encodes prompts with it, so a prompt gets the same ids everywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CharTokenizer:
         self._to_id = {c: i + len(SPECIALS) for i, c in enumerate(chars)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
         self.padding_side = "right"
+        self.chat_template = None  # no chat format: chat completions are not served
 
     # ------------------------------------------------------------------ basics
     @property
@@ -56,6 +59,10 @@ class CharTokenizer:
         ids = [self._to_id.get(c, self.unk_token_id) for c in self.normalize(text)]
         return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """A prompt as the model was trained on it: ``<bos>`` then the text's ids."""
+        return self.encode(text, add_bos=True)
+
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
@@ -66,9 +73,6 @@ class CharTokenizer:
             elif not skip_special_tokens:
                 out.append(SPECIALS[i])
         return "".join(out)
-
-    def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(ids, skip_special_tokens) for ids in batch]
 
     def __call__(
         self,
