@@ -127,6 +127,6 @@ def training_progress(steps: int, print_reports: bool) -> Iterator[Callable[[dic
             advance(report["step"] - done)
             done = report["step"]
             if print_reports and not console.is_terminal:
-                console.print(report_line(report), highlight=False)
+                console.print(report_line(report), highlight=False, markup=False)
 
         yield show
