@@ -41,6 +41,7 @@ from peft import LoraConfig, get_peft_model
 
 from benchmarks._common import RESULTS, environment, write_json
 from engine.adapters import LoraAdapter, LoraModule
+from engine.adapters.presets import model_layout
 from engine.fusion import fuse_adapters
 from engine.fusion.subspace import ties_rows, tsv_dense
 
@@ -192,26 +193,23 @@ def bench_2025(d: int, k: int, rank: int, seed: int, repeats: int, dense: bool) 
     return row
 
 
-# Llama-3-8B, LoRA on all seven linears: (d_out, d_in) per module kind, 32 layers.
-LLAMA3_8B = {
-    "q_proj": (4096, 4096),
-    "k_proj": (1024, 4096),
-    "v_proj": (1024, 4096),
-    "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096),
-    "up_proj": (14336, 4096),
-    "down_proj": (4096, 14336),
-}
+def llama3_8b_kinds() -> tuple[dict[str, tuple[int, int]], int]:
+    """``(d_out, d_in)`` per module kind of Llama-3-8B with LoRA on all seven linears (the
+    ``llama3-8b-all-r16`` preset, built from its published config), and its number of layers."""
+    layout = model_layout("llama3-8b-all-r16")
+    kinds = {m.name.rsplit(".", 1)[-1]: (m.d_out, m.d_in) for m in layout.modules}
+    return kinds, len(layout.modules) // len(kinds)
 
 
 def bench_layout(k: int, rank: int, seed: int, repeats: int) -> dict:
-    """Seconds per module kind for the low-rank merges, and the whole model's total (x 32 layers)."""
+    """Seconds per module kind for the low-rank merges, and the whole model's total (x its layers)."""
     weights = [1.0 / k] * k
     per_module = {}
     warm = random_adapters(64, 64, k, rank, seed)
     for method, params in (("svd", {}), ("core_space", CORE_PARAMS), ("knots", KNOTS_PARAMS)):
         fuse_adapters(warm, method, weights, params)  # warm-up: registry import, first-call costs
-    for kind, (d_out, d_in) in LLAMA3_8B.items():
+    kinds, layers = llama3_8b_kinds()
+    for kind, (d_out, d_in) in kinds.items():
         adapters = random_adapters(d_out, d_in, k, rank, seed)
         per_module[kind] = {
             method: time_call(
@@ -220,8 +218,13 @@ def bench_layout(k: int, rank: int, seed: int, repeats: int) -> dict:
             for method, params in (("svd", {}), ("core_space", CORE_PARAMS), ("knots", KNOTS_PARAMS))
         }
         print(f"{kind:9s} {d_out}x{d_in}: " + "  ".join(f"{m} {t:.3f}s" for m, t in per_module[kind].items()))
-    totals = {m: 32 * sum(row[m] for row in per_module.values()) for m in ("svd", "core_space", "knots")}
-    return {"layout": f"llama3-8b-all-r{rank}", "layers": 32, "per_module_s": per_module, "model_s": totals}
+    totals = {m: layers * sum(row[m] for row in per_module.values()) for m in ("svd", "core_space", "knots")}
+    return {
+        "layout": f"llama3-8b-all-r{rank}",
+        "layers": layers,
+        "per_module_s": per_module,
+        "model_s": totals,
+    }
 
 
 def plot(rows: list[dict], path) -> None:

@@ -33,6 +33,17 @@ CACHE = RESULTS / "tmp" / "fvae"
 # ended in a loss spike: recon 24). Every F-VAE and episode setting is written out, so the cache
 # key changes with them.
 _FVAE = {"arch": "mlp", "hidden": 256, "norm": "none", "recon_reduction": "sum", "kl_weight": 0.005}
+# The classifier suites (per-task heads from the adapters): the same recipe, their own lengths.
+_CLASSIFIER_TRAIN = {
+    "max_tasks": 6,
+    "lr": 2e-4,
+    "lr_schedule": "cosine",
+    "fusion_loss": "data",
+    "fusion_examples": "train",
+    "heads": "adapter",
+    "shots_per_task": 8,
+    "anchor": True,
+}
 SUITE_TRAINING: dict[str, dict[str, Any]] = {
     "generative": {
         "fvae": dict(_FVAE),
@@ -47,34 +58,8 @@ SUITE_TRAINING: dict[str, dict[str, Any]] = {
         },
     },
     # benchmarks.lab.features: N = 2,560 (rank 4 on two MLP layers), 6 adapters per task
-    "features": {
-        "fvae": dict(_FVAE),
-        "train": {
-            "steps": 800,
-            "max_tasks": 6,
-            "lr": 2e-4,
-            "lr_schedule": "cosine",
-            "fusion_loss": "data",
-            "fusion_examples": "train",
-            "heads": "adapter",
-            "shots_per_task": 8,
-            "anchor": True,
-        },
-    },
-    "encoder": {
-        "fvae": dict(_FVAE),
-        "train": {
-            "steps": 1600,
-            "max_tasks": 6,
-            "lr": 2e-4,
-            "lr_schedule": "cosine",
-            "fusion_loss": "data",
-            "fusion_examples": "train",
-            "heads": "adapter",
-            "shots_per_task": 8,
-            "anchor": True,
-        },
-    },
+    "features": {"fvae": dict(_FVAE), "train": {**_CLASSIFIER_TRAIN, "steps": 800}},
+    "encoder": {"fvae": dict(_FVAE), "train": {**_CLASSIFIER_TRAIN, "steps": 1600}},
 }
 
 

@@ -212,6 +212,18 @@ def _dense(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return {n: m.scaling * m.B @ m.A for n, m in adapter.modules.items()}
 
 
+def _fuse_first_two(artifact, params: dict):
+    """The first two inputs with icm at equal weights, the full result (provenance included)."""
+    return fuse_adapters(
+        [ADAPTERS[0], ADAPTERS[1]],
+        "icm",
+        [0.5, 0.5],
+        params,
+        tasks=TASKS[:2],
+        context=FusionContext(fvae=artifact),
+    )
+
+
 def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reconstruct():
     from engine.fvae.latent import familiarity
 
@@ -221,14 +233,7 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     artifact = _artifact()  # untrained: reconstructs nothing (relative error >= ~1)
     spec = ([0, 1], [0.5, 0.5], {"familiarity_gate": True})
     artifact.meta["metrics"] = {"recon": 0.3}
-    gated = fuse_adapters(
-        [ADAPTERS[0], ADAPTERS[1]],
-        "icm",
-        [0.5, 0.5],
-        spec[2],
-        tasks=TASKS[:2],
-        context=FusionContext(fvae=artifact),
-    )
+    gated = _fuse_first_two(artifact, spec[2])
     details = gated.provenance["details"]["familiarity"]
     assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
     want = {n: 0.5 * _dense(ADAPTERS[0]).get(n, 0) + 0.5 * _dense(ADAPTERS[1]).get(n, 0) for n in ("q", "v")}
@@ -241,14 +246,7 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     )
     # The error measured on the final model's training adapters wins over the training loss.
     artifact.meta["familiarity"] = {"reference": 0.3}
-    measured = fuse_adapters(
-        [ADAPTERS[0], ADAPTERS[1]],
-        "icm",
-        [0.5, 0.5],
-        spec[2],
-        tasks=TASKS[:2],
-        context=FusionContext(fvae=artifact),
-    ).provenance["details"]["familiarity"]
+    measured = _fuse_first_two(artifact, spec[2]).provenance["details"]["familiarity"]
     assert measured["reference_error"] == 0.3 and measured["gate"] == 0.0
     del artifact.meta["metrics"], artifact.meta["familiarity"]
     with pytest.raises(FusionConfigError, match="training reconstruction error"):
