@@ -35,8 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import CatalogError, IcmfError, pydantic_faults
 from engine.lru import ByteBoundedLRU
+from engine.paths import absolute_location
 from engine.tasks.tokenizers import load_tokenizer
-from serve.config import ServeConfig
+from serve.config import PATH_FIELDS, ServeConfig
 from serve.deployment import AdapterModel
 from serve.metrics import RequestMetrics
 from serve.spec import (
@@ -642,10 +643,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """
     config = ServeConfig.from_args(args)
     resolved = config.model_dump()
-    for name in ("catalog", "base_model", "tokenizer", "fvae"):
-        value = resolved[name]
-        if value and "://" not in value:
-            resolved[name] = str(Path(value).resolve())
+    for name in PATH_FIELDS:
+        if resolved[name]:
+            resolved[name] = absolute_location(resolved[name])
     model = AdapterModel.options(
         num_replicas=config.num_replicas, ray_actor_options={"num_cpus": config.num_cpus}
     ).bind(resolved)

@@ -14,6 +14,7 @@ import pydantic
 import yaml
 
 from engine.errors import FaultsError, IcmfError, pydantic_faults
+from engine.paths import absolute_location, folder_of
 
 PATH_FIELDS = ("catalog", "base_model", "tokenizer", "fvae")
 
@@ -178,9 +179,7 @@ def load_serve_file(path: str | Path, check_paths: bool = True) -> tuple[dict[st
     if not apps or not isinstance(apps, list):
         raise ServeConfigError(f"{path}: needs an 'applications' list (Serve config format)")
     args = dict(apps[0].get("args") or {})
-    base = path.resolve().parent
     for name in PATH_FIELDS:
-        value = args.get(name)
-        if isinstance(value, str) and value and "://" not in value:
-            args[name] = str((base / Path(value).expanduser()).resolve())
+        if isinstance(args.get(name), str) and args[name]:
+            args[name] = absolute_location(args[name], folder_of(path))
     return dict(data.get("http_options") or {}), ServeConfig.from_args(args, check_paths)

@@ -11,6 +11,7 @@ import yaml
 
 from engine.errors import FaultsError, pydantic_faults
 from engine.fvae.config import FVAEConfig
+from engine.paths import absolute_location, folder_of
 
 # FVAEConfig's defaults: the one place they are set
 _FVAE = {f.name: f.default for f in dataclasses.fields(FVAEConfig) if f.default is not dataclasses.MISSING}
@@ -170,13 +171,6 @@ class MetaTrainConfig(_Strict):
         return [t for t in chosen if t not in self.exclude_tasks]
 
 
-def _local_path(value: str, base: Path) -> str:
-    """A URI unchanged; a local path absolute, relative ones taken against ``base``."""
-    if "://" in value:
-        return value
-    return str((base / Path(value).expanduser()).resolve())
-
-
 def load_config(source: str | Path | dict) -> MetaTrainConfig:
     """Parse and validate a config file (or dict); raise :class:`MetaConfigError` listing every fault.
 
@@ -197,10 +191,10 @@ def load_config(source: str | Path | dict) -> MetaTrainConfig:
     if not isinstance(data, dict):
         raise MetaConfigError(f"{where}: must be a mapping of sections")
     # Resolved once, here on the driver: Ray Train workers run in another working directory.
-    base = Path(source).resolve().parent if not isinstance(source, dict) else Path.cwd()
+    base = None if isinstance(source, dict) else folder_of(source)
     data = {
         **data,
-        **{k: _local_path(data[k], base) for k in ("catalog", "out") if isinstance(data.get(k), str)},
+        **{k: absolute_location(data[k], base) for k in ("catalog", "out") if isinstance(data.get(k), str)},
     }
     try:
         return MetaTrainConfig.model_validate(data)

@@ -19,7 +19,6 @@ Example model spec (YAML)::
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.catalog.schema import NAME_RE
 from engine.errors import pydantic_faults
+from engine.paths import absolute_location, folder_of
 from engine.tasks.errors import SpecError
 
 ModelKind = Literal["causal_lm", "seq_cls", "custom"]
@@ -315,12 +315,11 @@ class SplitSpec(_Strict):
 CATALOG_RELATIVE = "catalog:"
 
 
-def absolute_location(location: str) -> str:
-    """``location`` as it must be stored: URIs, absolute paths and ``catalog:PATH`` unchanged, a
-    relative path made absolute against the current directory (where the user wrote it)."""
-    if "://" in location or location.startswith(CATALOG_RELATIVE) or os.path.isabs(location):
-        return location
-    return os.path.abspath(os.path.expanduser(location))
+def stored_location(location: str) -> str:
+    """``location`` as a task definition stores it: ``catalog:PATH`` unchanged, anything else as
+    :func:`engine.paths.absolute_location` (a relative path against the current directory, where
+    the user wrote it)."""
+    return location if location.startswith(CATALOG_RELATIVE) else absolute_location(location)
 
 
 class TaskDefinition(_Strict):
@@ -382,11 +381,11 @@ class TaskDefinition(_Strict):
         any Ray worker."""
         model = self.model
         if model.path is not None:
-            model = model.model_copy(update={"path": absolute_location(model.path)})
+            model = model.model_copy(update={"path": stored_location(model.path)})
         if model.tokenizer is not None and model.tokenizer.path is not None:
-            tokenizer = model.tokenizer.model_copy(update={"path": absolute_location(model.tokenizer.path)})
+            tokenizer = model.tokenizer.model_copy(update={"path": stored_location(model.tokenizer.path)})
             model = model.model_copy(update={"tokenizer": tokenizer})
-        return self.model_copy(update={"examples": absolute_location(self.examples), "model": model})
+        return self.model_copy(update={"examples": stored_location(self.examples), "model": model})
 
     @property
     def columns(self) -> dict[str, str]:
@@ -489,15 +488,15 @@ def load_model_spec(source: str | Path | dict[str, Any] | ModelSpec) -> ModelSpe
         return validate_spec(ModelSpec, source)
     data = read_spec_file(source)
     if isinstance(data, dict):
-        data = _resolve_relative(data, Path(source).resolve().parent)
+        data = _resolve_relative(data, folder_of(source))
     return validate_spec(ModelSpec, data, str(source))
 
 
 def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
-    if isinstance(data.get("path"), str) and "://" not in data["path"]:
-        data["path"] = str((base / data["path"]).resolve())
+    if isinstance(data.get("path"), str):
+        data["path"] = absolute_location(data["path"], base)
     tokenizer = data.get("tokenizer")
     if isinstance(tokenizer, dict) and isinstance(tokenizer.get("path"), str):
-        data["tokenizer"] = dict(tokenizer, path=str((base / tokenizer["path"]).resolve()))
+        data["tokenizer"] = dict(tokenizer, path=absolute_location(tokenizer["path"], base))
     return data
