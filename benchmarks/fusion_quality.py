@@ -18,6 +18,7 @@ Writes ``results/<name>.json`` (every task's numbers, seeds, chosen parameters, 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from dataclasses import replace
@@ -279,6 +280,8 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             overrides["task_vectors"] = {"source": "context"}
         if args.meta_steps:
             overrides["train"] = {"steps": args.meta_steps}
+        if args.fvae:
+            overrides["fvae"] = args.fvae
         fvae_dir, config = trained_fvae(
             suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
         )
@@ -400,6 +403,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--meta-steps", type=int, default=0, help="meta-training steps of the main F-VAE (0: the suite's)"
     )
+    parser.add_argument(
+        "--fvae",
+        metavar="FIELD=VALUE",
+        action="append",
+        default=[],
+        help="an ablation: override one field of the suites' F-VAE recipe (repeatable; recorded in the JSON)",
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
@@ -413,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.combine:
         return combine(args.combine.split(","), args.name, out_dir)
     args.ks = [int(k) for k in args.k.split(",")]
+    args.fvae = dict(_field_value(item) for item in args.fvae)
 
     suites = args.suites.split(",")
     lab = load_lab(args.lab) if set(suites) - {"features"} else {"root": None, "suites": {}}
@@ -461,6 +472,17 @@ def combine(names: list[str], name: str, out_dir: Path) -> dict[str, Any]:
     plot(results, out_dir / f"{name}.png")
     print(table(results))
     return results
+
+
+def _field_value(item: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` with VALUE read as JSON when it parses (numbers, booleans), else a string."""
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+        raise SystemExit(f"--fvae takes FIELD=VALUE, got {item!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 if __name__ == "__main__":

@@ -112,16 +112,20 @@ def residual_weights(
     return torch.full((k,), value, dtype=like.dtype, device=like.device)
 
 
-def anchored_factors(
+# One term ``scale * B @ A`` of a low-rank sum: ``(A [r, d_in], B [d_out, r], scale)``.
+LowRankTerm = tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]
+
+
+def anchored_terms(
     fused: torch.Tensor,
     decoded: torch.Tensor,
     inputs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
     masks: torch.Tensor,
     weights: torch.Tensor,
     layout: Layout,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[list[LowRankTerm]]:
     """Decode the fused code *relative to the inputs*: per module, the delta
-    ``D(z_f) + sum_t w_t (dW_t - D(mu_t))`` as exact low-rank factors (ranks concatenated).
+    ``D(z_f) + sum_t w_t (dW_t - D(mu_t))`` as a sum of low-rank terms.
 
     The decoder's reconstruction error of each input is added back, so what the fused adapter
     takes from the F-VAE is the *displacement* the latent arithmetic makes, never the decoder's
@@ -130,6 +134,11 @@ def anchored_factors(
     multiple of its constant instead of that constant, and in meta-training the fusion loss can
     no longer be met by a decoder that memorises one adapter for the episodes' support examples
     whatever the inputs are.
+
+    The terms are views of the arguments' tensors, never copies: a loss that scores them term by
+    term (:func:`engine.meta.losses.subspace_proxy_loss`) keeps the ``1 + 2K`` factor copies of
+    :func:`anchored_factors` out of the autograd graph, which at 8 B-class layouts is the
+    largest tensor of a training step.
 
     Args:
         fused: ``[N]`` decoded, de-normalised fused adapter ``D(z_f, v_f)``.
@@ -141,22 +150,40 @@ def anchored_factors(
         layout: the layout of ``fused`` and ``decoded``.
 
     Returns:
-        Per layout module ``(A, B)``; differentiable in every argument's tensors.
+        Per layout module, its terms ``(A, B, scale)``; differentiable in every argument's tensors.
     """
     fused_f = unflatten(fused, layout)
     decoded_f = [unflatten(decoded[t], layout) for t in range(decoded.shape[0])]
-    factors = []
+    terms = []
     for m, (A, B) in enumerate(fused_f):
-        A_parts, B_parts = [A], [B]
+        module_terms: list[LowRankTerm] = [(A, B, 1.0)]
         for t, own in enumerate(inputs):
             if not bool(masks[t, m]):
                 continue
             A_t, B_t = own[m]
             A_d, B_d = decoded_f[t][m]
-            A_parts += [A_t.to(A.dtype), A_d]
-            B_parts += [B_t.to(B.dtype) * weights[t], -B_d * weights[t]]
-        factors.append((torch.cat(A_parts), torch.cat(B_parts, dim=1)))
-    return factors
+            module_terms += [(A_t.to(A.dtype), B_t.to(B.dtype), weights[t]), (A_d, B_d, -weights[t])]
+        terms.append(module_terms)
+    return terms
+
+
+def concatenate_terms(terms: Sequence[LowRankTerm]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sum of low-rank terms as one factor pair ``(A, B)`` (ranks concatenated, scales on ``B``)."""
+    scaled = [B if isinstance(scale, float) and scale == 1.0 else B * scale for _, B, scale in terms]
+    return torch.cat([A for A, _, _ in terms]), torch.cat(scaled, dim=1)
+
+
+def anchored_factors(
+    fused: torch.Tensor,
+    decoded: torch.Tensor,
+    inputs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    masks: torch.Tensor,
+    weights: torch.Tensor,
+    layout: Layout,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`anchored_terms` as exact low-rank factors per module ``(A, B)``, ranks concatenated
+    (the form a LoRA adapter stores and a forward pass applies)."""
+    return [concatenate_terms(t) for t in anchored_terms(fused, decoded, inputs, masks, weights, layout)]
 
 
 def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,13 @@ import torch
 
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
+from engine.fvae.latent import LowRankTerm
 
 __all__ = ["subspace_proxy_loss", "unflatten"]
 
 
 def subspace_proxy_loss(
-    fused: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
+    fused: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | list[list[LowRankTerm]],
     targets: torch.Tensor,
     masks: torch.Tensor,
     layout: Layout,
@@ -26,7 +27,9 @@ def subspace_proxy_loss(
 
     Args:
         fused: ``[N]`` fused adapter (de-normalised, real weight space), or its per-module
-            factors ``(A [r, d_in], B [d_out, r])`` of any rank.
+            factors ``(A [r, d_in], B [d_out, r])`` of any rank, or its per-module sums of
+            low-rank terms (:func:`engine.fvae.latent.anchored_terms`), scored term by term so
+            that no concatenated copy of the factors enters the autograd graph.
         targets: ``[K, N]`` the tasks' own adapters.
         masks: ``[K, M]`` bool, modules each task's adapter targets.
         layout: the layout of all vectors.
@@ -35,17 +38,24 @@ def subspace_proxy_loss(
         Scalar: mean over (task, present module) of
         ``||B_f A_f A_t^T - B_t A_t A_t^T||^2 / ||B_t A_t A_t^T||^2``.
     """
-    fused_factors = unflatten(fused, layout) if isinstance(fused, torch.Tensor) else fused
+    per_module = _as_terms(fused, layout)
     terms = []
     for k in range(targets.shape[0]):
         for m, (A_t, B_t) in enumerate(unflatten(targets[k], layout)):
             if not bool(masks[k, m]):
                 continue
-            A_f, B_f = fused_factors[m]
             gram = A_t @ A_t.T  # [r, r]
             target = B_t @ gram  # [d_out, r]
-            residual = B_f @ (A_f @ A_t.T) - target
+            residual = -target
+            for A_f, B_f, scale in per_module[m]:
+                residual = residual + (B_f @ (A_f @ A_t.T)) * scale
             terms.append((residual**2).sum() / (target**2).sum().clamp_min(1e-12))
     if not terms:
         return targets.new_zeros(())
     return torch.stack(terms).mean()
+
+
+def _as_terms(fused, layout: Layout) -> list[list[LowRankTerm]]:
+    if isinstance(fused, torch.Tensor):
+        fused = unflatten(fused, layout)
+    return [[(part[0], part[1], 1.0)] if isinstance(part, tuple) else part for part in fused]

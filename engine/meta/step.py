@@ -10,7 +10,7 @@ import torch
 
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
-from engine.fvae.latent import Combine, anchored_factors, fuse_latents, residual_weights
+from engine.fvae.latent import Combine, anchored_terms, concatenate_terms, fuse_latents, residual_weights
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.losses import subspace_proxy_loss
@@ -92,8 +92,10 @@ def episode_loss(
             decoded = normalizer.denormalize(model.decode(out["mu"], batch.cond))
             inputs = [unflatten(x, layout) for x in batch.x]
             weights = residual_weights(None, batch.x.shape[0], settings.combine, fused)
-            fused = anchored_factors(fused, decoded, inputs, batch.mask, weights, layout)
+            fused = anchored_terms(fused, decoded, inputs, batch.mask, weights, layout)
         if data_loss is not None:
+            if settings.anchor:  # the base model's forward applies one factor pair per module
+                fused = [concatenate_terms(terms) for terms in fused]
             fusion = data_loss(fused, batch.tasks, batch.ids)
         else:
             fusion = subspace_proxy_loss(fused, batch.x, batch.mask, layout)

@@ -103,3 +103,29 @@ def test_anchored_episode_fusion_cannot_be_met_by_a_decoder_that_ignores_its_inp
         A, B = unflatten(memorised, LAYOUT)[m]
         torch.testing.assert_close(absolute, B @ A)
     assert float(subspace_proxy_loss(unflatten(v1, LAYOUT), batch.x[:1], batch.mask[:1], LAYOUT)) < 1e-10
+
+
+def test_proxy_loss_of_anchored_terms_equals_that_of_concatenated_factors():
+    """Meta-training scores the anchored decode term by term (no concatenated copies at 8 B-class
+    layouts); the loss and every gradient must be those of the concatenated factors."""
+    from engine.fvae.latent import anchored_factors, anchored_terms
+
+    (v1, m1), (v2, m2) = random_vector(3), random_vector(4, modules=("a",))
+    targets, masks = torch.stack([v1, v2]), torch.stack([m1, m2])
+    weights = torch.tensor([0.7, 0.3])
+    results = []
+    for build in (anchored_terms, anchored_factors):
+        fused = torch.randn(LAYOUT.size, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        decoded = torch.randn(2, LAYOUT.size, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        inputs = [unflatten(v, LAYOUT) for v in targets]
+        loss = subspace_proxy_loss(
+            build(fused, decoded, inputs, masks, weights, LAYOUT), targets, masks, LAYOUT
+        )
+        loss.backward()
+        results.append((loss.detach(), fused.grad, decoded.grad))
+    (loss_terms, *grads_terms), (loss_cat, *grads_cat) = results
+    assert float(loss_cat) > 0.1
+    torch.testing.assert_close(loss_terms, loss_cat)
+    for got, expected in zip(grads_terms, grads_cat, strict=True):
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(got, expected)
