@@ -27,6 +27,7 @@ import torch
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
+from engine.adapters.codec import unflatten
 from engine.catalog import Catalog
 from engine.fvae.config import FVAEConfig
 from engine.fvae.latent import relative_error
@@ -118,10 +119,29 @@ def adapter_geometry(normalizer, layout, x, masks, tasks) -> dict[str, float]:
     cos = unit @ unit.T
     same = torch.as_tensor(tasks[:, None] == tasks[None, :])
     off_diagonal = ~torch.eye(len(tasks), dtype=torch.bool)
+    delta = delta_gram(layout, x)
+    norms = delta.diagonal().clamp_min(1e-24).sqrt()
+    delta_cos = delta / (norms[:, None] * norms[None, :])
     return {
         "within_task_cos": float(cos[same & off_diagonal].mean()),
         "cross_task_cos": float(cos[~same].mean()),
+        # Gauge-free: the cosine of the weight updates themselves, sum over modules of B A.
+        "within_task_delta_cos": float(delta_cos[same & off_diagonal].mean()),
+        "cross_task_delta_cos": float(delta_cos[~same].mean()),
     }
+
+
+def delta_gram(layout, x: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` Frobenius inner products of the adapters' updates ``dW = B A`` summed over
+    modules, from the factors (``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``): what a
+    function-space code (the updates' action on inputs) could share where the factors do not."""
+    factors = [unflatten(v.double(), layout) for v in x]
+    gram = torch.zeros(len(factors), len(factors), dtype=torch.float64)
+    for m in range(layout.num_modules):
+        A = torch.stack([f[m][0] for f in factors])  # [n, r, d_in]
+        B = torch.stack([f[m][1] for f in factors])  # [n, d_out, r]
+        gram += torch.einsum("iar,jas,irb,jsb->ij", B, B, A, A)
+    return gram
 
 
 def parse_value(text: str):

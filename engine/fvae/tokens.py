@@ -163,7 +163,10 @@ class TokenFVAE(nn.Module):
         tokens = []
         for m, t in enumerate(self.tokens.type_of):
             a, b = self.tokens.blocks(x, m)
-            tokens.append(self.project_a[t](a) + self.project_b[t](b))  # [B, r, h]
+            # One adapter at a time: a module's block is contiguous within a row of x but not across
+            # rows, so a batched Linear would first copy (and keep for backward) all of x.
+            per_adapter = [self.project_a[t](a[i]) + self.project_b[t](b[i]) for i in range(x.shape[0])]
+            tokens.append(torch.stack(per_adapter))  # [B, r, h]
         h = self.token_encoder(torch.stack(tokens, dim=1) + embeddings)  # [B, M, r, h]
         h = h.flatten(1, 2)  # [B, T, h]
         mask = self.token_mask(x).flatten(1)  # [B, T]
