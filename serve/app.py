@@ -40,7 +40,7 @@ from engine.paths import absolute_location
 from engine.tasks.tokenizers import load_tokenizer
 from serve.config import PATH_FIELDS, ServeConfig
 from serve.deployment import AdapterModel
-from serve.metrics import AGGREGATOR_DEPLOYMENT, UNMATCHED_ROUTE, RequestMetrics
+from serve.metrics import AGGREGATOR_DEPLOYMENT, UNMATCHED_ROUTE, router_metrics
 from serve.spec import (
     BASE_MODEL_ID,
     MAX_SEED,
@@ -70,9 +70,6 @@ MAX_CHAT_MESSAGES = 64
 logger = logging.getLogger(__name__)
 # openapi_url=None: the schema and the docs are served by Router methods, behind the token.
 api = FastAPI(title="ICM-Fusion serving", docs_url=None, redoc_url=None, openapi_url=None)
-# The process's metrics (the router's replica process): its request counts and the model
-# replicas' pushed metrics, served at GET /metrics (see serve/metrics.py).
-METRICS = RequestMetrics()
 
 
 class CountResponses:
@@ -100,7 +97,7 @@ class CountResponses:
             # FastAPI's router puts the matched route in the (shared) scope; its path is the
             # template, never the client's path, so the label stays bounded.
             route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
-            METRICS.count(route, status)
+            router_metrics().count(route, status)
 
 
 api.add_middleware(CountResponses)
@@ -515,13 +512,13 @@ class Router:
         async def handler():
             from prometheus_client import CONTENT_TYPE_LATEST
 
-            return Response(METRICS.exposition(), media_type=CONTENT_TYPE_LATEST)
+            return Response(router_metrics().exposition(), media_type=CONTENT_TYPE_LATEST)
 
         return await self._answer("/metrics", request, handler)
 
     async def record_replica_metrics(self, replica: str, families: list[dict[str, Any]]) -> None:
         """A model replica's metric changes since its last push (called through its handle)."""
-        METRICS.replicas.add(replica, families)
+        router_metrics().replicas.add(replica, families)
 
     @api.get("/openapi.json")
     async def openapi(self, request: Request):

@@ -231,3 +231,17 @@ class RequestMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+_process_metrics: RequestMetrics | None = None
+
+
+def router_metrics() -> RequestMetrics:
+    """This process's router metrics (one per process, like Prometheus's default registry).
+
+    A function of an importable module on purpose: Serve pickles the router class by value, and
+    a module-level object it named directly would arrive in the replica as a private copy."""
+    global _process_metrics
+    if _process_metrics is None:
+        _process_metrics = RequestMetrics()
+    return _process_metrics
