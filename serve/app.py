@@ -61,10 +61,6 @@ MAX_KNOWN_IDS = 4096
 REPLICA_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.25
 HEALTH_TIMEOUT_S = 5.0
-# What a model replica's process imports before it can serve (torch, transformers, the model
-# classes): a Ray started with these in its ``preload_python_modules`` imports them into idle
-# workers ahead of time, so a replacement replica placed on one skips them.
-REPLICA_PRELOAD_MODULES = ("serve.deployment", "transformers.models.auto.modeling_auto")
 MAX_STOP_SEQUENCES = 4
 MAX_CHAT_MESSAGES = 64
 logger = logging.getLogger(__name__)
