@@ -268,7 +268,7 @@ def test_chunked_body_over_the_limit_is_413(served):  # 3
 def test_healthz_is_open_and_says_nothing_else_needs_the_token(served):  # 5
     with urllib.request.urlopen(served["url"] + "/healthz", timeout=30) as response:
         assert json.loads(response.read()) == {"status": "ok"}
-    for path in ("/status", "/openapi.json", "/docs", "/v1/models"):
+    for path in ("/status", "/openapi.json", "/docs", "/v1/models", "/metrics"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(served["url"] + path, timeout=30)
         assert info.value.code == 401, path
@@ -327,6 +327,25 @@ def scrape(served, token=TOKEN) -> dict[tuple[str, tuple], float]:
     }
 
 
+def settled_scrape(served) -> dict[tuple[str, tuple], float]:
+    """A scrape once the model replicas' earlier work has been pushed (two scrapes a push period
+    apart agree on every model-replica series)."""
+    from serve.metrics import PUSH_PERIOD_S
+
+    def replica_side(scraped):
+        return {k: v for k, v in scraped.items() if k[0] != "icmf_requests_total"}
+
+    deadline = time.monotonic() + 60
+    previous = scrape(served)
+    while True:
+        time.sleep(1.5 * PUSH_PERIOD_S)
+        current = scrape(served)
+        if replica_side(current) == replica_side(previous):
+            return current
+        assert time.monotonic() < deadline, "the model replicas' metrics never settled"
+        previous = current
+
+
 def test_metrics_endpoint_counts_every_status_with_bounded_labels(served):  # 6
     from serve.metrics import scraped_names
 
@@ -336,7 +355,7 @@ def test_metrics_endpoint_counts_every_status_with_bounded_labels(served):  # 6
     with pytest.raises(urllib.error.HTTPError) as refused:  # behind the token like every route but /healthz
         urllib.request.urlopen(served["url"] + "/metrics", timeout=60)
     assert refused.value.code == 401
-    before = scrape(served)
+    before = settled_scrape(served)
     for i in range(3):  # distinct fusion ids: three loads, and no id may become a label value
         spec = {"method": "linear", "tasks": ["copy", "reverse"], "weights": [0.0123 * (i + 1), 0.5]}
         complete(served, json.dumps(spec), max_tokens=1)
