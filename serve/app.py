@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` for
 server-sent events; chat only for a base whose tokenizer has a chat template, else 404),
-``GET /v1/models``, ``GET /status`` (caches, base fingerprint), ``GET /openapi.json``,
+``GET /v1/models``, ``GET /status`` (caches, base fingerprint), ``GET /metrics`` (Prometheus,
+see :mod:`serve.metrics`), ``GET /openapi.json``,
 ``GET /docs`` and the open liveness probe ``GET /healthz`` (no ids, no hashing). With a bearer
 token configured every route but ``/healthz`` needs it. The ``model`` field is ``base``, a
 catalog adapter id, a fusion spec (JSON) or the ``fused-<hash>`` id of a spec served before.
@@ -39,7 +40,7 @@ from engine.paths import absolute_location
 from engine.tasks.tokenizers import load_tokenizer
 from serve.config import PATH_FIELDS, ServeConfig
 from serve.deployment import AdapterModel
-from serve.metrics import RequestMetrics
+from serve.metrics import AGGREGATOR_DEPLOYMENT, UNMATCHED_ROUTE, router_metrics
 from serve.spec import (
     BASE_MODEL_ID,
     MAX_SEED,
@@ -65,6 +66,37 @@ MAX_CHAT_MESSAGES = 64
 logger = logging.getLogger(__name__)
 # openapi_url=None: the schema and the docs are served by Router methods, behind the token.
 api = FastAPI(title="ICM-Fusion serving", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class CountResponses:
+    """ASGI middleware: counts every response by route template and status, whatever produced it
+    (an endpoint, an exception handler, an unknown path); a request that ends in an exception
+    before any response started is counted as the 500 the client gets."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            # FastAPI's router puts the matched route in the (shared) scope; its path is the
+            # template, never the client's path, so the label stays bounded.
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            router_metrics().count(route, status)
+
+
+api.add_middleware(CountResponses)
 
 
 class ApiError(IcmfError):
@@ -373,7 +405,10 @@ def _context_size(base_model: str) -> int:
     return int(config.get("max_position_embeddings", 2048))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+# One replica: it aggregates the model replicas' metrics, so a scrape of /metrics sees them all.
+@serve.deployment(
+    name=AGGREGATOR_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256
+)
 @serve.ingress(api)
 class Router:
     """Validates requests, resolves the ``model`` field and forwards to :class:`AdapterModel`."""
@@ -391,11 +426,11 @@ class Router:
         self.fusions: OrderedDict[str, dict[str, Any]] = OrderedDict()  # served specs, newest last
         self._known_ids = ByteBoundedLRU(MAX_KNOWN_IDS)  # count-bounded: each id "weighs" 1
         self._known_tasks: set[str] = set()
-        self.metrics = RequestMetrics()
 
     # ------------------------------------------------------------------ endpoints
     async def _answer(self, route: str, request: Request, handler) -> Response:
-        """Run ``handler`` behind the token; every outcome is a JSON response, counted by status."""
+        """Run ``handler`` behind the token; every outcome is a JSON response (counted by
+        :class:`CountResponses`)."""
         try:
             self._authorize(request)
             response = await handler()
@@ -404,7 +439,6 @@ class Router:
         except Exception as exc:  # a server fault: still JSON, still counted
             logger.exception("%s failed", route)
             response = error_response(500, f"internal error ({type(exc).__name__})")
-        self.metrics.count(route, response.status_code)
         return response
 
     @api.post("/v1/completions")
@@ -466,6 +500,21 @@ class Router:
         if not healthy:
             return error_response(503, "the base weights changed since start-up")
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request):
+        """Prometheus text: request counts and the model replicas' pushed metrics (auth as above)."""
+
+        async def handler():
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return Response(router_metrics().exposition(), media_type=CONTENT_TYPE_LATEST)
+
+        return await self._answer("/metrics", request, handler)
+
+    async def record_replica_metrics(self, replica: str, families: list[dict[str, Any]]) -> None:
+        """A model replica's metric changes since its last push (called through its handle)."""
+        router_metrics().replicas.add(replica, families)
 
     @api.get("/openapi.json")
     async def openapi(self, request: Request):
@@ -647,6 +696,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         if resolved[name]:
             resolved[name] = absolute_location(resolved[name])
     model = AdapterModel.options(
-        num_replicas=config.num_replicas, ray_actor_options={"num_cpus": config.num_cpus}
+        num_replicas=config.num_replicas,
+        ray_actor_options={"num_cpus": config.num_cpus},
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
     ).bind(resolved)
     return Router.bind(model, resolved, config.resolved_token())

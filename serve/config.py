@@ -56,6 +56,11 @@ class ServeConfig(pydantic.BaseModel):
             ``grouped`` (one forward per adapter within a batch).
         fingerprint_check_s: how often each replica re-hashes its base weights in the background
             to prove no swap wrote them (0: only once, at start-up).
+        health_check_period_s, health_check_timeout_s: Serve's health check of each model
+            replica (Serve's defaults are 10 s and 30 s). A killed replica is noticed within
+            about a second whatever these say (Ray reports the dead actor); they bound how long
+            a hung replica, or one whose base weights changed, keeps receiving requests. The
+            check itself is cheap (no hashing), so a short period costs nothing.
         auth_token: bearer token clients must send; ``auth_token_env`` names an environment
             variable that holds it instead (the env var wins when both are set).
     """
@@ -78,6 +83,8 @@ class ServeConfig(pydantic.BaseModel):
     num_cpus: float = pydantic.Field(1.0, gt=0, description="CPUs per model replica")
     torch_threads: int = pydantic.Field(1, ge=1)
     fingerprint_check_s: float = pydantic.Field(300.0, ge=0)
+    health_check_period_s: float = pydantic.Field(2.0, gt=0, le=600)
+    health_check_timeout_s: float = pydantic.Field(10.0, gt=0, le=600)
     limits: Limits = pydantic.Field(default_factory=Limits)
     auth_token: str | None = None
     auth_token_env: str | None = "ICMF_SERVE_TOKEN"

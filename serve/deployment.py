@@ -32,7 +32,7 @@ from engine.tasks.tokenizers import load_tokenizer
 from serve.cache import AdapterCache, describe
 from serve.config import ServeConfig
 from serve.host import BASE_ADAPTER, MultiLoraHost, load_causal_lm
-from serve.metrics import ServeMetrics
+from serve.metrics import AGGREGATOR_DEPLOYMENT, PUSH_PERIOD_S, ReplicaMetrics
 from serve.spec import BASE_MODEL_ID, FUSED_PREFIX
 
 ROUTING_IDS_PER_REPLICA = 256
@@ -132,13 +132,8 @@ def _kind(model_id: str) -> str:
     return "fusion" if model_id.startswith(FUSED_PREFIX) else "stored"
 
 
-# A short health-check period: Serve notices a dead or stuck replica in seconds, not Serve's 10 s.
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    health_check_period_s=2,
-    health_check_timeout_s=30,
-)
+# Health-check period and timeout come from the serving config (build_app sets them).
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class AdapterModel:
     """Hosts the base model once and serves completions for base, stored and fused adapters."""
 
@@ -169,7 +164,7 @@ class AdapterModel:
         from engine.fusion.registry import list_methods
 
         list_methods()
-        self.metrics = ServeMetrics()
+        self.metrics = ReplicaMetrics()
         self.cache: AdapterCache = AdapterCache(
             loader=self._load,
             unloader=self._unload,
@@ -181,7 +176,7 @@ class AdapterModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icmf-model")
         self.base_fingerprint = self.host.base_fingerprint()  # once; re-checked by _watch_base
         self._fingerprint_state = {"ok": True, "checked_at": time.time(), "checks": 1}
-        self._watcher: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
         self._specs: dict[str, dict[str, Any]] = {}  # model id -> canonical fusion spec (bounded below)
         self._generate_batch.set_max_batch_size(self.config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -310,9 +305,31 @@ class AdapterModel:
             self._specs[model_id] = spec
 
     # ------------------------------------------------------------------ health
-    def _start_watcher(self) -> None:
-        if self._watcher is None and self.config.fingerprint_check_s > 0:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_base())
+    def _start_background(self) -> None:
+        """Start the base watcher and the metrics push (on the replica's event loop, which
+        ``__init__`` does not run on)."""
+        if self._background:
+            return
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._push_metrics()))
+        if self.config.fingerprint_check_s > 0:
+            self._background.append(loop.create_task(self._watch_base()))
+
+    async def _push_metrics(self) -> None:
+        """Send the router this replica's metric changes every ``PUSH_PERIOD_S``; it serves the
+        application's totals at ``/metrics`` (see :mod:`serve.metrics`)."""
+        context = serve.get_replica_context()
+        router = serve.get_deployment_handle(AGGREGATOR_DEPLOYMENT, context.app_name)
+        replica = context.replica_id.unique_id
+        while True:
+            await asyncio.sleep(PUSH_PERIOD_S)
+            changes = self.metrics.changes()
+            try:
+                await router.record_replica_metrics.remote(replica, changes)
+            except Exception as exc:  # the router is restarting: these changes go with the next push
+                logger.warning("metrics push to the router failed: %s", exc)
+                continue
+            self.metrics.acknowledge(changes)
 
     async def _watch_base(self) -> None:
         """Re-hash the base weights every ``fingerprint_check_s`` (on the model thread, between
@@ -330,18 +347,18 @@ class AdapterModel:
 
     async def check_health(self) -> None:
         """Serve's periodic health check (cheap: no hashing here)."""
-        self._start_watcher()
+        self._start_background()
         if not self._fingerprint_state["ok"]:
             raise RuntimeError("the base weights changed since start-up")
 
     async def ping(self) -> bool:
         """Liveness for ``/healthz``: no ids, no hashing."""
-        self._start_watcher()
+        self._start_background()
         return self._fingerprint_state["ok"]
 
     async def status(self) -> dict[str, Any]:
         """Cache state and the base weights' fingerprint (taken at start-up, re-checked on a timer)."""
-        self._start_watcher()
+        self._start_background()
         return {
             "cache": describe(self.cache),
             "icm_inputs_cache": self.icm_inputs.describe() if self.icm_inputs is not None else None,

@@ -268,7 +268,7 @@ def test_chunked_body_over_the_limit_is_413(served):  # 3
 def test_healthz_is_open_and_says_nothing_else_needs_the_token(served):  # 5
     with urllib.request.urlopen(served["url"] + "/healthz", timeout=30) as response:
         assert json.loads(response.read()) == {"status": "ok"}
-    for path in ("/status", "/openapi.json", "/docs", "/v1/models"):
+    for path in ("/status", "/openapi.json", "/docs", "/v1/models", "/metrics"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(served["url"] + path, timeout=30)
         assert info.value.code == 401, path
@@ -312,40 +312,81 @@ def test_chat_without_a_chat_template_is_404_json(served):  # 8
     assert status == 404 and "chat template" in body["error"]["message"]
 
 
-def _metrics_text() -> str:
-    """Ray's Prometheus text for this session's cluster (one scrape of every node's exporter)."""
-    import ray
+def scrape(served, token=TOKEN) -> dict[tuple[str, tuple], float]:
+    """The app's ``GET /metrics`` as a user's Prometheus scrapes it: ``{(sample, labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    texts = []
-    for node in ray.nodes():
-        port = node.get("MetricsExportPort")
-        if node.get("Alive") and port:
-            with urllib.request.urlopen(
-                f"http://{node['NodeManagerAddress']}:{port}/metrics", timeout=30
-            ) as r:
-                texts.append(r.read().decode())
-    return "\n".join(texts)
+    request = urllib.request.Request(served["url"] + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def test_metrics_names_statuses_and_bounded_labels(served):  # 6
+def settled_scrape(served) -> dict[tuple[str, tuple], float]:
+    """A scrape once the model replicas' earlier work has been pushed (two scrapes a push period
+    apart agree on every model-replica series)."""
+    from serve.metrics import PUSH_PERIOD_S
+
+    def replica_side(scraped):
+        return {k: v for k, v in scraped.items() if k[0] != "icmf_requests_total"}
+
+    deadline = time.monotonic() + 60
+    previous = scrape(served)
+    while True:
+        time.sleep(1.5 * PUSH_PERIOD_S)
+        current = scrape(served)
+        if replica_side(current) == replica_side(previous):
+            return current
+        assert time.monotonic() < deadline, "the model replicas' metrics never settled"
+        previous = current
+
+
+def test_metrics_endpoint_counts_every_status_with_bounded_labels(served):  # 6
     from serve.metrics import scraped_names
 
-    for i in range(3):  # distinct fusion ids must not become label values
-        spec = {"method": "linear", "tasks": ["copy", "reverse"], "weights": [0.1 * (i + 1), 0.5]}
+    def requests(route, status):
+        return ("icmf_requests_total", (("route", route), ("status", str(status))))
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # behind the token like every route but /healthz
+        urllib.request.urlopen(served["url"] + "/metrics", timeout=60)
+    assert refused.value.code == 401
+    before = settled_scrape(served)
+    for i in range(3):  # distinct fusion ids: three loads, and no id may become a label value
+        spec = {"method": "linear", "tasks": ["copy", "reverse"], "weights": [0.0123 * (i + 1), 0.5]}
         complete(served, json.dumps(spec), max_tokens=1)
-    post_raw(served, b"not json")
+    assert post_raw(served, b"not json")[0] == 400
+    assert post_raw(served, json.dumps({"model": "no-such-id", "prompt": "a"}).encode())[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(served["url"] + "/no/such/path", timeout=60)
+    assert unknown.value.code == 404
     deadline = time.monotonic() + 60
-    while True:  # metrics are exported every few seconds
-        text = _metrics_text()
-        requests = [line for line in text.splitlines() if line.startswith("ray_icmf_requests_total{")]
-        expected = [n for n in scraped_names() if "icm_inputs" not in n]  # no F-VAE here
-        if all(name in text for name in expected) and any('status="400"' in line for line in requests):
+    while True:  # model replicas push their changes every 2 s
+        after = scrape(served)
+        gained = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        if gained.get(("icmf_batch_size_count", ()), 0) >= 3:
             break
-        assert time.monotonic() < deadline, ([n for n in expected if n not in text], requests)
-        time.sleep(2)
-    in_flight = [line for line in text.splitlines() if line.startswith("ray_icmf_adapter_in_flight{")]
-    assert in_flight and not any("fused-" in line for line in in_flight)
-    assert any('route="/v1/completions"' in line for line in requests)
+        assert time.monotonic() < deadline, gained
+        time.sleep(1)
+    assert gained[requests("/v1/completions", 200)] == 3
+    assert gained[requests("/v1/completions", 400)] == 1
+    assert gained[requests("/v1/completions", 404)] == 1
+    assert gained[requests("unmatched", 404)] == 1
+    assert gained[requests("/metrics", 200)] >= 1  # the scrapes themselves
+    assert after[requests("/metrics", 401)] >= 1
+    assert gained[("icmf_adapter_cache_events_total", (("event", "miss"),))] == 3
+    assert gained[("icmf_adapter_cache_events_total", (("event", "load"),))] == 3
+    assert gained[("icmf_adapter_load_seconds_count", (("kind", "fusion"),))] == 3
+    assert gained[("icmf_batch_size_count", ())] == 3
+    names = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name, _ in after}
+    assert {n for n in scraped_names() if "icm_inputs" not in n} <= names  # no F-VAE here
+    kinds = {dict(labels)["kind"] for name, labels in after if name == "icmf_adapter_in_flight"}
+    assert kinds == {"base", "stored", "fusion"}
+    assert not [k for k in after if any("fused-" in v or "no/such" in v for _, v in k[1])]
 
 
 def test_fuzzed_bodies_and_specs_get_json_4xx_or_200(served):

@@ -151,6 +151,65 @@ def test_metric_names_and_labels_are_bounded():
         assert "adapter" not in tags, name  # client-chosen ids never become label values
 
 
+def _scrape(registry) -> dict[tuple[str, tuple], float]:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_replica_metrics_add_up_at_the_router_across_pushes_failures_and_deaths():
+    from serve.metrics import MetricsAggregate, ReplicaMetrics, RequestMetrics
+
+    now = [0.0]
+    router = RequestMetrics(MetricsAggregate(stale_s=10, clock=lambda: now[0]))
+    one, two = ReplicaMetrics(), ReplicaMetrics()
+    one.cache_event("hit", "a-b-c", None)
+    one.cache_event("hit", "x", None)
+    two.cache_event("hit", "y", None)
+    one.batch_size(3)
+    two.batch_size(8)
+    one.icm_inputs(hits=2, misses=1)
+    one.in_flight("fusion", +1)
+    for replica, name in ((one, "r1"), (two, "r2")):
+        changes = replica.changes()
+        router.replicas.add(name, changes)
+        replica.acknowledge(changes)
+    one.cache_event("miss", "z", None)
+    one.icm_inputs(hits=5, misses=1)
+    lost = one.changes()  # this push fails: not acknowledged, so its increments go again
+    one.cache_event("miss", "w", None)
+    retried = one.changes()
+    router.replicas.add("r1", retried)
+    one.acknowledge(retried)
+    assert lost != retried
+    got = _scrape(router.registry)
+    assert got[("icmf_adapter_cache_events_total", (("event", "hit"),))] == 3
+    assert got[("icmf_adapter_cache_events_total", (("event", "miss"),))] == 2
+    assert got[("icmf_icm_inputs_cache_events_total", (("event", "hit"),))] == 5
+    assert got[("icmf_icm_inputs_cache_events_total", (("event", "miss"),))] == 1
+    assert got[("icmf_batch_size_count", ())] == 2 and got[("icmf_batch_size_sum", ())] == 11
+    assert got[("icmf_batch_size_bucket", (("le", "4.0"),))] == 1
+    assert got[("icmf_batch_size_bucket", (("le", "+Inf"),))] == 2
+    assert got[("icmf_adapter_in_flight", (("kind", "fusion"),))] == 1
+    assert not [k for k in got if k[0].endswith("_created")]
+    now[0] = 11.0  # r1 and r2 silent past the staleness bound: dead; their counts stay
+    router.replicas.add("r3", ReplicaMetrics().changes())
+    got = _scrape(router.registry)
+    assert got[("icmf_adapter_in_flight", (("kind", "fusion"),))] == 0
+    assert got[("icmf_adapter_cache_events_total", (("event", "hit"),))] == 3
+    router.count("/v1/completions", 404)
+    assert (
+        _scrape(router.registry)[("icmf_requests_total", (("route", "/v1/completions"), ("status", "404")))]
+        == 1
+    )
+
+
 def test_readme_lists_the_metrics_as_prometheus_sees_them():
     from pathlib import Path
 

@@ -64,10 +64,18 @@ def test_malformed_model_fields_are_refused_with_a_status(model, status):
 def test_config_lists_every_fault_at_once(tmp_path):
     with pytest.raises(ServeConfigError) as info:
         ServeConfig.from_args(
-            {"catalog": str(tmp_path / "none"), "cache_size": 0, "batching": "x", "icm_cache_mib": -1}
+            {
+                "catalog": str(tmp_path / "none"),
+                "cache_size": 0,
+                "batching": "x",
+                "icm_cache_mib": -1,
+                "health_check_period_s": 0,
+                "health_check_timeout_s": -1,
+            }
         )
     message = str(info.value)
-    for fault in ("base_model", "tokenizer", "cache_size", "batching", "icm_cache_mib"):
+    faults = ("base_model", "tokenizer", "cache_size", "batching", "icm_cache_mib", "health_check_period_s")
+    for fault in (*faults, "health_check_timeout_s"):
         assert fault in message
     with pytest.raises(ServeConfigError) as info:
         ServeConfig.from_args({"catalog": "/no/cat", "base_model": "/no/base", "tokenizer": "/no/tok"})
