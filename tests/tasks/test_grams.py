@@ -1,4 +1,5 @@
-"""RegMean's input Gram matrices through the LoRA host, and regmean fusing from the support examples."""
+"""RegMean's input Gram matrices through the LoRA host (padding left out), and regmean fusing from
+the support examples."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def test_grams_are_the_inputs_of_each_module(lab_catalog):
     llama = host.model.get_base_model().model
     with torch.no_grad():
         x = llama.layers[0].input_layernorm(llama.embed_tokens(batch["input_ids"]))
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = x[batch["attention_mask"].bool()].double()  # real tokens only, padding left out
+    assert x.shape[0] < batch["attention_mask"].numel()  # the batch is padded: the mask matters
     first = next(n for n in base if n.endswith("layers.0.self_attn.q_proj"))
     torch.testing.assert_close(base[first], x.T @ x / x.shape[0])
     # Through an adapter: layer 0's inputs are unchanged, a later layer's are not.
