@@ -9,10 +9,13 @@ the ``base`` (G = 0) and ``own`` (G = 1) rows. Few-shot methods (``lorahub``,
 ``task_arithmetic-tuned``) see only the tasks' support split.
 
     .venv/bin/python -m benchmarks.fusion_quality [--lab DIR] [--suites encoder,generative,features]
-        [--k 2,4,6] [--sets 3] [--seed 0] [--max-eval N] [--methods a,b] [--name fusion_quality]
+        [--k 2,4,6] [--sets 3] [--seed 0] [--max-eval N] [--methods a,b] [--fvae-seeds 0,1,2]
+        [--name fusion_quality]
 
 Writes ``results/<name>.json`` (every task's numbers, seeds, chosen parameters, timings) and
-``results/<name>.png`` (a bar chart per suite).
+``results/<name>.png`` (a bar chart per suite). With ``--fvae-seeds``, every ``icm`` row is fused
+with one F-VAE per meta-training seed and reported as the mean over them with its spread and 95 %
+interval (:mod:`benchmarks.quality.seeds`).
 """
 
 from __future__ import annotations
