@@ -47,28 +47,33 @@ def _sha256(path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "knobs"), [("iso_c", {"alpha"}), ("knots", {"alpha", "density"})])
-def test_cli_and_server_pick_hyperparameters_on_support(catalog, tmp_path, capsys, method, knobs):
+@pytest.mark.parametrize(("method", "params"), [("iso_c", {}), ("knots", {"density": 0.4})])
+def test_cli_and_server_pick_hyperparameters_on_support(catalog, tmp_path, capsys, method, params):
+    """Unset ``alpha`` is picked on the support examples; a given knob stays as given."""
     argv = ["fuse", "--catalog", catalog.uri, "--tasks", ",".join(TASKS), "--method", method]
+    argv += [f"--param={key}={value}" for key, value in params.items()]
     assert main([*argv, "--out", str(tmp_path / "cli")]) == 0, capsys.readouterr().err
-    assert "picked on the support examples: " in capsys.readouterr().out
+    assert "picked on the support examples: alpha=" in capsys.readouterr().out
     details = _provenance(tmp_path / "cli")["details"]
-    assert details["source"] == dict.fromkeys(knobs, "support")
+    assert details["source"] == {"alpha": "support", **dict.fromkeys(params, "given")}
     losses = [c["loss"] for c in details["candidates"]]
     assert len(set(losses)) > 1  # the candidates differ on the support examples
     assert details["support_loss"] == min(losses)
     best = next(c for c in details["candidates"] if c["loss"] == min(losses))
-    assert {k: best[k] for k in knobs} == {k: details["hyperparameters"][k] for k in knobs}
+    assert best["alpha"] == details["hyperparameters"]["alpha"]
+    assert {c.get("density") for c in details["candidates"]} == {params.get("density")}
     # The server fuses through the same function: the same pick, the same adapter bit for bit.
-    spec = FusionSpec.model_validate({"method": method, "tasks": TASKS}).canonical()
-    save_adapter(fuse_spec(catalog, spec), tmp_path / "served")
+    spec = FusionSpec.model_validate({"method": method, "tasks": TASKS, "params": params})
+    save_adapter(fuse_spec(catalog, spec.canonical()), tmp_path / "served")
     assert _sha256(tmp_path / "served") == _sha256(tmp_path / "cli")
     # Turned off: the defaults, and no support loss at all.
     assert main([*argv, "--no-support-selection", "--out", str(tmp_path / "off")]) == 0
     off = _provenance(tmp_path / "off")["details"]
-    assert off["source"] == dict.fromkeys(knobs, "default") and "candidates" not in off
-    spec_off = FusionSpec.model_validate({"method": method, "tasks": TASKS, "support_selection": False})
-    assert spec_off.model_id() != FusionSpec.model_validate({"method": method, "tasks": TASKS}).model_id()
+    assert off["source"]["alpha"] == "default" and "candidates" not in off
+    spec_off = FusionSpec.model_validate(
+        {"method": method, "tasks": TASKS, "params": params, "support_selection": False}
+    )
+    assert spec_off.model_id() != spec.model_id()
     save_adapter(fuse_spec(catalog, spec_off.canonical()), tmp_path / "served-off")
     assert _sha256(tmp_path / "served-off") == _sha256(tmp_path / "off")
 
