@@ -9,10 +9,13 @@ the ``base`` (G = 0) and ``own`` (G = 1) rows. Few-shot methods (``lorahub``,
 ``task_arithmetic-tuned``) see only the tasks' support split.
 
     .venv/bin/python -m benchmarks.fusion_quality [--lab DIR] [--suites encoder,generative,features]
-        [--k 2,4,6] [--sets 3] [--seed 0] [--max-eval N] [--methods a,b] [--name fusion_quality]
+        [--k 2,4,6] [--sets 3] [--seed 0] [--max-eval N] [--methods a,b] [--fvae-seeds 0,1,2]
+        [--name fusion_quality]
 
 Writes ``results/<name>.json`` (every task's numbers, seeds, chosen parameters, timings) and
-``results/<name>.png`` (a bar chart per suite).
+``results/<name>.png`` (a bar chart per suite). With ``--fvae-seeds``, every ``icm`` row is fused
+with one F-VAE per meta-training seed and reported as the mean over them with its spread and 95 %
+interval (:mod:`benchmarks.quality.seeds`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from benchmarks.lab.features import build_features_suite
 from benchmarks.quality.harness import SuiteHarness
 from benchmarks.quality.icm import context_task_vectors, trained_fvae, unseen_tasks
 from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
+from benchmarks.quality.seeds import combine_seed_runs, seed_summary
 
 DEFAULT_LAB = RESULTS / "lab" / "standard-seed0"
 
@@ -82,6 +86,38 @@ def evaluate_sets(
                 f"worst={_fmt(scored['worst_gap'])} G_acc={_fmt(scored.get('mean_gap_accuracy'))} ({fuse_s:.1f}s)"
             )
         entries.append(entry)
+    return entries
+
+
+def evaluate_with_fvae_seeds(
+    harness: SuiteHarness,
+    rows: list[MethodRow],
+    icm_rows: list[MethodRow],
+    subsets: list[list[str]],
+    seed: int,
+    log,
+    fusion_by_seed: dict[int, dict[str, Any]],
+    support_k: int | None = None,
+    unseen: list[str] = (),
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_sets` with the ``icm`` rows fused once per meta-training seed's F-VAE
+    (``fusion_by_seed``: fusion_context arguments per seed) and combined per task set
+    (:func:`benchmarks.quality.seeds.combine_seed_runs`); the other rows run once."""
+    first = next(iter(fusion_by_seed.values()), {})
+    if len(fusion_by_seed) <= 1:
+        return evaluate_sets(harness, rows + icm_rows, subsets, seed, log, first, support_k, unseen)
+    entries = evaluate_sets(harness, rows, subsets, seed, log, first, support_k, unseen)
+    per_seed = {}
+    for fvae_seed, fusion_args in fusion_by_seed.items():
+        log(f"{harness.name}: icm rows with the F-VAE of meta-training seed {fvae_seed}")
+        per_seed[fvae_seed] = evaluate_sets(
+            harness, icm_rows, subsets, seed, log, fusion_args, support_k, unseen
+        )
+    for i, entry in enumerate(entries):
+        for row in icm_rows:
+            entry["methods"][row.label] = combine_seed_runs(
+                {s: runs[i]["methods"][row.label] for s, runs in per_seed.items()}
+            )
     return entries
 
 
@@ -143,12 +179,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
             worst = [data["by_k"][k]["summary"][label].get(worst_key, float("nan")) for k in ks]
             color = cmap(i % 20)
             ax.bar(xs, means, width, label=label, color=color, edgecolor="black" if "icm" in label else None)
+            spread = [data["by_k"][k].get("fvae_seeds", {}).get(label, {}).get(mean_key) for k in ks]
+            if any(s and s["low"] is not None for s in spread):  # 95 % interval over F-VAE seeds
+                low = [s["mean"] - s["low"] if s and s["low"] is not None else 0.0 for s in spread]
+                high = [s["high"] - s["mean"] if s and s["high"] is not None else 0.0 for s in spread]
+                ax.errorbar(xs, means, yerr=[low, high], fmt="none", ecolor="black", capsize=2, lw=0.8)
             ax.scatter(xs, worst, marker="_", color="black", s=60, zorder=3)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ks))], [f"K = {k}" for k in ks])
         metric = "accuracy" if "accuracy" in mean_key else "loss"
-        ax.set_ylabel(f"gap closure G on {metric}\n(bar: mean, tick: worst task)")
+        ax.set_ylabel(
+            f"gap closure G on {metric}\n(bar: mean, tick: worst task,\nwhisker: 95 % over F-VAE seeds)"
+        )
         ax.set_title(f"{suite}: fused vs each task's own adapter (G = 1) and the base (G = 0)")
         ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.3)
         ax.legend(ncol=5, fontsize=7, loc="upper right")
@@ -164,6 +207,25 @@ def _summary_table(summary: dict[str, Any], mean_key: str, worst_key: str, title
             lines.append(
                 f"| {label} | {values[mean_key]:.2f} | {values[worst_key]:.2f} | {values['mean_loss']:.3f} |"
             )
+    return lines
+
+
+def _interval(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "n/a"
+    if stat["std"] is None:
+        return f"{stat['mean']:.2f} (1 seed)"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
+
+
+def _seed_table(by_key: dict[str, dict[str, Any]], mean_key: str, title: str) -> list[str]:
+    """icm rows over meta-training seeds: mean G ± std [95 % t-interval], one column per key."""
+    keys = list(by_key)
+    labels = list(dict.fromkeys(label for seeded in by_key.values() for label in seeded))
+    lines = [f"\n{title}", "| icm row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label in labels:
+        cells = [_interval(by_key[k].get(label, {}).get(mean_key)) for k in keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -188,6 +250,14 @@ def table(results: dict[str, Any]) -> str:
                     else "n/a"
                 )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        seeded = {f"K = {k}": data["by_k"][k]["fvae_seeds"] for k in ks if data["by_k"][k].get("fvae_seeds")}
+        if seeded:
+            seeds = next(iter(next(iter(seeded.values())).values()))["seeds"]
+            lines += _seed_table(
+                seeded,
+                mean_key,
+                f"{suite}: icm rows over F-VAE meta-training seeds {seeds}, mean G ± std [95 %]",
+            )
         for k in ks:
             for part in ("seen", "unseen"):
                 summary = data["by_k"][k].get(f"summary_{part}_sets")
@@ -211,6 +281,12 @@ def table(results: dict[str, Any]) -> str:
                 worst_key,
                 f"{suite}: few-shot k = {data['fewshot']['k']}, K = 4",
             )
+            if data["fewshot"].get("fvae_seeds"):
+                lines += _seed_table(
+                    {"K = 4": data["fewshot"]["fvae_seeds"]},
+                    mean_key,
+                    f"{suite}: few-shot k = {data['fewshot']['k']}, icm rows over F-VAE seeds",
+                )
         if "longtail" in data:
             lt = data["longtail"]
             lines += _summary_table(
@@ -268,6 +344,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         "by_k": {},
     }
     fusion_args: dict[str, Any] = {}  # keyword arguments of engine.fusion.fusion_context
+    fusion_by_seed: dict[int, dict[str, Any]] = {}  # the same, per meta-training seed's F-VAE
     unseen: list[str] = []
     icm_rows: list[MethodRow] = []
     if not args.no_icm:
@@ -282,30 +359,37 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             overrides["train"] = {"steps": args.meta_steps}
         if args.fvae:
             overrides["fvae"] = args.fvae
-        fvae_dir, config = trained_fvae(
-            suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log
-        )
-        fusion_args["fvae"] = FVAEArtifact.load(fvae_dir)
+        out["fvae_seeds"] = {}
+        for fvae_seed in args.fvae_seeds or [args.seed]:  # same unseen tasks, another training run
+            fvae_dir, config = trained_fvae(
+                suite, name, exclude=unseen, seed=fvae_seed, overrides=overrides, log=log
+            )
+            artifact = FVAEArtifact.load(fvae_dir)
+            fusion_by_seed[fvae_seed] = {**fusion_args, "fvae": artifact}
+            out["fvae_seeds"][str(fvae_seed)] = {
+                "path": str(fvae_dir),
+                "config": config,
+                "metrics": artifact.meta.get("metrics"),
+                "familiarity": artifact.meta.get("familiarity"),
+            }
+        out["fvae"] = next(iter(out["fvae_seeds"].values()))
         icm_rows = [
             r for r in suite_icm_rows(name) if not args.icm_methods or r.label in args.icm_methods.split(",")
         ]
-        out["fvae"] = {
-            "path": str(fvae_dir),
-            "config": config,
-            "metrics": fusion_args["fvae"].meta.get("metrics"),
-            "familiarity": fusion_args["fvae"].meta.get("familiarity"),
-        }
     out["unseen"] = unseen
+    icm_labels = [r.label for r in icm_rows]
     everything = []
     for k in [k for k in args.ks if k <= len(harness.tasks)]:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
-        entries = evaluate_sets(
-            harness, rows + icm_rows, subsets, args.seed, log, fusion_args, support_k, unseen
+        entries = evaluate_with_fvae_seeds(
+            harness, rows, icm_rows, subsets, args.seed, log, fusion_by_seed, support_k, unseen
         )
         if suite["kind"] == "causal-lm" and not args.no_ceiling:
             add_ceiling(harness, suite, entries, args.seed, log)
         everything += entries
         by_k = {"sets": entries, "summary": summarize(entries)}
+        if len(fusion_by_seed) > 1:
+            by_k["fvae_seeds"] = seed_summary(entries, icm_labels)
         for label, chosen in (
             ("seen", [e for e in entries if not e["unseen"]]),
             ("unseen", [e for e in entries if e["unseen"]]),
@@ -316,12 +400,21 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     if unseen:
         out["unseen_task_gaps"] = per_task_gaps(everything, unseen, out["primary_gap"])
     if icm_rows and args.fewshot_k:
-        fewshot_rows = [r for r in rows + icm_rows if r.label in FEWSHOT_ROWS]
         subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
-        entries = evaluate_sets(
-            harness, fewshot_rows, subsets, args.seed, log, fusion_args, args.fewshot_k, unseen
+        entries = evaluate_with_fvae_seeds(
+            harness,
+            [r for r in rows if r.label in FEWSHOT_ROWS],
+            [r for r in icm_rows if r.label in FEWSHOT_ROWS],
+            subsets,
+            args.seed,
+            log,
+            fusion_by_seed,
+            args.fewshot_k,
+            unseen,
         )
         out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
+        if len(fusion_by_seed) > 1:
+            out["fewshot"]["fvae_seeds"] = seed_summary(entries, icm_labels)
     if icm_rows and args.longtail_steps and name in args.longtail_suites.split(","):
         out["longtail"] = run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log)
     return out
@@ -410,6 +503,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=[],
         help="an ablation: override one field of the suites' F-VAE recipe (repeatable; recorded in the JSON)",
     )
+    parser.add_argument(
+        "--fvae-seeds",
+        type=lambda text: [int(s) for s in text.split(",")],
+        default=None,
+        help="meta-training seeds a,b,c: one F-VAE each, every icm row reported as the mean over them "
+        "with its spread and 95%% interval (default: --seed only)",
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
@@ -440,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "fusion_quality",
         "lab": {"path": lab["root"], "size": lab.get("size"), "seed": lab.get("seed")},
         "seed": args.seed,
+        "fvae_seeds": args.fvae_seeds or [args.seed],
         "sets_per_k": args.sets,
         "max_eval": args.max_eval,
         "rows": [r.__dict__ for r in rows] + ([] if args.no_icm else [r.__dict__ for r in ICM_ROWS]),

@@ -83,8 +83,9 @@ def error_result(status: int, message: str) -> dict[str, Any]:
 # Helpers come before the deployment: Serve pickles the class when it is decorated.
 def fuse_spec(catalog, spec: dict[str, Any], fvae=None, icm_inputs=None):
     """The adapter a canonical fusion spec names, fused as ``icmf fuse`` fuses it (one
-    :func:`engine.fusion.fusion_context`: the F-VAE, the catalog's stored task vectors), except
-    that a request never loads task models for a few-shot objective."""
+    :func:`engine.fusion.fusion_context`: the F-VAE, the catalog's stored task vectors and Gram
+    matrices, and hyperparameters picked on the tasks' support examples unless the spec says
+    ``"support_selection": false``)."""
     from engine.fusion.api import fuse_from_catalog, fusion_context
 
     selection = {"adapter_ids": spec.get("adapters"), "tasks": spec.get("tasks")}
@@ -93,7 +94,7 @@ def fuse_spec(catalog, spec: dict[str, Any], fvae=None, icm_inputs=None):
         spec["params"],
         catalog=catalog,
         fvae=fvae,
-        few_shot=False,
+        support_selection=spec.get("support_selection", True),
         icm_inputs_cache=icm_inputs,
         **selection,
     )

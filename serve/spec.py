@@ -78,6 +78,7 @@ class FusionSpec(pydantic.BaseModel):
     weights: list[float] | None = None
     params: dict[str, bool | int | float | str | None] = pydantic.Field(default_factory=dict, max_length=32)
     seed: int = pydantic.Field(0, ge=0, le=MAX_SEED)
+    support_selection: bool = True  # False: unset hyperparameters take defaults (no support loss)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> FusionSpec:
@@ -121,13 +122,16 @@ class FusionSpec(pydantic.BaseModel):
         names = list(self.adapters or self.tasks or [])
         weights = self.weights if self.weights is not None else [1.0 / len(names)] * len(names)
         pairs = sorted(zip(names, (float(w) for w in weights), strict=True))
-        return {
+        canonical = {
             "method": self.method.lower(),
             self.kind: [n for n, _ in pairs],
             "weights": [w for _, w in pairs],
             "params": self.params,
             "seed": self.seed,
         }
+        if not self.support_selection:  # only when off: specs written before it keep their ids
+            canonical["support_selection"] = False
+        return canonical
 
     def model_id(self) -> str:
         """``fused-<sha256[:16]>`` of the canonical JSON."""

@@ -30,6 +30,12 @@ def _param(value: str) -> tuple[str, object]:
     return key, yaml.safe_load(raw)  # 0.5 -> float, null -> None, factors -> str
 
 
+def _picked(details: dict) -> str:
+    """``alpha=0.75, density=0.4`` for the hyperparameters a method picked on support examples."""
+    values, source = details.get("hyperparameters") or {}, details.get("source") or {}
+    return ", ".join(f"{k}={v:g}" for k, v in values.items() if source.get(k) == "support")
+
+
 def register(commands) -> None:
     from engine.fusion import list_methods
 
@@ -57,7 +63,15 @@ def register(commands) -> None:
         "--shots",
         type=int,
         metavar="K",
-        help="few-shot examples per task for lorahub and icm refinement (default: the task's support split)",
+        help="few-shot examples per task for the support loss (lorahub, icm refinement, hyperparameter "
+        "selection; default: the task's support split)",
+    )
+    p.add_argument(
+        "--no-support-selection",
+        dest="support_selection",
+        action="store_false",
+        help="hyperparameters not given with --param take the method's defaults instead of being "
+        "picked on the tasks' support examples",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -81,6 +95,7 @@ def fuse(args) -> int:
         tasks=args.tasks,
         fvae=args.model,
         shots=args.shots,
+        support_selection=args.support_selection,
     )
     result = fuse_from_catalog(
         catalog,
@@ -98,4 +113,7 @@ def fuse(args) -> int:
     console.print(
         f"fused [{inputs}] with {args.method} -> {path} (rank {'/'.join(map(str, ranks))})", markup=False
     )
+    picked = _picked(result.provenance.get("details") or {})
+    if picked:
+        console.print(f"picked on the support examples: {picked}", markup=False)
     return 0

@@ -177,35 +177,44 @@ def fusion_context(
     task_vectors: Mapping[str, torch.Tensor] | None = None,
     objective: FewShotObjective | Callable[[], FewShotObjective] | None = None,
     shots: int | None = None,
-    few_shot: bool = True,
+    support_selection: bool = True,
     icm_inputs_cache: IcmInputsCache | None = None,
 ) -> FusionContext:
     """The context ``method`` with ``params`` reads, built one way for the CLI, the server, the demo
     and the benchmarks (so ``icmf fuse`` and a served spec fuse the same adapter).
 
+    What the call reads is the method's declaration (:meth:`FusionMethod.wanted`): the support
+    loss for a method that needs one (``lorahub``, icm refinement) or has a hyperparameter left to
+    pick on the support examples (``iso_c``, ``tsv``, ``knots``, ...; :mod:`engine.fusion.selection`),
+    and each task's stored Gram matrices for ``regmean`` (computed on first use).
+
     Args:
         method: registry name; its declaration says which fields are read or needed.
         params: the method's parameters (they may require more, e.g. icm's ``refine_steps``).
-        catalog: where the fused adapters live; the source of stored task vectors and task
-            definitions when those are not given.
+        catalog: where the fused adapters live; the source of stored task vectors, task
+            definitions and Gram matrices when those are not given.
         adapter_ids: the fused adapters' catalog ids, or
         tasks: the fused tasks (one adapter each).
         fvae: the trained F-VAE, or its directory/URI (loaded here).
         task_vectors: in-context vectors by task; default, when the method reads them and an
             F-VAE is given: the catalog's stored ones of the fused tasks (``icmf taskvec``).
         objective: the few-shot objective, or a function making it, called only when this call
-            needs it (``lorahub``, icm refinement); default then: built from the fused tasks'
-            definitions in the catalog, ``shots`` examples each (their support split when None),
-            on the F-VAE's layout when there is one.
-        few_shot: False: never build an objective from the catalog (a server does not load task
-            models per request; the method then reports what it needs).
+            reads it; default then: built from the fused tasks' definitions in the catalog,
+            ``shots`` examples each (their support split when None), on the F-VAE's layout when
+            there is one. A method that only *may* use it (hyperparameter selection) gets it when
+            every fused task has a definition, and takes its defaults otherwise.
+        support_selection: False: hyperparameters left unset take their defaults instead of being
+            picked on the support examples (no task model is loaded for them; a method that
+            needs the support loss still gets it).
         icm_inputs_cache: a cache of icm's per-input encodings (servers).
 
     Raises:
         FusionConfigError: unknown method or invalid parameters.
     """
     spec = get_method(method)
-    required = spec.required(spec.parse_params(dict(params or {})))
+    parsed = spec.parse_params(dict(params or {}))
+    required = set(spec.required(parsed))
+    wanted = set(spec.wanted(parsed)) if support_selection else required
     if isinstance(fvae, str | Path):
         from engine.fvae.artifact import FVAEArtifact
 
@@ -216,19 +225,34 @@ def fusion_context(
             return list(tasks)
         return list(dict.fromkeys(catalog.get(i)["task"] for i in adapter_ids or ()))
 
+    def defined() -> bool:  # every fused task has a definition (examples, model) in the catalog
+        from engine.tasks.store import task_names
+
+        return set(fused_tasks()) <= set(task_names(catalog))
+
     if task_vectors is None:
         task_vectors = {}
         if catalog is not None and fvae is not None and "task_vectors" in spec.accepts:
             task_vectors = _stored_task_vectors(catalog, fused_tasks())
-    wanted = {"objective", "loss_fn"} & set(required)
-    if wanted and callable(objective):
-        objective = objective()  # a factory: only a call that needs the objective pays for it
-    elif not wanted:
+    support = {"objective", "loss_fn"}
+    if wanted & support and callable(objective):
+        objective = objective()  # a factory: only a call that reads the objective pays for it
+    elif not wanted & support:
         objective = None
-    if wanted and objective is None and catalog is not None and few_shot:
+    # A method that only may use the support loss gets it when the tasks are defined.
+    if wanted & support and objective is None and catalog is not None and (required & support or defined()):
         objective = _catalog_objective(catalog, fused_tasks(), adapter_ids, fvae, shots)
+    grams = None
+    if "grams" in wanted and catalog is not None and defined():
+        from engine.task_vectors.grams import task_grams
+
+        grams = task_grams(catalog, fused_tasks(), _base_layout(catalog, fused_tasks(), adapter_ids))
     return FusionContext(
-        fvae=fvae, task_vectors=task_vectors, objective=objective, icm_inputs_cache=icm_inputs_cache
+        fvae=fvae,
+        task_vectors=task_vectors,
+        objective=objective,
+        icm_inputs_cache=icm_inputs_cache,
+        grams=grams,
     )
 
 
@@ -248,10 +272,12 @@ def _catalog_objective(
     catalog), on the F-VAE's layout, else on the fused adapters' base model's current layout."""
     from engine.tasks.fewshot import FewShotObjective
 
-    if fvae is not None:
-        layout = fvae.layout
-    else:
-        # The base model's current layout holds every input, whichever layout version stores it.
-        first = catalog.get(adapter_ids[0]) if adapter_ids else catalog.entries(task=tasks[0])[0]
-        layout = catalog.layout_for_base_model(first["base_model"])
+    layout = fvae.layout if fvae is not None else _base_layout(catalog, tasks, adapter_ids)
     return FewShotObjective.from_catalog(catalog, tasks, layout, k=shots)
+
+
+def _base_layout(catalog: Catalog, tasks: list[str], adapter_ids: Sequence[str] | None):
+    """The fused adapters' base model's current layout: it holds every input, whichever layout
+    version stores it."""
+    first = catalog.get(adapter_ids[0]) if adapter_ids else catalog.entries(task=tasks[0])[0]
+    return catalog.layout_for_base_model(first["base_model"])

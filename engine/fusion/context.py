@@ -37,7 +37,8 @@ class FusionContext:
         icm_inputs_cache: keeps each input's ``icm`` encoding across fusions (a server's);
             results are bit-identical with and without it.
         grams: each task's input Gram matrices by module, ``{task: {module: G [d_in, d_in]}}``
-            (``regmean``; computed from ``objective`` when unset).
+            (``regmean``; ``fusion_context`` gives the catalog's stored ones, read one module at
+            a time, :mod:`engine.task_vectors.grams`; computed from ``objective`` when unset).
     """
 
     fvae: FVAEArtifact | None = None
@@ -62,6 +63,6 @@ CONTEXT_HINTS = {
     "loss_fn": "few-shot examples of the fused tasks to score candidates on: define the tasks with "
     "examples in the catalog (`icmf task add`)",
     "icm_inputs_cache": "an engine.fusion.icm_inputs.IcmInputsCache",
-    "grams": "each task's input Gram matrices ({task: {module: G}}), or few-shot examples of the fused "
-    "tasks to compute them from (`icmf task add`)",
+    "grams": "each task's input Gram matrices ({task: {module: G}}): define the fused tasks with "
+    "examples in the catalog (`icmf task add`), they are computed from them on first use",
 }

@@ -99,6 +99,13 @@ class FusionMethod:
         extra = tuple(getattr(params, "required_context", ()))
         return tuple(dict.fromkeys((*self.needs, *extra)))
 
+    def wanted(self, params: pydantic.BaseModel) -> tuple[str, ...]:
+        """The context fields this call reads when they are set: :meth:`required`, plus the
+        optional ones its parameters ask for (``wanted_context``: e.g. ``loss_fn`` while a
+        hyperparameter is left to be picked on the support examples)."""
+        extra = tuple(getattr(params, "wanted_context", ()))
+        return tuple(dict.fromkeys((*self.required(params), *extra)))
+
     def call(
         self, inputs: FusionInputs, params: pydantic.BaseModel, context: FusionContext
     ) -> tuple[LoraAdapter, dict[str, Any]]:

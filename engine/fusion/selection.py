@@ -33,6 +33,11 @@ class Knob:
     grid: tuple[float, ...]
 
 
+def support_wanted(*knob_values: float | None) -> tuple[str, ...]:
+    """A params model's ``wanted_context``: the support loss while any of its knobs is unset."""
+    return ("loss_fn",) if any(value is None for value in knob_values) else ()
+
+
 def scaled(adapter: LoraAdapter, alpha: float) -> LoraAdapter:
     """``alpha`` times every module's update (the ``B`` factors are scaled)."""
     modules = {n: LoraModule(m.A, m.B * alpha, m.scaling) for n, m in adapter.modules.items()}

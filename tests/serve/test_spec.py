@@ -29,6 +29,16 @@ def test_uniform_weights_are_explicit_and_different_specs_differ():
     assert uniform.model_id == explicit.model_id != other.model_id
 
 
+def test_support_selection_is_in_the_id_only_when_turned_off():
+    default = parse_model_field(spec(method="iso_c", tasks=["a", "b"]))
+    on = parse_model_field(spec(method="iso_c", tasks=["a", "b"], support_selection=True))
+    off = parse_model_field(spec(method="iso_c", tasks=["a", "b"], support_selection=False))
+    assert "support_selection" not in default.spec and off.spec["support_selection"] is False
+    assert default.model_id == on.model_id != off.model_id
+    with pytest.raises(ModelFieldError):
+        parse_model_field(spec(method="iso_c", tasks=["a", "b"], support_selection="maybe"))
+
+
 def test_base_adapter_and_aliases():
     assert parse_model_field("base").kind == "base"
     assert parse_model_field("lab/tiny", base_aliases=("lab/tiny",)).kind == "base"

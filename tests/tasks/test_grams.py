@@ -1,4 +1,5 @@
-"""RegMean's input Gram matrices through the LoRA host, and regmean fusing from the support examples."""
+"""RegMean's input Gram matrices through the LoRA host (padding left out), and regmean fusing from
+the support examples."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from engine.adapters import load_adapter
 from engine.fusion import FusionContext, fuse_adapters
 from engine.tasks.fewshot import FewShotObjective
 from engine.tasks.functional import adapter_factors
-from engine.tasks.grams import input_grams
+from engine.tasks.grams import input_gram_sums, input_grams
 
 
 def test_grams_are_the_inputs_of_each_module(lab_catalog):
@@ -22,7 +23,7 @@ def test_grams_are_the_inputs_of_each_module(lab_catalog):
     llama = host.model.get_base_model().model
     with torch.no_grad():
         x = llama.layers[0].input_layernorm(llama.embed_tokens(batch["input_ids"]))
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = x[batch["attention_mask"].bool()].double()  # real tokens only (padding left out)
     first = next(n for n in base if n.endswith("layers.0.self_attn.q_proj"))
     torch.testing.assert_close(base[first], x.T @ x / x.shape[0])
     # Through an adapter: layer 0's inputs are unchanged, a later layer's are not.
@@ -31,6 +32,25 @@ def test_grams_are_the_inputs_of_each_module(lab_catalog):
     torch.testing.assert_close(adapted[first], base[first])
     last = next(n for n in reversed(list(base)) if n.endswith("q_proj"))
     assert not torch.allclose(adapted[last], base[last])
+
+
+def test_grams_do_not_depend_on_how_examples_are_batched(lab_catalog):
+    """Padding is left out: a short example padded in a batch adds what it adds on its own."""
+    catalog = lab_catalog.catalog
+    objective = FewShotObjective.from_catalog(catalog, ["copy"], catalog.layout(), k=1)
+    host, model = objective.host, objective.host.task_model
+    rows = [
+        {"prompt": "<copy> 4 9 <sep>", "completion": "4 9"},
+        {"prompt": "<copy> 7 3 7 3 1 6 <sep>", "completion": "7 3 7 3 1 6"},
+    ]
+    together = model.encode(rows)
+    assert not together["attention_mask"].bool().all()  # the short row is padded
+    sums, counts = input_gram_sums(host, together)
+    parts = [input_gram_sums(host, model.encode([row])) for row in rows]
+    for name, total in sums.items():
+        assert counts[name] == sum(p[1][name] for p in parts)
+        separate = parts[0][0][name] + parts[1][0][name]
+        assert float((total - separate).norm() / separate.norm()) <= 1e-5  # float32 forwards
 
 
 @pytest.mark.slow

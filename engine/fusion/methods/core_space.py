@@ -43,7 +43,7 @@ import torch
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fuse_by_module
 from engine.fusion.registry import FusionInputs, fusion_method
-from engine.fusion.selection import Knob, pick_on_support
+from engine.fusion.selection import Knob, pick_on_support, support_wanted
 from engine.fusion.subspace import (
     dare_drop,
     isotropic,
@@ -86,6 +86,11 @@ class CoreSpaceParams(pydantic.BaseModel):
         if faults:
             raise ValueError("; ".join(faults))
         return self
+
+    @property
+    def wanted_context(self) -> tuple[str, ...]:
+        density = self.density if self.inner == "ties" else 0.0  # other inners have no density knob
+        return support_wanted(self.alpha, density)
 
 
 def core_bases(

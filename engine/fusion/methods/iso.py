@@ -35,7 +35,7 @@ import torch
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fuse_by_module
 from engine.fusion.registry import FusionInputs, fusion_method
-from engine.fusion.selection import Knob, pick_on_support
+from engine.fusion.selection import Knob, pick_on_support, support_wanted
 from engine.fusion.subspace import polar, stacked, task_factors, thin_svd, zero_update
 
 ISO_REF = "https://arxiv.org/abs/2502.04959 (Iso-C / Iso-CTS); https://github.com/danielm1405/iso-merging"
@@ -47,6 +47,10 @@ class IsoCParams(pydantic.BaseModel):
     alpha: float | None = pydantic.Field(
         None, gt=0, description="global scale; None: picked on support examples, else 1.0"
     )
+
+    @property
+    def wanted_context(self) -> tuple[str, ...]:
+        return support_wanted(self.alpha)
 
 
 class IsoCTSParams(IsoCParams):

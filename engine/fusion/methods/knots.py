@@ -37,7 +37,7 @@ import torch
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fuse_by_module
 from engine.fusion.registry import FusionInputs, fusion_method
-from engine.fusion.selection import Knob, pick_on_support
+from engine.fusion.selection import Knob, pick_on_support, support_wanted
 from engine.fusion.subspace import concat_svd, dare_drop, task_factors, ties_rows, zero_update
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
@@ -61,6 +61,10 @@ class KnotsParams(pydantic.BaseModel):
         if self.drop is not None and self.inner != "dare":
             raise ValueError(f"drop is DARE's drop probability: set inner='dare' (got inner={self.inner!r})")
         return self
+
+    @property
+    def wanted_context(self) -> tuple[str, ...]:
+        return support_wanted(self.alpha, self.density)
 
 
 def knots_factors(

@@ -17,13 +17,16 @@ task excites get no update). An adapter that does not target a module still cont
 ``G_i`` there (its ``W_i = W_0``), as in the reference. Weights enter as ``G_i -> K w_i G_i`` (the
 default weights give the reference; they must be positive).
 
-Gram matrices come from ``context["grams"]`` (``{task: {module: G}}``), or are computed from
+Gram matrices come from ``context["grams"]`` (``{task: {module: G}}``: with ``inputs_from="base"``,
+each task's matrices stored in the catalog, computed once with Ray Data by
+:func:`engine.task_vectors.grams.task_grams`, which :func:`engine.fusion.fusion_context` supplies
+and which are read one module at a time), or are computed from
 ``context["objective"]`` (the few-shot objective over the fused tasks' support examples;
 :func:`engine.tasks.grams.input_grams`) through the base model (``inputs_from="base"``, so one
 task's statistics serve every adapter of it) or through each task's own adapter
 (``inputs_from="adapter"``, the reference's fine-tuned models). Unset ``shrink`` is picked on the
 support examples when the context has ``loss_fn``, else the reference notebook's 0.9.
-Computing and storing the Gram matrices in the catalog with Ray Data is not part of this method.
+The provenance's ``details.grams`` names each task's stored key (or how the matrices were made).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fused_adapter, module_names
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
-from engine.fusion.selection import Knob, pick_on_support
+from engine.fusion.selection import Knob, pick_on_support, support_wanted
 
 if TYPE_CHECKING:
     from engine.tasks.fewshot import FewShotObjective
@@ -55,6 +58,13 @@ class RegMeanParams(pydantic.BaseModel):
     inputs_from: Literal["base", "adapter"] = pydantic.Field(
         "base", description="Gram matrices from the base model's inputs or each task's adapted model's"
     )
+
+    @property
+    def wanted_context(self) -> tuple[str, ...]:
+        """The base model's Gram matrices are each task's stored ones; through the adapters they are
+        computed from the few-shot objective; the support loss picks an unset ``shrink``."""
+        inputs = ("grams",) if self.inputs_from == "base" else ("objective",)
+        return (*inputs, *support_wanted(self.shrink))
 
 
 def regmean_factors(
@@ -83,7 +93,7 @@ def regmean_factors(
 
 def _grams(inputs: FusionInputs, params: RegMeanParams, given, objective) -> list[Mapping[str, torch.Tensor]]:
     """Each adapter's ``{module: G}``: given per task, or computed (once per task from the base)."""
-    if given is not None:
+    if given is not None and params.inputs_from == "base":
         missing = sorted({t for t in inputs.tasks if t not in given})
         if missing:
             raise FusionConfigError(f"context.grams has no Gram matrices for task(s) {missing}")
@@ -116,7 +126,7 @@ def _check(inputs: FusionInputs, params: RegMeanParams, grams, objective) -> Non
         )
     if any(w <= 0 for w in inputs.weights):
         faults.append(f"regmean weights scale Gram matrices and must be positive (got {inputs.weights})")
-    if grams is None and objective is not None:
+    if (grams is None or params.inputs_from == "adapter") and objective is not None:
         missing = sorted({t for t in inputs.tasks if t not in objective.shots})
         if missing:
             faults.append(f"the objective has no support examples for task(s) {missing}")
@@ -155,4 +165,8 @@ def regmean(
             modules[name] = LoraModule(A=A.float().contiguous(), B=B.float().contiguous(), scaling=1.0)
         return fused_adapter(inputs, modules)
 
-    return pick_on_support(loss_fn, params, None, build, (SHRINK,))
+    fused, details = pick_on_support(loss_fn, params, None, build, (SHRINK,))
+    # Which statistics were used: each task's stored key (engine.task_vectors.grams), else how made.
+    made = "given" if given is not None and params.inputs_from == "base" else "support examples"
+    details["grams"] = {t: getattr(g, "key", made) for t, g in zip(inputs.tasks, grams, strict=True)}
+    return fused, details

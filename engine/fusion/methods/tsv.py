@@ -32,7 +32,7 @@ import torch
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.modulewise import fuse_by_module
 from engine.fusion.registry import FusionInputs, fusion_method
-from engine.fusion.selection import Knob, pick_on_support
+from engine.fusion.selection import Knob, pick_on_support, support_wanted
 from engine.fusion.subspace import polar, task_factors, thin_svd, zero_update
 
 ALPHA = Knob("alpha", 1.0, tuple(round(0.25 * i, 2) for i in range(1, 13)))  # 0.25 .. 3.0
@@ -46,6 +46,10 @@ class TsvParams(pydantic.BaseModel):
     rank_per_task: int | None = pydantic.Field(
         None, gt=0, description="singular triplets kept per task (default: all of the LoRA's rank)"
     )
+
+    @property
+    def wanted_context(self) -> tuple[str, ...]:
+        return support_wanted(self.alpha)
 
 
 def tsv_factors(
