@@ -218,7 +218,7 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
 
 
 def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monkeypatch):
-    import engine.fusion.methods.icm as icm_module
+    import engine.fusion.icm.method as icm_module
 
     catalog = lab_catalog.catalog
     layout = catalog.layout()

@@ -11,7 +11,7 @@ import torch
 from engine.adapters import LoraAdapter, LoraModule
 from engine.adapters.layout import Layout
 from engine.fusion import FusionConfigError, FusionContext, fuse_adapters
-from engine.fusion.icm_inputs import IcmInputsCache, adapter_digest
+from engine.fusion.icm.inputs import IcmInputsCache, adapter_digest
 from engine.fvae.artifact import FVAEArtifact
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
@@ -183,8 +183,8 @@ def test_per_input_encoding_matches_the_batched_formula():
     """The factored icm (one input at a time) computes what the batched formula does: encode
     every input in one batch, decode ``[mu; z_f]`` in one pass, anchor on the inputs."""
     from engine.adapters.codec import to_canonical, to_flat
-    from engine.fvae.latent import anchored_factors, fuse_latents
-    from engine.fvae.taskvec import project
+    from engine.fusion.icm.latent import anchored_factors, fuse_latents
+    from engine.fusion.icm.projection import project
     from engine.tasks.functional import adapter_factors
 
     artifact, weights = _artifact(), torch.tensor([0.2, 0.3, 0.5])
@@ -225,7 +225,7 @@ def _fuse_first_two(artifact, params: dict):
 
 
 def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reconstruct():
-    from engine.fvae.latent import familiarity
+    from engine.fusion.icm.latent import familiarity
 
     assert familiarity(torch.tensor([0.1, 0.4, 0.7, 1.0, 1.5]), 0.4).tolist() == pytest.approx(
         [1.0, 1.0, 0.5, 0.0, 0.0]
@@ -263,7 +263,7 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
 def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_latent_fusion_of_the_rest(
     monkeypatch,
 ):
-    import engine.fusion.methods.icm as icm_module
+    import engine.fusion.icm.method as icm_module
 
     artifact = _artifact()
     artifact.meta["familiarity"] = {"reference": 0.3}
