@@ -29,12 +29,12 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
-from engine.fusion.icm.latent import reconstruction_errors
 from engine.fusion.icm.projection import project
 from engine.fvae.artifact import FVAEArtifact
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
+from engine.fvae.recon import reconstruction_errors
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
 from engine.meta.failures import fail_fast, fit_with_retries
@@ -93,7 +93,7 @@ def pool_familiarity(
     seed: int,
 ) -> dict[str, Any]:
     """How well the trained F-VAE reconstructs its training adapters: the relative error
-    (:func:`engine.fusion.icm.latent.reconstruction_errors`, posterior mean, eval mode) of up to
+    (:func:`engine.fvae.recon.reconstruction_errors`, posterior mean, eval mode) of up to
     ``FAMILIARITY_PER_TASK`` pooled adapters per task, conditioned as in training.
 
     Measured on the final model, not taken from the training loss: the last report window's loss

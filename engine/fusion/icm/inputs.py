@@ -35,11 +35,11 @@ from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.digest import update_with_tensor
-from engine.fusion.icm.latent import relative_error
 from engine.fusion.icm.projection import project
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import folded
 from engine.fusion.registry import FusionConfigError
+from engine.fvae.recon import relative_error
 from engine.lru import ByteBoundedLRU
 from engine.tasks.functional import adapter_factors
 
@@ -78,7 +78,7 @@ class EncodedInput:
         factors: per layout module the exact ``(A [r, d_in], s·B [d_out, r])``
             (:func:`engine.tasks.functional.adapter_factors`).
         recon_error: the F-VAE's relative squared reconstruction error of the adapter in
-            normalised space, over the slots it occupies (:func:`engine.fusion.icm.latent.relative_error`):
+            normalised space, over the slots it occupies (:func:`engine.fvae.recon.relative_error`):
             about the training level for an adapter like those it was trained on, about 1 for one
             it cannot represent.
 
