@@ -289,8 +289,8 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         out["fvae"] = {
             "path": str(fvae_dir),
             "config": config,
-            "metrics": fusion_args["fvae"].meta.get("metrics"),
-            "familiarity": fusion_args["fvae"].meta.get("familiarity"),
+            # the F-VAE's training figures, as artifact.json holds them
+            **fusion_args["fvae"].meta.model_dump(mode="json", include={"metrics", "familiarity"}),
         }
     out["unseen"] = unseen
     everything = []

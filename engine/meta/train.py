@@ -30,7 +30,7 @@ import torch
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
 from engine.fusion.icm.projection import project
-from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.artifact import ArtifactMeta, FVAEArtifact
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
@@ -644,28 +644,28 @@ def train_fvae(
         normalizer=normalizer,
         layout=layout,
         task_vectors=vectors,
-        meta={
-            "run": name,
-            "resumed": resuming,
-            "steps": int(state["step"]),
-            "workers": num_workers,
-            "catalog": cfg.catalog,
-            "catalog_version": catalog.version(),
-            "gauge": bool((catalog.settings() or {}).get("gauge", True)),
-            "config": cfg.model_dump(),
-            "metrics": metrics,
-            "familiarity": extra.get("familiarity"),
-            "task_vector_source": vector_source,
-            "pool_sizes": extra["pool_sizes"],
-            "data_split": dict(
+        meta=ArtifactMeta(
+            run=name,
+            resumed=resuming,
+            steps=int(state["step"]),
+            workers=num_workers,
+            catalog=cfg.catalog,
+            catalog_version=catalog.version(),
+            gauge=bool((catalog.settings() or {}).get("gauge", True)),
+            config=cfg.model_dump(mode="json"),
+            metrics=metrics,
+            familiarity=extra.get("familiarity"),
+            task_vector_source=vector_source,
+            pool_sizes=extra["pool_sizes"],
+            data_split=dict(
                 split_summary(cfg.train.data_split, shares, num_workers),
                 rank0_streamed=extra["streamed"],
                 rank0_fill_s=extra["fill_s"],
             ),
-            "fusion_loss": fusion_loss,
-            "tasks": tasks,
-            "created": datetime.now(timezone.utc).isoformat(),
-            "pid": os.getpid(),
-        },
+            fusion_loss=fusion_loss,
+            tasks=tasks,
+            created=datetime.now(timezone.utc).isoformat(),
+            pid=os.getpid(),
+        ),
     )
     return artifact.save(cfg.out)

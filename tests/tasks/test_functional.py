@@ -12,6 +12,7 @@ from engine.adapters import load_adapter
 from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.fusion import FusionContext, fuse_adapters
+from engine.fvae.artifact import Familiarity, TaskVectorSource
 from engine.tasks import TaskDefinition, load_task, load_task_examples, save_task, task_model
 from engine.tasks.apply import adapted
 from engine.tasks.errors import ExamplesError, TaskError
@@ -170,7 +171,7 @@ def tiny_artifact(layout):
     )
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
     vectors = {t: torch.randn(8) for t in ("copy", "reverse")}
-    return FVAEArtifact(model.eval(), normalizer, layout, vectors, {"gauge": True})
+    return FVAEArtifact(model.eval(), normalizer, layout, vectors)
 
 
 def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
@@ -223,7 +224,7 @@ def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monk
     catalog = lab_catalog.catalog
     layout = catalog.layout()
     artifact = tiny_artifact(layout)
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     # copy is familiar, reverse cannot be represented: reverse enters by arithmetic
     monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 0.0]))
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
@@ -274,7 +275,7 @@ def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_pa
 def test_icm_conditions_unseen_tasks_on_given_in_context_vectors(lab_catalog):
     catalog = lab_catalog.catalog
     artifact = tiny_artifact(catalog.layout())
-    artifact.meta["task_vector_source"] = {"kind": "context", "dim": 8}
+    artifact.meta.task_vector_source = TaskVectorSource(kind="context", dim=8)
     artifact.task_vectors = {"copy": torch.randn(8)}  # 'reverse' was never seen
     adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
     common = dict(tasks=["copy", "reverse"], seed=0)

@@ -118,8 +118,7 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
         digest = hashlib.sha256()
         update_with_tensor(digest, "given", vector)
         return Condition("given", digest.hexdigest(), vector)
-    source = artifact.meta.get("task_vector_source", {})
-    if source.get("kind", "adapter_projection") == "adapter_projection":
+    if artifact.meta.task_vector_source.kind == "adapter_projection":
         return Condition("projection", "")
     raise FusionConfigError(
         f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
@@ -131,9 +130,8 @@ def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch
     """``[d]`` the condition of the normalised adapter ``xn [N]``."""
     if condition.vector is not None:
         return condition.vector
-    source = artifact.meta.get("task_vector_source", {})
-    dim = int(source.get("dim", artifact.model.config.cond_dim))
-    return project(xn, dim, int(source.get("seed", 0)))
+    source = artifact.meta.task_vector_source
+    return project(xn, source.dim or artifact.model.config.cond_dim, source.seed)
 
 
 def split_by_layout(adapter: LoraAdapter, layout: Layout) -> tuple[LoraAdapter, dict[str, LoraModule]]:
@@ -172,8 +170,7 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
             :func:`split_by_layout`) or one of another shape.
     """
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    gauge = bool(artifact.meta.get("gauge", True))
-    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=gauge)
+    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=artifact.meta.gauge)
     xn = normalizer.normalize(to_flat(canonical))  # [N]
     cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
     with torch.no_grad():

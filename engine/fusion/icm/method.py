@@ -270,11 +270,9 @@ def training_error(artifact) -> float | None:
     of the final F-VAE's errors on its training adapters (``familiarity.reference``, measured by
     ``icmf train``), or, for artifacts older than that measurement, the last reported training
     ``recon`` (a train-mode window average, which a late loss spike inflates)."""
-    measured = (artifact.meta.get("familiarity") or {}).get("reference")
-    if measured is not None:
-        return float(measured)
-    recon = (artifact.meta.get("metrics") or {}).get("recon")
-    return None if recon is None else float(recon)
+    if artifact.meta.familiarity is not None:
+        return artifact.meta.familiarity.reference
+    return artifact.meta.metrics.recon
 
 
 @dataclass

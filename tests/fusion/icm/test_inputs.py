@@ -12,7 +12,7 @@ from engine.adapters import LoraAdapter, LoraModule
 from engine.adapters.layout import Layout
 from engine.fusion import FusionConfigError, FusionContext, fuse_adapters
 from engine.fusion.icm.inputs import IcmInputsCache, adapter_digest
-from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.artifact import ArtifactMeta, Familiarity, FVAEArtifact, TaskVectorSource, TrainingMetrics
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
@@ -46,7 +46,7 @@ def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
         mean_shift * torch.randn(LAYOUT.size, generator=g), 0.5 + torch.rand(LAYOUT.size, generator=g)
     )
     vectors = {"seen": torch.randn(COND_DIM, generator=g)}
-    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": COND_DIM, "seed": 0}}
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=COND_DIM, seed=0))
     return FVAEArtifact(FVAE(config).eval(), normalizer, LAYOUT, vectors, meta)
 
 
@@ -232,7 +232,7 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     )
     artifact = _artifact()  # untrained: reconstructs nothing (relative error >= ~1)
     spec = ([0, 1], [0.5, 0.5], {"familiarity_gate": True})
-    artifact.meta["metrics"] = {"recon": 0.3}
+    artifact.meta.metrics = TrainingMetrics(recon=0.3)
     gated = _fuse_first_two(artifact, spec[2])
     details = gated.provenance["details"]["familiarity"]
     assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
@@ -240,15 +240,15 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     for name, delta in _dense(gated.adapter).items():
         torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
     # An F-VAE that reconstructs as badly in training trusts its displacement fully: no gate.
-    artifact.meta["metrics"] = {"recon": 2.0}
+    artifact.meta.metrics = TrainingMetrics(recon=2.0)
     _assert_same_bits(
         _fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False}))
     )
     # The error measured on the final model's training adapters wins over the training loss.
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     measured = _fuse_first_two(artifact, spec[2]).provenance["details"]["familiarity"]
     assert measured["reference_error"] == 0.3 and measured["gate"] == 0.0
-    del artifact.meta["metrics"], artifact.meta["familiarity"]
+    artifact.meta.metrics, artifact.meta.familiarity = TrainingMetrics(), None
     with pytest.raises(FusionConfigError, match="training reconstruction error"):
         _fuse(artifact, spec)  # asked for explicitly; by default the gate is then off
     _assert_same_bits(
@@ -266,7 +266,7 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
     import engine.fusion.icm.method as icm_module
 
     artifact = _artifact()
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     # Inputs 0 and 1 fully familiar, input 2 not representable at all.
     monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 1.0, 0.0]))
     weights = [0.3, 0.2, 0.5]
