@@ -15,6 +15,11 @@ from (a training task's vector, a given vector's sha256, or the adapter-derived 
 Each input is encoded on its own (a batch of one) with or without the cache, so a cached result
 is bit-identical to a fresh one.
 
+A gauge catalog stores each module in the canonical SVD gauge, and the adapters it loads say so
+(:attr:`engine.adapters.lora.LoraModule.in_gauge`): their canonical form for an F-VAE of the same
+gauge is the stored row itself, padded back to ``r_max`` without computing the gauge again (which
+would move a third of its values by an ulp: the gauge is not idempotent in float32).
+
 Inputs from a catalog whose layout grew may not fit the F-VAE's layout (the layout it was
 trained on): :func:`split_by_layout` keeps the modules inside it for the F-VAE and sets the others
 aside (``icm`` merges those by task arithmetic and reports them); a module of a higher rank than
@@ -185,12 +190,15 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:
-    """sha256 of what :func:`encode_input` reads from an adapter: every module's name, factors
-    and scaling (not its config, source or ``modules_to_save`` weights)."""
+    """sha256 of what :func:`encode_input` reads from an adapter: every module's name, factors,
+    scaling and whether it is in the canonical gauge already (not its config, source or
+    ``modules_to_save`` weights)."""
     digest = hashlib.sha256()
     for name in sorted(adapter.modules):
         module = adapter.modules[name]
-        digest.update(f"{name}:{float(module.scaling)!r};".encode())
+        # in_gauge: encoded as stored rather than re-gauged (equal up to float32 rounding, so
+        # kept apart: a cached result is bit-identical to a fresh one)
+        digest.update(f"{name}:{float(module.scaling)!r}:{module.in_gauge};".encode())
         update_with_tensor(digest, "A", module.A)
         update_with_tensor(digest, "B", module.B)
     return digest.hexdigest()

@@ -3,7 +3,9 @@ adapter's or condition's entry (pure torch, milliseconds)."""
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +300,53 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
         torch.testing.assert_close(delta, arithmetic[name], rtol=1e-4, atol=1e-5)
     assert partial.adapter.modules.keys() == whole.modules.keys()
     assert any(not torch.allclose(got[n], arithmetic[n], atol=1e-4) for n in got)  # it is not arithmetic
+
+
+def test_catalog_rows_are_encoded_as_stored_not_regauged(tmp_path, monkeypatch):
+    """A gauge catalog's rows are in the canonical gauge already: ``icm`` encodes each row exactly
+    as stored instead of computing the gauge again. The path before (gauge recomputed on the
+    decoded factors) is not bit-reproducible, since the gauge is not idempotent in float32: it
+    moves about a third of a row's values by an ulp. The fused adapter agrees with it to that
+    rounding, and is the same, byte for byte, however the catalog adapters reach ``icm``."""
+    import engine.adapters.codec as codec
+    from engine.adapters.codec import to_canonical, to_flat
+    from engine.catalog import Catalog
+    from engine.fusion import fuse_from_catalog
+    from tests.helpers import make_adapter
+
+    pattern = {"rank_pattern": {"layers.0.self_attn.q_proj": 2}}  # a module below r_max: padding
+    paths = [make_adapter(tmp_path / f"a{i}", seed=i, r=4, **(pattern if i else {})) for i in range(2)]
+    catalog = Catalog(tmp_path / "cat")
+    ids = catalog.ingest(paths, task="copy").added
+    layout = catalog.layout()
+    torch.manual_seed(0)
+    config = FVAEConfig(input_dim=layout.size, cond_dim=COND_DIM, arch="mlp", hidden=16, latent_dim=4)
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(dim=COND_DIM))
+    artifact = FVAEArtifact(FVAE(config).eval(), normalizer, layout, {}, meta)
+    gauged = []
+    real_gauge = codec.canonical_gauge
+    monkeypatch.setattr(codec, "canonical_gauge", lambda A, B: gauged.append(1) or real_gauge(A, B))
+
+    def weights_sha256(result, name: str) -> str:
+        saved = Path(result.save(tmp_path / name)) / "adapter_model.safetensors"
+        return hashlib.sha256(saved.read_bytes()).hexdigest()
+
+    stored = fuse_from_catalog(catalog, "icm", adapter_ids=ids, context=FusionContext(fvae=artifact))
+    assert gauged == []  # every module was taken as stored
+    loaded = [catalog.load_adapter(i) for i in ids]
+    for adapter_id, adapter in zip(ids, loaded, strict=True):
+        row = torch.from_numpy(catalog.read_vector(adapter_id)[0].copy())
+        assert torch.equal(to_flat(to_canonical(adapter, layout, gauge=True)), row)
+    same = fuse_adapters(loaded, "icm", tasks=["copy", "copy"], context=FusionContext(fvae=artifact))
+    assert weights_sha256(same, "same") == weights_sha256(stored, "stored")
+    # the path before: the rows' factors gauged again on the way into the F-VAE
+    for adapter in loaded:
+        adapter.modules = {n: LoraModule(m.A, m.B, m.scaling) for n, m in adapter.modules.items()}
+    regauged = fuse_adapters(loaded, "icm", tasks=["copy", "copy"], context=FusionContext(fvae=artifact))
+    assert len(gauged) == sum(len(a.modules) for a in loaded)
+    assert set(regauged.adapter.modules) == set(stored.adapter.modules)
+    for name, module in stored.adapter.modules.items():
+        torch.testing.assert_close(
+            module.delta(), regauged.adapter.modules[name].delta(), rtol=1e-5, atol=1e-7
+        )
