@@ -2,7 +2,7 @@
 
 <out>/fvae/model.safetensors        F-VAE weights
 <out>/fvae/normalizer.safetensors   per-slot mean/std
-<out>/fvae/task_vectors.safetensors task vectors seen in training (name -> [d])
+<out>/fvae/task_vectors.safetensors trained_vectors: the training tasks' vectors (name -> [d])
 <out>/fvae/layout.json              the catalog layout the F-VAE reads and writes
 <out>/fvae/artifact.json            F-VAE config and :class:`ArtifactMeta` (written last)
 """
@@ -119,10 +119,19 @@ class ArtifactMeta(_Record):
 
 @dataclass
 class FVAEArtifact:
+    """A trained F-VAE and what fusion reads with it.
+
+    Attributes:
+        trained_vectors: the condition meta-training gave each of its tasks (in-context or
+            adapter-derived, as ``meta.task_vector_source`` says), by task; stored as
+            ``task_vectors.safetensors``. Vectors of other tasks reach fusion through the
+            fusion context instead.
+    """
+
     model: FVAE
     normalizer: SlotNormalizer
     layout: Layout
-    task_vectors: dict[str, torch.Tensor]
+    trained_vectors: dict[str, torch.Tensor]
     meta: ArtifactMeta = field(default_factory=ArtifactMeta)
 
     @functools.cached_property
@@ -143,7 +152,7 @@ class FVAEArtifact:
         tensors = [
             *(("model." + k, v) for k, v in self.model.state_dict().items()),
             *(("normalizer." + k, v) for k, v in self.normalizer.state_dict().items()),
-            *(("task_vector." + k, v) for k, v in sorted(self.task_vectors.items())),
+            *(("task_vector." + k, v) for k, v in sorted(self.trained_vectors.items())),
         ]
         for name, tensor in tensors:
             update_with_tensor(digest, name, tensor)
@@ -158,7 +167,9 @@ class FVAEArtifact:
         files = {
             "model.safetensors": save_bytes(state),
             "normalizer.safetensors": save_bytes(self.normalizer.state_dict()),
-            "task_vectors.safetensors": save_bytes({k: v.contiguous() for k, v in self.task_vectors.items()}),
+            "task_vectors.safetensors": save_bytes(
+                {k: v.contiguous() for k, v in self.trained_vectors.items()}
+            ),
             "layout.json": json.dumps(self.layout.to_dict(), sort_keys=True).encode(),
         }
         for name, data in files.items():

@@ -129,7 +129,7 @@ def pool_familiarity(
     }
 
 
-def task_vectors(
+def projected_task_vectors(
     dataset, normalizer: SlotNormalizer, dim: int, seed: int, tasks: set[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass of
@@ -586,7 +586,9 @@ def train_fvae(
     if in_context is not None:
         vectors, vector_source = in_context
     else:
-        vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
+        vectors = projected_task_vectors(
+            dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks)
+        )
         vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
     name, resuming = _run_name(cfg.out, resume)
     progress_queue = None
@@ -643,7 +645,7 @@ def train_fvae(
         model=model.eval(),
         normalizer=normalizer,
         layout=layout,
-        task_vectors=vectors,
+        trained_vectors=vectors,
         meta=ArtifactMeta(
             run=name,
             resumed=resuming,

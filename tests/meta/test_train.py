@@ -60,7 +60,7 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert sorted(split.adapters_per_worker) == [16, 16]
     assert sum(split.rank0_streamed.values()) == 16
     assert set(artifact.meta.pool_sizes) == set(Catalog(catalog_uri).tasks())
-    assert set(artifact.task_vectors) == set(Catalog(catalog_uri).tasks())
+    assert set(artifact.trained_vectors) == set(Catalog(catalog_uri).tasks())
     # the cosine schedule ended at its floor; the final model's reconstruction errors were measured
     assert artifact.meta.metrics.lr == pytest.approx(1e-4)
     assert artifact.meta.metrics.skipped == 0

@@ -112,8 +112,8 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
         FusionConfigError: a given vector of the wrong size, or no source at all.
     """
     cond_dim = artifact.model.config.cond_dim
-    if mode == "trained" and task in artifact.task_vectors:
-        return Condition("trained", task, artifact.task_vectors[task])
+    if mode == "trained" and task in artifact.trained_vectors:
+        return Condition("trained", task, artifact.trained_vectors[task])
     if task in given:
         vector = torch.as_tensor(given[task], dtype=torch.float32).flatten()
         if vector.numel() != cond_dim:

@@ -194,7 +194,7 @@ def test_per_input_encoding_matches_the_batched_formula():
     canon = [to_canonical(a, LAYOUT, gauge=True) for a in ADAPTERS]
     xn = normalizer.normalize(torch.stack([to_flat(c) for c in canon]))  # [K, N]
     cond = torch.stack(
-        [artifact.task_vectors["seen"], project(xn[1], COND_DIM, 0), project(xn[2], COND_DIM, 0)]
+        [artifact.trained_vectors["seen"], project(xn[1], COND_DIM, 0), project(xn[2], COND_DIM, 0)]
     )
     with torch.no_grad():
         mu, _ = model.encode(xn, cond)
