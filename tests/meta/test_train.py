@@ -76,7 +76,7 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert all(torch.isfinite(m.delta()).all() for m in fused.modules.values())
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     assert provenance["method"] == "icm"
-    assert provenance["details"]["familiarity"]["reference_error"] == familiar["reference"]
+    assert provenance["details"]["familiarity"]["reference_error"] == familiar.reference
     # a task the F-VAE never saw: its vector is derived from its adapter alone
     unseen = fuse_from_catalog(
         Catalog(catalog_uri),
