@@ -369,8 +369,8 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             out["fvae_seeds"][str(fvae_seed)] = {
                 "path": str(fvae_dir),
                 "config": config,
-                "metrics": artifact.meta.get("metrics"),
-                "familiarity": artifact.meta.get("familiarity"),
+                # the F-VAE's training figures, as artifact.json holds them
+                **artifact.meta.model_dump(mode="json", include={"metrics", "familiarity"}),
             }
         out["fvae"] = next(iter(out["fvae_seeds"].values()))
         icm_rows = [

@@ -29,11 +29,11 @@ from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
 from engine.adapters.codec import unflatten
 from engine.catalog import Catalog
+from engine.fusion.icm.projection import project
 from engine.fvae.config import FVAEConfig
-from engine.fvae.latent import relative_error
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
-from engine.fvae.taskvec import project
+from engine.fvae.recon import relative_error
 from engine.meta.step import slot_mask
 
 LAB = RESULTS / "lab" / "standard-seed0"

@@ -184,7 +184,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_fvae(load_config(train_config(args, out)))
         result["train_wall_s"] = time.perf_counter() - t0
-        result["data_split"] = FVAEArtifact.load(out).meta["data_split"]
+        result.update(FVAEArtifact.load(out).meta.model_dump(mode="json", include={"data_split"}))
     result.update(peak=sampler.mib(), driver_maxrss_mib=maxrss_bytes() / MIB)
     result["loadavg_after"] = os.getloadavg()
     return result

@@ -2,6 +2,8 @@
 
 Used where values are content addressed (a key never names two different values), so an entry
 is never stale: the catalog's read cache of adapters and the ``icm`` per-input encodings.
+Not ``cachetools``: wrapped to this contract (lock, counters, size guard, first put kept) it
+saves no code and was no faster (benchmarks/README.md, "The byte-bounded LRU vs cachetools").
 """
 
 from __future__ import annotations

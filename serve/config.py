@@ -49,7 +49,7 @@ class ServeConfig(pydantic.BaseModel):
             over the same inputs with new weights skip the catalog read (0 disables it).
         icm_cache_mib: per-input ``icm`` work kept per replica (MiB): each input adapter's
             condition, F-VAE code, decoded reconstruction and factors
-            (:class:`engine.fusion.icm_inputs.IcmInputsCache`), so a cold ``icm`` spec over
+            (:class:`engine.fusion.icm.inputs.IcmInputsCache`), so a cold ``icm`` spec over
             inputs seen before pays one decode, not an encode and a decode per input (0 disables
             it). An entry is about 2 x 4 bytes per layout slot (~150 KB for the lab's model).
         batching: ``mixed`` (one forward per batch, each sample routed to its adapter) or

@@ -153,7 +153,7 @@ class AdapterModel:
         self.fvae = None
         self.icm_inputs = None
         if self.config.fvae:
-            from engine.fusion.icm_inputs import IcmInputsCache
+            from engine.fusion.icm.inputs import IcmInputsCache
             from engine.fvae.artifact import FVAEArtifact
 
             self.fvae = FVAEArtifact.load(self.config.fvae)

@@ -1,5 +1,5 @@
-"""Shared fixtures: one local Ray cluster per session, adapters, the task tests' specs and lab
-catalog; the ``lab`` marker. Helpers that are not fixtures are in ``tests/helpers.py``."""
+"""Shared fixtures: one local Ray cluster per session, adapters, the task tests' specs and the
+demo catalog; the ``lab`` marker. Helpers that are not fixtures are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LAB_BASE_ID, LAB_PACKAGES, bert_spec_dict, custom_spec_dict, make_adapter, save_lora
+from tests.helpers import (
+    DEMO_BASE_ID,
+    LAB_PACKAGES,
+    bert_spec_dict,
+    custom_spec_dict,
+    make_adapter,
+    save_lora,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -53,10 +60,10 @@ def ray_session():
 
 # ------------------------------------------------------------------ task model specs (three kinds)
 @pytest.fixture(scope="session")
-def lab_spec():
-    from engine.demo.tasks import lab_model_spec
+def demo_spec():
+    from engine.demo.tasks import demo_model_spec
 
-    return lab_model_spec()
+    return demo_model_spec()
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +87,8 @@ def bert_task(bert_spec):
     return task_model(bert_spec)
 
 
-# ---------------------------------------------------------------------------------- a lab catalog
-LAB_SPLIT = {"eval": 24, "support": 8, "seed": 0}
+# ------------------------------------------------------------------------------ a demo catalog
+DEMO_SPLIT = {"eval": 24, "support": 8, "seed": 0}
 
 
 def _train_briefly(task: str, seed: int, steps: int = 12):
@@ -91,18 +98,18 @@ def _train_briefly(task: str, seed: int, steps: int = 12):
 
 
 @pytest.fixture(scope="session")
-def lab_catalog(tmp_path_factory, lab_spec):
-    """A catalog with tasks ``copy`` and ``reverse`` (lab model), a briefly trained adapter per
+def demo_catalog(tmp_path_factory, demo_spec):
+    """A catalog with tasks ``copy`` and ``reverse`` (the demo's model), a briefly trained adapter per
     task (ingested first) and a random one for ``copy``; returns a namespace of paths and ids."""
     from types import SimpleNamespace
 
     from engine.catalog import Catalog
-    from engine.demo.tasks import write_lab_examples
+    from engine.demo.tasks import write_demo_examples
     from engine.tasks import TaskDefinition, save_task, task_model
 
-    root = tmp_path_factory.mktemp("lab")
+    root = tmp_path_factory.mktemp("demo")
     catalog = Catalog(root / "catalog")
-    base = task_model(lab_spec).build_base()
+    base = task_model(demo_spec).build_base()
     dirs, ids = {}, {}
     for i, task in enumerate(("copy", "reverse")):
         dirs[task] = save_lora(
@@ -112,10 +119,12 @@ def lab_catalog(tmp_path_factory, lab_spec):
             train=_train_briefly(task, seed=i),
             target_modules=["q_proj", "v_proj"],
         )
-        report = catalog.ingest([dirs[task]], task=task, base_model=LAB_BASE_ID)
+        report = catalog.ingest([dirs[task]], task=task, base_model=DEMO_BASE_ID)
         ids[task] = report.added[0]
-        examples = write_lab_examples(root / f"{task}.jsonl", task, 40, seed=100 + i)
-        save_task(catalog, TaskDefinition(name=task, model=lab_spec, examples=str(examples), split=LAB_SPLIT))
+        examples = write_demo_examples(root / f"{task}.jsonl", task, 40, seed=100 + i)
+        save_task(
+            catalog, TaskDefinition(name=task, model=demo_spec, examples=str(examples), split=DEMO_SPLIT)
+        )
     random_dir = save_lora(base, root / "copy-random", seed=9, target_modules=["q_proj", "v_proj"])
-    ids["copy-random"] = catalog.ingest([random_dir], task="copy", base_model=LAB_BASE_ID).added[0]
+    ids["copy-random"] = catalog.ingest([random_dir], task="copy", base_model=DEMO_BASE_ID).added[0]
     return SimpleNamespace(root=root, catalog=catalog, dirs=dirs, ids=ids)

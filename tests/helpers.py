@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 BASE_ID = "tests/tiny-llama"
-LAB_BASE_ID = "tests/lab-tiny-llama"  # the demo's lab model (engine.demo.tasks.lab_model_spec)
+DEMO_BASE_ID = "tests/demo-tiny-llama"  # the demo's tiny Llama (engine.demo.tasks.demo_model_spec)
 HIDDEN = 32
 SERVE_TOKEN = "test-token-7f3a"
 # The lab's extra (pip install -e '.[lab]'): tests marked ``lab`` are skipped without it.

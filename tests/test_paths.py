@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.catalog import Catalog
-from engine.demo.tasks import lab_model_spec, write_lab_examples
+from engine.demo.tasks import demo_model_spec, write_demo_examples
 from engine.meta.config import load_config
 from engine.tasks import TaskDefinition, save_task
 from engine.tasks.examples import examples_uri, load_task_examples
@@ -27,9 +27,9 @@ def test_a_relative_catalog_uri_is_absolute_for_the_workers(tmp_path, monkeypatc
 
 def test_a_stored_task_definition_keeps_the_files_the_user_meant(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_lab_examples("data/copy.jsonl", "copy", 40)
+    write_demo_examples("data/copy.jsonl", "copy", 40)
     catalog = Catalog("catalog")
-    spec = lab_model_spec()
+    spec = demo_model_spec()
     save_task(catalog, TaskDefinition(name="copy", model=spec, examples="data/copy.jsonl", split={"eval": 8}))
     stored = load_task(catalog, "copy")
     assert stored.examples == str(tmp_path / "data" / "copy.jsonl")
@@ -40,9 +40,9 @@ def test_a_stored_task_definition_keeps_the_files_the_user_meant(tmp_path, monke
 def test_catalog_relative_examples_are_read_under_the_catalog_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     catalog = Catalog("catalog")
-    write_lab_examples(tmp_path / "catalog" / "examples" / "copy.jsonl", "copy", 40)
+    write_demo_examples(tmp_path / "catalog" / "examples" / "copy.jsonl", "copy", 40)
     definition = TaskDefinition(
-        name="copy", model=lab_model_spec(), examples="catalog:examples/copy.jsonl", split={"eval": 8}
+        name="copy", model=demo_model_spec(), examples="catalog:examples/copy.jsonl", split={"eval": 8}
     )
     save_task(catalog, definition)
     stored = load_task(catalog, "copy")

@@ -46,7 +46,8 @@ def to_canonical(adapter: LoraAdapter, layout: Layout, gauge: bool = False) -> C
     Args:
         adapter: a validated adapter whose modules all fit ``layout``.
         layout: target layout.
-        gauge: put every module in the canonical SVD gauge (see :mod:`engine.adapters.gauge`).
+        gauge: put every module in the canonical SVD gauge (see :mod:`engine.adapters.gauge`);
+            a module already in it (``in_gauge``, e.g. read from a gauge catalog) is taken as it is.
 
     Raises:
         AdapterError: if a module is absent from the layout, has another shape, or a larger rank.
@@ -61,7 +62,7 @@ def to_canonical(adapter: LoraAdapter, layout: Layout, gauge: bool = False) -> C
         module = adapter.modules.get(spec.name)
         if module is not None:
             a, b = module.A.float(), module.B.float() * module.scaling
-            if gauge:
+            if gauge and not module.in_gauge:
                 a, b = canonical_gauge(a, b)
             A[: module.rank] = a
             B[:, : module.rank] = b
@@ -110,6 +111,7 @@ def to_lora(
     extras: dict[str, torch.Tensor] | None = None,
     trim: bool = True,
     source: str = "<canonical>",
+    in_gauge: bool = False,
 ) -> LoraAdapter:
     """Back to a :class:`LoraAdapter` with scaling 1, one module per present layout module.
 
@@ -120,6 +122,8 @@ def to_lora(
         extras: ``modules_to_save`` tensors to carry along.
         trim: drop trailing rank components that are zero in both ``A`` and ``B`` (the padding),
             keeping at least rank 1.
+        in_gauge: the canonical form is in the canonical gauge (a gauge catalog's row): the
+            modules say so (:attr:`engine.adapters.lora.LoraModule.in_gauge`).
     """
     modules = {}
     for i, spec in enumerate(canonical.layout.modules):
@@ -127,7 +131,9 @@ def to_lora(
             continue
         A, B = canonical.A[i], canonical.B[i]
         rank = _used_rank(A, B) if trim else A.shape[0]
-        modules[spec.name] = LoraModule(A=A[:rank].clone(), B=B[:, :rank].clone(), scaling=1.0)
+        modules[spec.name] = LoraModule(
+            A=A[:rank].clone(), B=B[:, :rank].clone(), scaling=1.0, in_gauge=in_gauge
+        )
     base = dict(config or {})
     base.setdefault("peft_type", "LORA")
     base.setdefault("base_model_name_or_path", canonical.layout.base_model)

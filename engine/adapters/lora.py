@@ -22,11 +22,20 @@ class LoraModule:
         A: down projection, shape ``[r, d_in]``.
         B: up projection, shape ``[d_out, r]``.
         scaling: the factor PEFT applies (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+        in_gauge: the factors are already in the canonical SVD gauge
+            (:func:`engine.adapters.gauge.canonical_gauge`; scaling 1), as a gauge catalog stores
+            them: :func:`engine.adapters.codec.to_canonical` takes them as they are instead of
+            computing the gauge again. A module built from other factors has it false.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float = 1.0
+    in_gauge: bool = False
+
+    def __post_init__(self) -> None:
+        if self.in_gauge and self.scaling != 1.0:
+            raise ValueError(f"a module in the canonical gauge has scaling 1, got {self.scaling}")
 
     @property
     def rank(self) -> int:

@@ -156,6 +156,7 @@ class Catalog:
         self._layouts: dict[str, Layout] = {}
         self._adapter_cache = ByteBoundedLRU(adapter_cache_bytes)
         self._pinned: int | None = None
+        self._in_gauge: bool | None = None
 
     def at(self, version: int | None = None) -> Catalog:
         """A view of this catalog pinned to ``version`` (default: the latest, listed once now).
@@ -353,7 +354,25 @@ class Catalog:
         weights, mask, extras = self._read_row(entry)
         canonical = from_flat(weights, self.layout(entry["layout_id"]), mask)
         config = json.loads(entry["peft_config"])
-        return to_lora(canonical, config=config, extras=extras, source=f"{self.uri}#{adapter_id}")
+        # The row is in the catalog's gauge: its modules say so, and encoding them for an F-VAE
+        # of the same gauge takes them as stored instead of computing the gauge again.
+        return to_lora(
+            canonical,
+            config=config,
+            extras=extras,
+            source=f"{self.uri}#{adapter_id}",
+            in_gauge=self._stored_in_gauge(),
+        )
+
+    def _stored_in_gauge(self) -> bool:
+        """Whether rows are stored in the canonical gauge (fixed when the catalog was created; read
+        once per :class:`Catalog`)."""
+        if self._in_gauge is None:
+            settings = self.settings()
+            if settings is None:
+                return False
+            self._in_gauge = bool(settings.get("gauge", True))
+        return self._in_gauge
 
     def export(self, adapter_id: str, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write a catalog adapter as a stock PEFT adapter directory."""

@@ -23,7 +23,7 @@ from rich.table import Table
 from engine._output import console, progress_bar
 from engine._ray import ensure_ray
 from engine.catalog import Catalog
-from engine.demo.tasks import save_lab_tokenizer
+from engine.demo.tasks import save_demo_tokenizer
 from engine.demo.tiny import TASKS, build_tiny_llama, save_tiny_llama, task_loss, train_lora
 
 BASE_MODEL_ID = "icmf-demo/tiny-llama"
@@ -64,7 +64,7 @@ def run_demo(workdir: Path, per_task: int = 2, steps: int = 60, fvae_steps: int 
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = list(TASKS)
     save_tiny_llama(workdir / "base")
-    save_lab_tokenizer(workdir / "base")
+    save_demo_tokenizer(workdir / "base")
 
     console.print(Rule("1. real PEFT LoRA adapters on a tiny Llama"))
     t0 = time.perf_counter()
@@ -162,14 +162,14 @@ def write_serve_config(workdir: Path, catalog: Catalog, fvae_dir: Path | None) -
 
 def register_tasks(catalog: Catalog, workdir: Path, tasks: list[str]) -> None:
     """Task definitions (model spec + examples) so fused adapters can be evaluated."""
-    from engine.demo.tasks import lab_model_spec, write_lab_examples
+    from engine.demo.tasks import demo_model_spec, write_demo_examples
     from engine.tasks import TaskDefinition, save_task
 
     for i, task in enumerate(tasks):
-        examples = write_lab_examples(workdir / "examples" / f"{task}.jsonl", task, 96, seed=500 + i)
+        examples = write_demo_examples(workdir / "examples" / f"{task}.jsonl", task, 96, seed=500 + i)
         definition = TaskDefinition(
             name=task,
-            model=lab_model_spec(),
+            model=demo_model_spec(),
             examples=str(examples),
             split={"eval": 64, "support": 16, "seed": 0},
         )

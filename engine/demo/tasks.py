@@ -15,7 +15,7 @@ import torch
 from engine.demo import tiny
 from engine.tasks.spec import ModelSpec
 
-LAB_VOCAB = [
+DEMO_VOCAB = [
     "<pad>",
     "<bos>",
     "<sep>",
@@ -25,8 +25,8 @@ LAB_VOCAB = [
 ]
 
 
-def lab_model_spec(seed: int = 0) -> ModelSpec:
-    """Spec of the demo's tiny Llama (built from its config) with the lab tokenizer."""
+def demo_model_spec(seed: int = 0) -> ModelSpec:
+    """Spec of the demo's tiny Llama (built from its config) with its whitespace tokenizer."""
     config = tiny.tiny_llama_config().to_dict()
     keep = {
         "model_type",
@@ -46,7 +46,7 @@ def lab_model_spec(seed: int = 0) -> ModelSpec:
         config={k: v for k, v in config.items() if k in keep},
         tokenizer={
             "kind": "whitespace",
-            "vocab": LAB_VOCAB,
+            "vocab": DEMO_VOCAB,
             "pad_token": "<pad>",
             "bos_token": "<bos>",
             "add_bos": False,
@@ -56,41 +56,41 @@ def lab_model_spec(seed: int = 0) -> ModelSpec:
     )
 
 
-def lab_examples(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
+def demo_examples(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` examples of a demo task: ``{"prompt": "<task> x1 .. xL <sep>", "completion": "y1 .. yL"}``."""
     if task not in tiny.TASKS:
-        raise ValueError(f"unknown lab task {task!r}; choose one of {list(tiny.TASKS)}")
+        raise ValueError(f"unknown demo task {task!r}; choose one of {list(tiny.TASKS)}")
     input_ids, _ = tiny.task_batch(task, n, torch.Generator().manual_seed(seed))
     split = tiny.SEQ_LEN + 2
     return [
         {
-            "prompt": " ".join(LAB_VOCAB[i] for i in row[:split]),
-            "completion": " ".join(LAB_VOCAB[i] for i in row[split:]),
+            "prompt": " ".join(DEMO_VOCAB[i] for i in row[:split]),
+            "completion": " ".join(DEMO_VOCAB[i] for i in row[split:]),
         }
         for row in input_ids.tolist()
     ]
 
 
-def write_lab_examples(path: str | Path, task: str, n: int, seed: int = 0) -> Path:
-    """Write :func:`lab_examples` as JSON Lines."""
+def write_demo_examples(path: str | Path, task: str, n: int, seed: int = 0) -> Path:
+    """Write :func:`demo_examples` as JSON Lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e) + "\n" for e in lab_examples(task, n, seed)))
+    path.write_text("".join(json.dumps(e) + "\n" for e in demo_examples(task, n, seed)))
     return path
 
 
-def save_lab_tokenizer(path: str | Path) -> Path:
-    """Save :data:`LAB_VOCAB` as a transformers tokenizer (``AutoTokenizer.from_pretrained(path)``).
+def save_demo_tokenizer(path: str | Path) -> Path:
+    """Save :data:`DEMO_VOCAB` as a transformers tokenizer (``AutoTokenizer.from_pretrained(path)``).
 
-    One token per whitespace-separated word, the same ids as :func:`lab_model_spec`'s tokenizer, no
+    One token per whitespace-separated word, the same ids as :func:`demo_model_spec`'s tokenizer, no
     BOS added; ``<sep>`` ends a sequence. A server (``tokenizer_kind: hf``) or any transformers
     code can then talk to the tiny Llama in text.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    unknown = next(token for token in LAB_VOCAB if token.startswith("<unused"))
-    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(LAB_VOCAB)}, unk_token=unknown))
+    unknown = next(token for token in DEMO_VOCAB if token.startswith("<unused"))
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(DEMO_VOCAB)}, unk_token=unknown))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<sep>", unk_token=unknown

@@ -24,7 +24,7 @@ from engine.fusion.context import FusionContext
 from engine.fusion.registry import FusionConfigError, FusionInputs, get_method
 
 if TYPE_CHECKING:
-    from engine.fusion.icm_inputs import IcmInputsCache
+    from engine.fusion.icm.inputs import IcmInputsCache
     from engine.fvae.artifact import FVAEArtifact
     from engine.tasks.fewshot import FewShotObjective
 

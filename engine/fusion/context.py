@@ -17,7 +17,7 @@ import torch
 from engine.adapters.lora import LoraAdapter
 
 if TYPE_CHECKING:  # annotations only: importing them here would load the task models for every method
-    from engine.fusion.icm_inputs import IcmInputsCache
+    from engine.fusion.icm.inputs import IcmInputsCache
     from engine.fvae.artifact import FVAEArtifact
     from engine.tasks.fewshot import FewShotObjective
 
@@ -62,7 +62,7 @@ CONTEXT_HINTS = {
     "in the catalog (`icmf task add`)",
     "loss_fn": "few-shot examples of the fused tasks to score candidates on: define the tasks with "
     "examples in the catalog (`icmf task add`)",
-    "icm_inputs_cache": "an engine.fusion.icm_inputs.IcmInputsCache",
+    "icm_inputs_cache": "an engine.fusion.icm.inputs.IcmInputsCache",
     "grams": "each task's input Gram matrices ({task: {module: G}}): define the fused tasks with "
     "examples in the catalog (`icmf task add`), they are computed from them on first use",
 }

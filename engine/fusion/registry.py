@@ -7,7 +7,8 @@ names as keyword-only arguments, to ``(adapter, details)``: the fused
 in the provenance). As mergekit takes a merge method's inputs from its signature, the signature
 is the declaration: a keyword-only argument without a default is a context field the method
 cannot run without (checked before it runs), one with a default is optional. Adding a method is
-one file in :mod:`engine.fusion.methods` with one ``@fusion_method`` decoration.
+one file in :mod:`engine.fusion.methods` with one ``@fusion_method`` decoration (``icm``, with
+its inputs and latent rules, is the package :mod:`engine.fusion.icm`).
 """
 
 from __future__ import annotations

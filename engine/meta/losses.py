@@ -12,7 +12,7 @@ import torch
 
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
-from engine.fvae.latent import LowRankTerm
+from engine.fusion.icm.latent import LowRankTerm
 
 __all__ = ["subspace_proxy_loss", "unflatten"]
 
@@ -28,7 +28,7 @@ def subspace_proxy_loss(
     Args:
         fused: ``[N]`` fused adapter (de-normalised, real weight space), or its per-module
             factors ``(A [r, d_in], B [d_out, r])`` of any rank, or its per-module sums of
-            low-rank terms (:func:`engine.fvae.latent.anchored_terms`), scored term by term so
+            low-rank terms (:func:`engine.fusion.icm.latent.anchored_terms`), scored term by term so
             that no concatenated copy of the factors enters the autograd graph.
         targets: ``[K, N]`` the tasks' own adapters.
         masks: ``[K, M]`` bool, modules each task's adapter targets.

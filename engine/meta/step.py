@@ -10,7 +10,13 @@ import torch
 
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
-from engine.fvae.latent import Combine, anchored_terms, concatenate_terms, fuse_latents, residual_weights
+from engine.fusion.icm.latent import (
+    Combine,
+    anchored_terms,
+    concatenate_terms,
+    fuse_latents,
+    residual_weights,
+)
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.meta.losses import subspace_proxy_loss
@@ -47,7 +53,7 @@ class EpisodeBatch:
 class EpisodeSettings:
     """Loss switches (each one an ablation): ``fusion_weight`` 0 trains reconstruction only;
     ``anchor`` scores the fused adapter anchored on the episode's inputs, as ``icm`` fuses
-    (:func:`engine.fvae.latent.anchored_factors`), instead of the decoder's absolute output."""
+    (:func:`engine.fusion.icm.latent.anchored_factors`), instead of the decoder's absolute output."""
 
     fusion_weight: float = 1.0
     combine: Combine = "weighted"
@@ -71,7 +77,7 @@ def episode_loss(
 ) -> dict[str, torch.Tensor]:
     """Reconstruction of every adapter + beta KL + ``fusion_weight`` x fusion loss.
 
-    The fusion loss fuses the episode's latents (:func:`engine.fvae.latent.fuse_latents`), decodes
+    The fusion loss fuses the episode's latents (:func:`engine.fusion.icm.latent.fuse_latents`), decodes
     and de-normalises the fused adapter, then scores it on every task of the subset: with
     ``data_loss`` (few-shot query loss through the frozen base model), else with the data-free
     subspace proxy.

@@ -29,12 +29,12 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.catalog import fs as cfs
-from engine.fvae.artifact import FVAEArtifact
+from engine.fusion.icm.projection import project
+from engine.fvae.artifact import ArtifactMeta, FVAEArtifact
 from engine.fvae.config import FVAEConfig
-from engine.fvae.latent import reconstruction_errors
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
-from engine.fvae.taskvec import project
+from engine.fvae.recon import reconstruction_errors
 from engine.meta.config import MetaConfigError, MetaTrainConfig
 from engine.meta.episodes import TaskPool
 from engine.meta.failures import fail_fast, fit_with_retries
@@ -93,7 +93,7 @@ def pool_familiarity(
     seed: int,
 ) -> dict[str, Any]:
     """How well the trained F-VAE reconstructs its training adapters: the relative error
-    (:func:`engine.fvae.latent.reconstruction_errors`, posterior mean, eval mode) of up to
+    (:func:`engine.fvae.recon.reconstruction_errors`, posterior mean, eval mode) of up to
     ``FAMILIARITY_PER_TASK`` pooled adapters per task, conditioned as in training.
 
     Measured on the final model, not taken from the training loss: the last report window's loss
@@ -129,7 +129,7 @@ def pool_familiarity(
     }
 
 
-def task_vectors(
+def projected_task_vectors(
     dataset, normalizer: SlotNormalizer, dim: int, seed: int, tasks: set[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass of
@@ -586,7 +586,9 @@ def train_fvae(
     if in_context is not None:
         vectors, vector_source = in_context
     else:
-        vectors = task_vectors(dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks))
+        vectors = projected_task_vectors(
+            dataset, normalizer, cfg.task_vectors.dim, cfg.train.seed, set(tasks)
+        )
         vector_source = {"kind": "adapter_projection", "dim": cfg.task_vectors.dim, "seed": cfg.train.seed}
     name, resuming = _run_name(cfg.out, resume)
     progress_queue = None
@@ -643,29 +645,29 @@ def train_fvae(
         model=model.eval(),
         normalizer=normalizer,
         layout=layout,
-        task_vectors=vectors,
-        meta={
-            "run": name,
-            "resumed": resuming,
-            "steps": int(state["step"]),
-            "workers": num_workers,
-            "catalog": cfg.catalog,
-            "catalog_version": catalog.version(),
-            "gauge": bool((catalog.settings() or {}).get("gauge", True)),
-            "config": cfg.model_dump(),
-            "metrics": metrics,
-            "familiarity": extra.get("familiarity"),
-            "task_vector_source": vector_source,
-            "pool_sizes": extra["pool_sizes"],
-            "data_split": dict(
+        trained_vectors=vectors,
+        meta=ArtifactMeta(
+            run=name,
+            resumed=resuming,
+            steps=int(state["step"]),
+            workers=num_workers,
+            catalog=cfg.catalog,
+            catalog_version=catalog.version(),
+            gauge=bool((catalog.settings() or {}).get("gauge", True)),
+            config=cfg.model_dump(mode="json"),
+            metrics=metrics,
+            familiarity=extra.get("familiarity"),
+            task_vector_source=vector_source,
+            pool_sizes=extra["pool_sizes"],
+            data_split=dict(
                 split_summary(cfg.train.data_split, shares, num_workers),
                 rank0_streamed=extra["streamed"],
                 rank0_fill_s=extra["fill_s"],
             ),
-            "fusion_loss": fusion_loss,
-            "tasks": tasks,
-            "created": datetime.now(timezone.utc).isoformat(),
-            "pid": os.getpid(),
-        },
+            fusion_loss=fusion_loss,
+            tasks=tasks,
+            created=datetime.now(timezone.utc).isoformat(),
+            pid=os.getpid(),
+        ),
     )
     return artifact.save(cfg.out)

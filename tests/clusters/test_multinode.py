@@ -129,8 +129,8 @@ def test_ingest_train_fuse_pipeline_as_jobs_on_two_nodes(cluster, s3_env, tmp_pa
 
     # Every artifact is in the object store.
     artifact = FVAEArtifact.load(f"s3://{BUCKET}/fvae")
-    assert artifact.meta["workers"] == 2 and artifact.meta["steps"] == 10
-    assert set(artifact.meta["tasks"]) == set(TASKS)
+    assert artifact.meta.workers == 2 and artifact.meta.steps == 10
+    assert set(artifact.meta.tasks) == set(TASKS)
     fs, root = cfs.resolve_uri(fused)
     assert {"adapter_config.json", "adapter_model.safetensors", "icmf_provenance.json"} <= set(
         cfs.list_names(fs, root)

@@ -304,7 +304,7 @@ class _ConstantDecoder(torch.nn.Module):
 
 
 def _artifact(layout, model=None):
-    from engine.fvae.artifact import FVAEArtifact
+    from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
     from engine.fvae.config import FVAEConfig
     from engine.fvae.model import FVAE
     from engine.fvae.normalize import SlotNormalizer
@@ -312,7 +312,7 @@ def _artifact(layout, model=None):
     torch.manual_seed(0)
     config = FVAEConfig(input_dim=layout.size, cond_dim=4, depth=3, channels=2, max_channels=4, latent_dim=8)
     model = model(config) if model else FVAE(config)
-    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": 4, "seed": 0}}
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=4, seed=0))
     return FVAEArtifact(model.eval(), SlotNormalizer.identity(layout.size), layout, {}, meta)
 
 

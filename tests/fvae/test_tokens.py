@@ -13,7 +13,7 @@ from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout, ModuleSpec
 from engine.catalog.synth import parse_layout, synthetic_records
 from engine.fvae import FVAE, FVAEConfig, SlotNormalizer
-from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
 from engine.fvae.tokens import ModuleTokens
 
 
@@ -169,7 +169,7 @@ def test_artifact_round_trip(tmp_path):
     layout = gqa_layout(2)
     model = tokens_model(layout).eval()
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.rand(layout.size) + 0.5)
-    artifact = FVAEArtifact(model, normalizer, layout, {"t": torch.randn(5)}, {"gauge": True})
+    artifact = FVAEArtifact(model, normalizer, layout, {"t": torch.randn(5)})
     artifact.save(str(tmp_path))
     loaded = FVAEArtifact.load(str(tmp_path))
     assert loaded.model.config == model.config
@@ -183,7 +183,7 @@ def test_artifact_round_trip(tmp_path):
         )
     # An artifact of an older arch, written before the token fields existed, still loads.
     old = FVAEArtifact(
-        FVAE(FVAEConfig(input_dim=layout.size, cond_dim=5, arch="mlp", hidden=8)), normalizer, layout, {}, {}
+        FVAE(FVAEConfig(input_dim=layout.size, cond_dim=5, arch="mlp", hidden=8)), normalizer, layout, {}
     )
     old.save(str(tmp_path / "old"))
     meta = json.loads((tmp_path / "old/fvae/artifact.json").read_text())
@@ -201,7 +201,7 @@ def test_icm_fuses_with_a_module_token_fvae():
     adapters = [random_adapter(names, 0), random_adapter(dict(list(names.items())[:2]), 1)]
     layout = Layout.from_adapters(adapters, base_model="m")
     torch.manual_seed(0)
-    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": 5, "seed": 0}}
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=5, seed=0))
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.5))
     artifact = FVAEArtifact(tokens_model(layout).eval(), normalizer, layout, {}, meta)
     one = fuse_adapters(adapters[:1], "icm", [1.0], context=FusionContext(fvae=artifact)).adapter

@@ -24,12 +24,12 @@ def cfg(catalog_uri, tmp_path, **train):
 
 
 @pytest.mark.parametrize("inner_steps", [0, 1])
-def test_data_loss_scores_the_fused_adapter_and_is_differentiable(lab_catalog, tmp_path, inner_steps):
-    catalog = lab_catalog.catalog
+def test_data_loss_scores_the_fused_adapter_and_is_differentiable(demo_catalog, tmp_path, inner_steps):
+    catalog = demo_catalog.catalog
     layout = catalog.layout()
     config = cfg(catalog.uri, tmp_path, shots_per_task=4, inner_steps=inner_steps, inner_lr=0.01)
     loss = data_fusion_loss(config, layout, ["copy", "reverse"], seed=0)
-    own = to_flat(to_canonical(load_adapter(lab_catalog.dirs["copy"]), layout)).requires_grad_(True)
+    own = to_flat(to_canonical(load_adapter(demo_catalog.dirs["copy"]), layout)).requires_grad_(True)
     value = loss(own, ("copy", "reverse"))
     value.backward()
     assert torch.isfinite(value) and own.grad.abs().sum() > 0
@@ -38,8 +38,8 @@ def test_data_loss_scores_the_fused_adapter_and_is_differentiable(lab_catalog, t
     assert float(loss(own.detach(), ("copy",))) < float(loss(zero, ("copy",)))
 
 
-def test_fusion_loss_choice(lab_catalog, tmp_path):
-    catalog = lab_catalog.catalog
+def test_fusion_loss_choice(demo_catalog, tmp_path):
+    catalog = demo_catalog.catalog
     assert resolve_fusion_loss(cfg(catalog.uri, tmp_path), catalog, ["copy", "reverse"]) == "data"
     assert resolve_fusion_loss(cfg(catalog.uri, tmp_path, fusion_loss="proxy"), catalog, ["copy"]) == "proxy"
     synthetic = Catalog(tmp_path / "synthetic")
@@ -69,11 +69,11 @@ def test_task_selection_faults_are_listed_together(tmp_path):
     assert config.task_filter(["a", "b", "c"]) == ["a", "c"]
 
 
-def test_in_context_task_vectors_are_used_when_every_task_has_one(lab_catalog, tmp_path):
+def test_in_context_task_vectors_are_used_when_every_task_has_one(demo_catalog, tmp_path):
     from engine.meta.train import context_vectors
     from engine.task_vectors import compute_task_vectors, save_task_vectors
 
-    catalog = lab_catalog.catalog
+    catalog = demo_catalog.catalog
     assert (
         context_vectors(cfg(catalog.uri, tmp_path), catalog, ["copy", "reverse"]) is None
     )  # none stored yet

@@ -108,7 +108,7 @@ def test_anchored_episode_fusion_cannot_be_met_by_a_decoder_that_ignores_its_inp
 def test_proxy_loss_of_anchored_terms_equals_that_of_concatenated_factors():
     """Meta-training scores the anchored decode term by term (no concatenated copies at 8 B-class
     layouts); the loss and every gradient must be those of the concatenated factors."""
-    from engine.fvae.latent import anchored_factors, anchored_terms
+    from engine.fusion.icm.latent import anchored_factors, anchored_terms
 
     (v1, m1), (v2, m2) = random_vector(3), random_vector(4, modules=("a",))
     targets, masks = torch.stack([v1, v2]), torch.stack([m1, m2])

@@ -85,7 +85,7 @@ def test_train_fuse_icm_and_evaluate_with_per_task_heads(ray_session, heads_cata
     (root / "train.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(root / "train.yaml")]) == 0
     meta = FVAEArtifact.load(str(root / "fvae")).meta
-    assert meta["fusion_loss"] == "data" and meta["tasks"] == sorted(TASKS) and meta["steps"] == 6
+    assert meta.fusion_loss == "data" and meta.tasks == sorted(TASKS) and meta.steps == 6
     fused = root / "fused"
     argv = [
         "fuse",

@@ -53,20 +53,20 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config(catalog_uri, tmp_path / "out", steps=20)))
     assert main(["train", str(path)]) == 0
     artifact = FVAEArtifact.load(str(tmp_path / "out"))
-    assert artifact.meta["steps"] == 20 and artifact.meta["workers"] == 2
+    assert artifact.meta.steps == 20 and artifact.meta.workers == 2
     # each worker streamed its own half (17/7/5/3 adapters per task: none replicated)
-    split = artifact.meta["data_split"]
-    assert split["mode"] == "disjoint" and split["replicated_tasks"] == []
-    assert sorted(split["adapters_per_worker"]) == [16, 16]
-    assert sum(split["rank0_streamed"].values()) == 16
-    assert set(artifact.meta["pool_sizes"]) == set(Catalog(catalog_uri).tasks())
-    assert set(artifact.task_vectors) == set(Catalog(catalog_uri).tasks())
+    split = artifact.meta.data_split
+    assert split.mode == "disjoint" and split.replicated_tasks == []
+    assert sorted(split.adapters_per_worker) == [16, 16]
+    assert sum(split.rank0_streamed.values()) == 16
+    assert set(artifact.meta.pool_sizes) == set(Catalog(catalog_uri).tasks())
+    assert set(artifact.trained_vectors) == set(Catalog(catalog_uri).tasks())
     # the cosine schedule ended at its floor; the final model's reconstruction errors were measured
-    assert artifact.meta["metrics"]["lr"] == pytest.approx(1e-4)
-    assert artifact.meta["metrics"]["skipped"] == 0
-    familiar = artifact.meta["familiarity"]
-    assert set(familiar["per_task"]) == set(artifact.meta["pool_sizes"]) and familiar["adapters"] == 16
-    assert 0 < familiar["median"] <= familiar["reference"] <= familiar["max"]
+    assert artifact.meta.metrics.lr == pytest.approx(1e-4)
+    assert artifact.meta.metrics.skipped == 0
+    familiar = artifact.meta.familiarity
+    assert set(familiar.per_task) == set(artifact.meta.pool_sizes) and familiar.adapters == 16
+    assert 0 < familiar.median <= familiar.reference <= familiar.max
     out = tmp_path / "fused"
     argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-02", "--method", "icm"]
     assert main([*argv, "--model", str(tmp_path / "out"), "--out", str(out)]) == 0
@@ -76,7 +76,7 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert all(torch.isfinite(m.delta()).all() for m in fused.modules.values())
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     assert provenance["method"] == "icm"
-    assert provenance["details"]["familiarity"]["reference_error"] == familiar["reference"]
+    assert provenance["details"]["familiarity"]["reference_error"] == familiar.reference
     # a task the F-VAE never saw: its vector is derived from its adapter alone
     unseen = fuse_from_catalog(
         Catalog(catalog_uri),
@@ -96,8 +96,8 @@ def test_resume_continues_from_the_last_checkpoint(ray_session, catalog_uri, tmp
     first = FVAEArtifact.load(str(out)).meta
     train_fvae(load_config(config(catalog_uri, out, steps=20, workers=1, every=5)), resume=True)
     second = FVAEArtifact.load(str(out)).meta
-    assert second["run"] == first["run"] and second["resumed"] is True
-    assert second["steps"] == 20 and second["metrics"]["start_step"] == 10
+    assert second.run == first.run and second.resumed is True
+    assert second.steps == 20 and second.metrics.start_step == 10
 
 
 def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tmp_path):
@@ -107,13 +107,13 @@ def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tm
     train_fvae(load_config(settings))
     train_fvae(load_config({**settings, "train": {**settings["train"], "steps": 10}}), resume=True)
     artifact = FVAEArtifact.load(str(out))
-    assert artifact.meta["steps"] == 10 and artifact.meta["metrics"]["start_step"] == 6
+    assert artifact.meta.steps == 10 and artifact.meta.metrics.start_step == 6
     assert (
         artifact.model.config.arch == "tokens" and artifact.model.config.layout == artifact.layout.to_dict()
     )
     # the zero-preserving per-module-type normaliser travelled with it
     assert torch.count_nonzero(artifact.normalizer.mean) == 0
-    assert artifact.meta["familiarity"]["reference"] > 0  # its reconstruction errors were measured
+    assert artifact.meta.familiarity.reference > 0  # its reconstruction errors were measured
     fused = tmp_path / "fused"
     argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-01", "--method", "icm"]
     assert main([*argv, "--model", str(out), "--out", str(fused)]) == 0
@@ -153,7 +153,7 @@ def test_a_killed_worker_is_survived(ray_session, catalog_uri, tmp_path):
         watcher.join(timeout=5)
     assert killed, "no training worker was found to kill"
     meta = FVAEArtifact.load(str(out)).meta
-    assert meta["steps"] == 200 and meta["metrics"]["start_step"] > 0
+    assert meta.steps == 200 and meta.metrics.start_step > 0
 
 
 def _probe_loop(config: dict) -> None:

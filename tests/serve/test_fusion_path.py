@@ -15,7 +15,7 @@ import torch
 from engine.adapters.io import WEIGHTS_NAME, save_adapter
 from engine.catalog import Catalog
 from engine.cli.main import main
-from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
@@ -46,7 +46,7 @@ def fusion_setup(tmp_path_factory):
         input_dim=layout.size, cond_dim=COND_DIM, depth=3, channels=2, max_channels=4, latent_dim=8
     )
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
-    meta = {"gauge": True, "task_vector_source": {"kind": "context", "dim": COND_DIM}}
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="context", dim=COND_DIM))
     vectors = {"seen": torch.randn(COND_DIM, generator=g)}
     FVAEArtifact(FVAE(config).eval(), normalizer, layout, vectors, meta).save(str(root / "fvae"))
     return catalog, str(root / "fvae")

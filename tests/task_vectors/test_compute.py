@@ -74,9 +74,9 @@ def test_definition_adapter_and_base_alone(tv_catalog):
 
 
 def test_examples_file_and_model_for_a_task_without_definition(tv_catalog, tmp_path):
-    from engine.demo.tasks import lab_examples
+    from engine.demo.tasks import demo_examples
 
-    rows = lab_examples("copy", 6, seed=7)
+    rows = demo_examples("copy", 6, seed=7)
     path = write_jsonl(tmp_path / "new.jsonl", rows)
     out = compute_task_vectors(tv_catalog.catalog, ["fresh"], k=6, examples=str(path), with_adapter=False,
                                model=tv_catalog.spec, use_ray=False)["fresh"]  # fmt: skip

@@ -48,10 +48,10 @@ def test_example_id_is_content_hash_independent_of_key_order():
 
 
 def test_spec_hash_of_dict_and_model_agree():
-    from engine.demo.tasks import lab_model_spec
+    from engine.demo.tasks import demo_model_spec
 
-    spec = lab_model_spec()
-    assert spec_hash(spec) == spec_hash(spec.model_dump(mode="json")) != spec_hash(lab_model_spec(seed=1))
+    spec = demo_model_spec()
+    assert spec_hash(spec) == spec_hash(spec.model_dump(mode="json")) != spec_hash(demo_model_spec(seed=1))
 
 
 def test_record_round_trip_is_exact():

@@ -127,13 +127,13 @@ def test_task_add_reports_every_fault(tmp_path, capsys):
     assert code == 1 and "no task 'nope'" in err
 
 
-def test_eval_command(lab_catalog, tmp_path, capsys):
-    lab = lab_catalog
-    fused = shutil.copytree(lab.dirs["copy"], tmp_path / "fused")
+def test_eval_command(demo_catalog, tmp_path, capsys):
+    demo = demo_catalog
+    fused = shutil.copytree(demo.dirs["copy"], tmp_path / "fused")
     common = (
         "eval",
         "--catalog",
-        str(lab.root / "catalog"),
+        str(demo.root / "catalog"),
         "--tasks",
         "copy,reverse",
         "--adapter",
@@ -141,11 +141,11 @@ def test_eval_command(lab_catalog, tmp_path, capsys):
         "--max-eval",
         "6",
     )
-    code, out, err = run(capsys, *common, "--own", f"{lab.ids['copy']},{lab.ids['reverse']}", "--json")
+    code, out, err = run(capsys, *common, "--own", f"{demo.ids['copy']},{demo.ids['reverse']}", "--json")
     assert code == 0, err
     result = json.loads(out)
     copy, _ = result["tasks"]
-    assert copy["own"] == {"id": lab.ids["copy"], "source": "explicit", "path": None}
+    assert copy["own"] == {"id": demo.ids["copy"], "source": "explicit", "path": None}
     assert abs(copy["gap"] - 1.0) < 1e-3 and copy["examples"] == 6
     assert result["worst_task"] in ("copy", "reverse") and result["mean_gap"] is not None
     code, out, _ = run(capsys, *common)

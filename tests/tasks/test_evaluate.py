@@ -34,41 +34,41 @@ def write_provenance(adapter_dir, inputs, method="test"):
     (adapter_dir / PROVENANCE_FILE).write_text(json.dumps({"method": method, "inputs": inputs}))
 
 
-def direct_loss(lab, task, adapter_dir=None) -> float:
+def direct_loss(demo, task, adapter_dir=None) -> float:
     """Completion-token loss on the task's eval split via transformers' own ``labels`` loss."""
-    definition = load_task(lab.catalog, task)
+    definition = load_task(demo.catalog, task)
     model = task_model(definition.model)
     net = model.build_base()
     if adapter_dir is not None:
         net = PeftModel.from_pretrained(net, str(adapter_dir))
-    batch = model.encode(load_task_examples(definition, lab.catalog).eval.to_list())
+    batch = model.encode(load_task_examples(definition, demo.catalog).eval.to_list())
     with torch.no_grad():
         return float(net(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
 
 
-def test_fused_equal_to_own_closes_the_gap(lab_catalog, tmp_path):
-    lab = lab_catalog
-    fused = shutil.copytree(lab.dirs["copy"], tmp_path / "fused")
+def test_fused_equal_to_own_closes_the_gap(demo_catalog, tmp_path):
+    demo = demo_catalog
+    fused = shutil.copytree(demo.dirs["copy"], tmp_path / "fused")
     write_provenance(
         fused,
         [
-            {"id": lab.ids["copy"], "task": "copy", "weight": 0.5},
-            {"id": lab.ids["reverse"], "task": "reverse", "weight": 0.5},
+            {"id": demo.ids["copy"], "task": "copy", "weight": 0.5},
+            {"id": demo.ids["reverse"], "task": "reverse", "weight": 0.5},
         ],
     )
-    result = evaluate_fusion(lab.catalog, ["copy", "reverse"], fused, batch_size=10)
+    result = evaluate_fusion(demo.catalog, ["copy", "reverse"], fused, batch_size=10)
     copy, reverse = result.tasks
     assert result.method == "test" and copy.examples == reverse.examples == 24
-    assert (copy.own.id, copy.own.source) == (lab.ids["copy"], "provenance")
-    assert (reverse.own.id, reverse.own.source) == (lab.ids["reverse"], "provenance")
+    assert (copy.own.id, copy.own.source) == (demo.ids["copy"], "provenance")
+    assert (reverse.own.id, reverse.own.source) == (demo.ids["reverse"], "provenance")
     # Against direct computations with stock transformers / PEFT.
     for r in (copy, reverse):
-        assert r.base["loss"] == pytest.approx(direct_loss(lab, r.task), rel=1e-5)
-        assert r.own_metrics["loss"] == pytest.approx(direct_loss(lab, r.task, lab.dirs[r.task]), rel=1e-4)
+        assert r.base["loss"] == pytest.approx(direct_loss(demo, r.task), rel=1e-5)
+        assert r.own_metrics["loss"] == pytest.approx(direct_loss(demo, r.task, demo.dirs[r.task]), rel=1e-4)
         assert r.own_metrics["loss"] < r.base["loss"] - 0.05  # the trained adapters help
         assert r.fused["perplexity"] == pytest.approx(torch.tensor(r.fused["loss"]).exp().item(), rel=1e-6)
         assert set(r.fused) == {"loss", "perplexity", "exact_match", "examples", "tokens"}
-    assert reverse.fused["loss"] == pytest.approx(direct_loss(lab, "reverse", fused), rel=1e-5)
+    assert reverse.fused["loss"] == pytest.approx(direct_loss(demo, "reverse", fused), rel=1e-5)
     assert copy.gap == pytest.approx(1.0, abs=1e-3)
     expected = (reverse.base["loss"] - reverse.fused["loss"]) / (
         reverse.base["loss"] - reverse.own_metrics["loss"]
@@ -80,23 +80,23 @@ def test_fused_equal_to_own_closes_the_gap(lab_catalog, tmp_path):
     assert json.loads(json.dumps(result.to_dict()))["tasks"][0]["own"]["source"] == "provenance"
 
 
-def test_zero_adapter_closes_nothing(lab_catalog, tmp_path):
-    lab = lab_catalog
-    fused = zero_adapter(lab.dirs["copy"], tmp_path / "zero")
-    result = evaluate_fusion(lab.catalog, ["copy", "reverse"], fused, max_eval=8)
+def test_zero_adapter_closes_nothing(demo_catalog, tmp_path):
+    demo = demo_catalog
+    fused = zero_adapter(demo.dirs["copy"], tmp_path / "zero")
+    result = evaluate_fusion(demo.catalog, ["copy", "reverse"], fused, max_eval=8)
     for r in result.tasks:
         assert r.examples == 8 and r.own.source == "catalog-first"  # no provenance
         assert r.fused["loss"] == pytest.approx(r.base["loss"], abs=1e-7)
         assert r.gap == pytest.approx(0.0, abs=1e-5)
 
 
-def test_own_adapter_without_improvement_gives_no_gap(lab_catalog, tmp_path):
-    lab = lab_catalog
-    own = zero_adapter(lab.dirs["reverse"], tmp_path / "own-zero")
-    fused = shutil.copytree(lab.dirs["copy"], tmp_path / "fused")
+def test_own_adapter_without_improvement_gives_no_gap(demo_catalog, tmp_path):
+    demo = demo_catalog
+    own = zero_adapter(demo.dirs["reverse"], tmp_path / "own-zero")
+    fused = shutil.copytree(demo.dirs["copy"], tmp_path / "fused")
     write_provenance(fused, [{"id": str(own), "task": "reverse"}])  # an adapter directory, not an id
     result = evaluate_fusion(
-        lab.catalog, ["copy", "reverse"], fused, own=[f"copy={lab.ids['copy']}"], max_eval=8
+        demo.catalog, ["copy", "reverse"], fused, own=[f"copy={demo.ids['copy']}"], max_eval=8
     )
     copy, reverse = result.tasks
     assert copy.own.source == "explicit" and reverse.own.path == str(own)
@@ -104,25 +104,27 @@ def test_own_adapter_without_improvement_gives_no_gap(lab_catalog, tmp_path):
     assert result.mean_gap == pytest.approx(copy.gap) and result.worst_task == "copy"
 
 
-def test_resolve_own_precedence_and_errors(lab_catalog, tmp_path):
-    lab = lab_catalog
-    provenance = read_provenance(_with_provenance(tmp_path, [{"id": lab.ids["copy-random"], "task": "copy"}]))
-    chosen = resolve_own(lab.catalog, ["copy", "reverse"], provenance)
-    assert chosen["copy"].id == lab.ids["copy-random"] and chosen["copy"].source == "provenance"
-    assert chosen["reverse"].id == lab.ids["reverse"] and chosen["reverse"].source == "catalog-first"
-    chosen = resolve_own(lab.catalog, ["copy"], provenance, own=[lab.ids["copy"]])  # task looked up
-    assert chosen["copy"].id == lab.ids["copy"] and chosen["copy"].source == "explicit"
+def test_resolve_own_precedence_and_errors(demo_catalog, tmp_path):
+    demo = demo_catalog
+    provenance = read_provenance(
+        _with_provenance(tmp_path, [{"id": demo.ids["copy-random"], "task": "copy"}])
+    )
+    chosen = resolve_own(demo.catalog, ["copy", "reverse"], provenance)
+    assert chosen["copy"].id == demo.ids["copy-random"] and chosen["copy"].source == "provenance"
+    assert chosen["reverse"].id == demo.ids["reverse"] and chosen["reverse"].source == "catalog-first"
+    chosen = resolve_own(demo.catalog, ["copy"], provenance, own=[demo.ids["copy"]])  # task looked up
+    assert chosen["copy"].id == demo.ids["copy"] and chosen["copy"].source == "explicit"
     with pytest.raises(TaskError, match="not among the evaluated tasks"):
-        resolve_own(lab.catalog, ["copy"], None, own=[lab.ids["reverse"]])
+        resolve_own(demo.catalog, ["copy"], None, own=[demo.ids["reverse"]])
     with pytest.raises(TaskError, match="two adapters for task 'copy'"):
-        resolve_own(lab.catalog, ["copy"], None, own=[lab.ids["copy"], f"copy={lab.ids['copy-random']}"])
+        resolve_own(demo.catalog, ["copy"], None, own=[demo.ids["copy"], f"copy={demo.ids['copy-random']}"])
     with pytest.raises(TaskError, match="has no adapter in catalog"):
-        resolve_own(lab.catalog, ["sort"], None)
+        resolve_own(demo.catalog, ["sort"], None)
     with pytest.raises(ValueError, match="no adapter 'copy-000000000000'"):
-        resolve_own(lab.catalog, ["copy"], None, own=["copy=copy-000000000000"])
+        resolve_own(demo.catalog, ["copy"], None, own=["copy=copy-000000000000"])
     stray = read_provenance(_with_provenance(tmp_path / "b", [{"id": "gone-1", "task": "copy"}]))
     with pytest.raises(TaskError, match="neither in catalog"):
-        resolve_own(lab.catalog, ["copy"], stray)
+        resolve_own(demo.catalog, ["copy"], stray)
 
 
 def _with_provenance(path, inputs):

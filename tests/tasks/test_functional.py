@@ -12,6 +12,7 @@ from engine.adapters import load_adapter
 from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.fusion import FusionContext, fuse_adapters
+from engine.fvae.artifact import Familiarity, TaskVectorSource
 from engine.tasks import TaskDefinition, load_task, load_task_examples, save_task, task_model
 from engine.tasks.apply import adapted
 from engine.tasks.errors import ExamplesError, TaskError
@@ -21,56 +22,58 @@ from tests.helpers import save_lora, sentiment_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def lab_host(lab_catalog):
-    catalog = lab_catalog.catalog
+def demo_host(demo_catalog):
+    catalog = demo_catalog.catalog
     definition = load_task(catalog, "copy")
     return LoraHost(task_model(definition.model), catalog.layout())
 
 
-def eval_rows(lab_catalog, task):
-    return load_task_examples(load_task(lab_catalog.catalog, task), lab_catalog.catalog).eval.to_list()
+def eval_rows(demo_catalog, task):
+    return load_task_examples(load_task(demo_catalog.catalog, task), demo_catalog.catalog).eval.to_list()
 
 
-def test_substituted_factors_match_peft_and_leave_the_base_alone(lab_catalog, lab_host):
-    model = lab_host.task_model
-    rows = eval_rows(lab_catalog, "copy")
-    adapter = load_adapter(lab_catalog.dirs["copy"])
+def test_substituted_factors_match_peft_and_leave_the_base_alone(demo_catalog, demo_host):
+    model = demo_host.task_model
+    rows = eval_rows(demo_catalog, "copy")
+    adapter = load_adapter(demo_catalog.dirs["copy"])
     before = {
-        k: v.clone() for k, v in lab_host.model.get_base_model().state_dict().items() if "lora" not in k
+        k: v.clone() for k, v in demo_host.model.get_base_model().state_dict().items() if "lora" not in k
     }
-    got = lab_host.metrics(adapter_factors(adapter, lab_host.layout), rows)
+    got = demo_host.metrics(adapter_factors(adapter, demo_host.layout), rows)
     # The flat canonical form (scaling folded, rank padded, gauge) gives the same numbers.
-    flat = to_flat(to_canonical(adapter, lab_host.layout, gauge=True))
-    assert lab_host.metrics(flat, rows)["loss"] == pytest.approx(got["loss"], rel=1e-5)
+    flat = to_flat(to_canonical(adapter, demo_host.layout, gauge=True))
+    assert demo_host.metrics(flat, rows)["loss"] == pytest.approx(got["loss"], rel=1e-5)
     base = model.build_base()
-    with adapted(base, lab_catalog.dirs["copy"]) as peft_model:
+    with adapted(base, demo_catalog.dirs["copy"]) as peft_model:
         want = model.metrics(peft_model, rows)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert got["exact_match"] == want["exact_match"]
-    assert lab_host.metrics(None, rows)["loss"] == pytest.approx(model.metrics(base, rows)["loss"], rel=1e-5)
-    after = lab_host.model.get_base_model().state_dict()
+    assert demo_host.metrics(None, rows)["loss"] == pytest.approx(model.metrics(base, rows)["loss"], rel=1e-5)
+    after = demo_host.model.get_base_model().state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradients_reach_the_flat_vector(lab_catalog, lab_host):
-    adapter = load_adapter(lab_catalog.dirs["copy"])
-    flat = to_flat(to_canonical(adapter, lab_host.layout)).requires_grad_(True)
-    lab_host.loss(flat, eval_rows(lab_catalog, "copy")[:8]).backward()
+def test_gradients_reach_the_flat_vector(demo_catalog, demo_host):
+    adapter = load_adapter(demo_catalog.dirs["copy"])
+    flat = to_flat(to_canonical(adapter, demo_host.layout)).requires_grad_(True)
+    demo_host.loss(flat, eval_rows(demo_catalog, "copy")[:8]).backward()
     assert flat.grad is not None and flat.grad.abs().sum() > 0
-    assert not any(p.requires_grad for p in lab_host.model.parameters())
+    assert not any(p.requires_grad for p in demo_host.model.parameters())
 
 
-def test_factors_of_any_rank_work(lab_catalog, lab_host):
+def test_factors_of_any_rank_work(demo_catalog, demo_host):
     """A cat fusion has rank 2r > r_max: the host still scores it exactly."""
-    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    adapters = [load_adapter(demo_catalog.dirs[t]) for t in ("copy", "reverse")]
     fused = fuse_adapters(adapters, "cat", [0.5, 0.5]).adapter
-    assert max(m.rank for m in fused.modules.values()) > lab_host.layout.r_max
-    rows = eval_rows(lab_catalog, "reverse")
-    model = lab_host.task_model
-    with adapted(model.build_base(), fused_dir := _save(fused, lab_catalog.root / "cat-fused")) as peft_model:
+    assert max(m.rank for m in fused.modules.values()) > demo_host.layout.r_max
+    rows = eval_rows(demo_catalog, "reverse")
+    model = demo_host.task_model
+    with adapted(
+        model.build_base(), fused_dir := _save(fused, demo_catalog.root / "cat-fused")
+    ) as peft_model:
         want = model.metrics(peft_model, rows)["loss"]
     assert fused_dir.is_dir()
-    assert lab_host.metrics(adapter_factors(fused, lab_host.layout), rows)["loss"] == pytest.approx(
+    assert demo_host.metrics(adapter_factors(fused, demo_host.layout), rows)["loss"] == pytest.approx(
         want, rel=1e-5
     )
 
@@ -100,16 +103,16 @@ def test_heads_are_substituted(bert_spec, tmp_path):
         host.metrics(None, rows, head={"nonexistent.weight": torch.zeros(1)})
 
 
-def test_a_layout_of_another_model_is_refused(bert_spec, lab_catalog):
+def test_a_layout_of_another_model_is_refused(bert_spec, demo_catalog):
     with pytest.raises(TaskError, match=r"no nn\.Linear"):
-        LoraHost(task_model(bert_spec), lab_catalog.catalog.layout())
+        LoraHost(task_model(bert_spec), demo_catalog.catalog.layout())
 
 
-def test_objective_from_catalog_split_and_sampling(lab_catalog):
-    catalog = lab_catalog.catalog
+def test_objective_from_catalog_split_and_sampling(demo_catalog):
+    catalog = demo_catalog.catalog
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], catalog.layout(), k=6)
     assert {t: s.count for t, s in objective.shots.items()} == {"copy": 6, "reverse": 6}
-    adapter = load_adapter(lab_catalog.dirs["copy"])
+    adapter = load_adapter(demo_catalog.dirs["copy"])
     flat = to_flat(to_canonical(adapter, catalog.layout()))
     assert objective.adapter_loss(adapter) == pytest.approx(float(objective.loss(flat)), rel=1e-5)
     # Each task's own adapter is better on its own task than the bare base.
@@ -125,9 +128,9 @@ def test_objective_from_catalog_split_and_sampling(lab_catalog):
         objective.loss(flat, ["sort"])
 
 
-def test_objective_from_catalog_reads_the_chosen_split(lab_catalog):
+def test_objective_from_catalog_reads_the_chosen_split(demo_catalog):
     # Meta-training scores the train split so that fusion-time few shots (support) stay unseen.
-    catalog = lab_catalog.catalog
+    catalog = demo_catalog.catalog
     layout = catalog.layout()
     support = FewShotObjective.from_catalog(catalog, ["copy"], layout)
     train = FewShotObjective.from_catalog(catalog, ["copy"], layout, split="train")
@@ -138,12 +141,12 @@ def test_objective_from_catalog_reads_the_chosen_split(lab_catalog):
     assert not rows(train) & rows(support)
 
 
-def test_predefined_split_column(lab_spec, tmp_path, lab_catalog):
+def test_predefined_split_column(demo_spec, tmp_path, demo_catalog):
     rows = [
         {"prompt": "<copy> 1 <sep>", "completion": "1", "split": s} for s in ["train", "support", "eval"] * 3
     ]
     path = write_jsonl(tmp_path / "all.jsonl", rows)
-    definition = TaskDefinition(name="pre", model=lab_spec, examples=str(path), split={"column": "split"})
+    definition = TaskDefinition(name="pre", model=demo_spec, examples=str(path), split={"column": "split"})
     splits = load_task_examples(definition)
     assert (splits.train.num_rows, splits.support.num_rows, splits.eval.num_rows) == (3, 3, 3)
     assert splits.eval.column_names == ["prompt", "completion"]
@@ -152,9 +155,9 @@ def test_predefined_split_column(lab_spec, tmp_path, lab_catalog):
     with pytest.raises(ExamplesError, match=r"row 0: split 'test'.*|no example has split 'eval'"):
         load_task_examples(definition.model_copy(update={"examples": str(bad)}))
     # Stored and read back from a catalog like any definition.
-    save_task(lab_catalog.catalog, definition, overwrite=True)
+    save_task(demo_catalog.catalog, definition, overwrite=True)
     assert (
-        json.loads(json.dumps(load_task(lab_catalog.catalog, "pre").split.model_dump()))["column"] == "split"
+        json.loads(json.dumps(load_task(demo_catalog.catalog, "pre").split.model_dump()))["column"] == "split"
     )
 
 
@@ -170,15 +173,15 @@ def tiny_artifact(layout):
     )
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
     vectors = {t: torch.randn(8) for t in ("copy", "reverse")}
-    return FVAEArtifact(model.eval(), normalizer, layout, vectors, {"gauge": True})
+    return FVAEArtifact(model.eval(), normalizer, layout, vectors)
 
 
-def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
-    catalog = lab_catalog.catalog
+def test_icm_latent_refinement_lowers_the_support_loss(demo_catalog):
+    catalog = demo_catalog.catalog
     layout = catalog.layout()
     artifact = tiny_artifact(layout)
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
-    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    adapters = [load_adapter(demo_catalog.dirs[t]) for t in ("copy", "reverse")]
     # The untrained decoder's absolute output (anchor off) is what the latent residual can move
     # most; anchored, the inputs' exact deltas dominate this toy decoder's displacement.
     common = dict(tasks=["copy", "reverse"], seed=0)
@@ -217,17 +220,17 @@ def test_icm_latent_refinement_lowers_the_support_loss(lab_catalog):
         )
 
 
-def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monkeypatch):
-    import engine.fusion.methods.icm as icm_module
+def test_icm_refinement_starts_from_and_keeps_the_partial_gate(demo_catalog, monkeypatch):
+    import engine.fusion.icm.method as icm_module
 
-    catalog = lab_catalog.catalog
+    catalog = demo_catalog.catalog
     layout = catalog.layout()
     artifact = tiny_artifact(layout)
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     # copy is familiar, reverse cannot be represented: reverse enters by arithmetic
     monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 0.0]))
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], layout)
-    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    adapters = [load_adapter(demo_catalog.dirs[t]) for t in ("copy", "reverse")]
     common = dict(
         tasks=["copy", "reverse"], seed=0, context=FusionContext(fvae=artifact, objective=objective)
     )
@@ -244,10 +247,10 @@ def test_icm_refinement_starts_from_and_keeps_the_partial_gate(lab_catalog, monk
     assert record["support_loss_kept"] <= record["support_loss_start"]
 
 
-def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_path):
+def test_cli_few_shot_methods_use_the_tasks_support_examples(demo_catalog, tmp_path):
     from engine.cli.main import main
 
-    catalog = lab_catalog.catalog
+    catalog = demo_catalog.catalog
     common = ["fuse", "--catalog", catalog.uri, "--tasks", "copy,reverse", "--shots", "4", "--seed", "1"]
     assert main([*common, "--method", "lorahub", "--param", "budget=6", "--out", str(tmp_path / "hub")]) == 0
     details = json.loads((tmp_path / "hub" / "icmf_provenance.json").read_text())["details"]
@@ -271,12 +274,12 @@ def test_cli_few_shot_methods_use_the_tasks_support_examples(lab_catalog, tmp_pa
     load_adapter(tmp_path / "icm")  # a stock, loadable adapter
 
 
-def test_icm_conditions_unseen_tasks_on_given_in_context_vectors(lab_catalog):
-    catalog = lab_catalog.catalog
+def test_icm_conditions_unseen_tasks_on_given_in_context_vectors(demo_catalog):
+    catalog = demo_catalog.catalog
     artifact = tiny_artifact(catalog.layout())
-    artifact.meta["task_vector_source"] = {"kind": "context", "dim": 8}
-    artifact.task_vectors = {"copy": torch.randn(8)}  # 'reverse' was never seen
-    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    artifact.meta.task_vector_source = TaskVectorSource(kind="context", dim=8)
+    artifact.trained_vectors = {"copy": torch.randn(8)}  # 'reverse' was never seen
+    adapters = [load_adapter(demo_catalog.dirs[t]) for t in ("copy", "reverse")]
     common = dict(tasks=["copy", "reverse"], seed=0)
     with pytest.raises(ValueError, match=r"no task vector.*icmf taskvec"):
         fuse_adapters(adapters, "icm", context=FusionContext(fvae=artifact), **common)

@@ -13,8 +13,8 @@ from engine.tasks.functional import adapter_factors
 from engine.tasks.grams import input_gram_sums, input_grams
 
 
-def test_grams_are_the_inputs_of_each_module(lab_catalog):
-    catalog = lab_catalog.catalog
+def test_grams_are_the_inputs_of_each_module(demo_catalog):
+    catalog = demo_catalog.catalog
     objective = FewShotObjective.from_catalog(catalog, ["copy"], catalog.layout(), k=6)
     host, batch = objective.host, objective.shots["copy"].batch
     base = input_grams(host, batch)
@@ -27,7 +27,7 @@ def test_grams_are_the_inputs_of_each_module(lab_catalog):
     first = next(n for n in base if n.endswith("layers.0.self_attn.q_proj"))
     torch.testing.assert_close(base[first], x.T @ x / x.shape[0])
     # Through an adapter: layer 0's inputs are unchanged, a later layer's are not.
-    adapter = load_adapter(lab_catalog.dirs["copy"])
+    adapter = load_adapter(demo_catalog.dirs["copy"])
     adapted = input_grams(host, batch, adapter_factors(adapter, host.layout))
     torch.testing.assert_close(adapted[first], base[first])
     last = next(n for n in reversed(list(base)) if n.endswith("q_proj"))
@@ -54,10 +54,10 @@ def test_grams_do_not_depend_on_how_examples_are_batched(lab_catalog):
 
 
 @pytest.mark.slow
-def test_regmean_from_the_support_examples(lab_catalog):
-    catalog = lab_catalog.catalog
+def test_regmean_from_the_support_examples(demo_catalog):
+    catalog = demo_catalog.catalog
     objective = FewShotObjective.from_catalog(catalog, ["copy", "reverse"], catalog.layout(), k=8)
-    adapters = [load_adapter(lab_catalog.dirs[t]) for t in ("copy", "reverse")]
+    adapters = [load_adapter(demo_catalog.dirs[t]) for t in ("copy", "reverse")]
     context = FusionContext(objective=objective)
     # Two copies of one adapter: RegMean returns it (the Gram matrices cancel).
     same = fuse_adapters(

@@ -7,25 +7,25 @@ import torch
 from peft import PeftModel
 
 from engine.demo import tiny
-from engine.demo.tasks import lab_examples
+from engine.demo.tasks import demo_examples
 from engine.tasks import TaskError, TaskModel, adapted, apply_adapter, task_model
 from engine.tasks.models.custom import last_linear_name
 from tests.helpers import bert_spec_dict, custom_spec_dict, save_lora, sentiment_rows
 
 
 @pytest.fixture(scope="module")
-def lab(lab_spec):
-    model = task_model(lab_spec)
+def demo(demo_spec):
+    model = task_model(demo_spec)
     return model, model.build_base()
 
 
-def test_kinds_follow_the_protocol(lab_spec, bert_spec, custom_spec):
-    for spec in (lab_spec, bert_spec, custom_spec):
+def test_kinds_follow_the_protocol(demo_spec, bert_spec, custom_spec):
+    for spec in (demo_spec, bert_spec, custom_spec):
         assert isinstance(task_model(spec), TaskModel)
 
 
-def test_base_is_frozen_deterministic_and_leaves_the_rng_alone(lab_spec, lab):
-    model, base = lab
+def test_base_is_frozen_deterministic_and_leaves_the_rng_alone(demo_spec, demo):
+    model, base = demo
     assert not base.training and not any(p.requires_grad for p in base.parameters())
     state = torch.random.get_rng_state()
     again = model.build_base()
@@ -34,10 +34,10 @@ def test_base_is_frozen_deterministic_and_leaves_the_rng_alone(lab_spec, lab):
 
 
 # ---------------------------------------------------------------------------------- causal LM
-def test_lab_tokens_and_loss_match_the_demo(lab):
+def test_demo_tokens_and_loss_match_the_demo(demo):
     """Same tokens as engine.demo.tiny, and the loss equals transformers' masked-label loss."""
-    model, base = lab
-    examples = lab_examples("reverse", 16, seed=7)
+    model, base = demo
+    examples = demo_examples("reverse", 16, seed=7)
     input_ids, labels = tiny.task_batch("reverse", 16, torch.Generator().manual_seed(7))
     batch = model.encode(examples)
     assert torch.equal(batch["input_ids"], input_ids) and torch.equal(batch["labels"], labels)
@@ -47,9 +47,9 @@ def test_lab_tokens_and_loss_match_the_demo(lab):
     assert abs(all_tokens - expected) > 1e-3  # the mask matters on this data
 
 
-def test_prompt_tokens_contribute_nothing_to_the_loss(lab):
+def test_prompt_tokens_contribute_nothing_to_the_loss(demo):
     """The gradient of the loss w.r.t. logits is zero at every position predicting a prompt token."""
-    model, base = lab
+    model, base = demo
     examples = [
         {"prompt": "<copy> 1 2 3 <sep>", "completion": "1 2 3"},
         {"prompt": "<sort> 9 8 7 6 5 4 <sep>", "completion": "4"},  # longer prompt, padding in row 0
@@ -76,8 +76,8 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(lab):
             assert (grad[row, position] > 0) == (position in scored), (row, position)
 
 
-def test_truncation_keeps_the_completion_and_the_prompt_tail(lab_spec):
-    model = task_model(lab_spec.model_copy(update={"max_length": 6}))
+def test_truncation_keeps_the_completion_and_the_prompt_tail(demo_spec):
+    model = task_model(demo_spec.model_copy(update={"max_length": 6}))
     batch = model.encode([{"prompt": "<copy> 1 2 3 4 5 6 <sep>", "completion": "1 2 3 4"}])
     assert batch["input_ids"][0].tolist() == [16, 2, 11, 12, 13, 14]  # "6 <sep> 1 2 3 4"
     batch = model.encode([{"prompt": "<copy> 1 <sep>", "completion": "1 2 3 4 5 6 7 8"}])
@@ -86,18 +86,18 @@ def test_truncation_keeps_the_completion_and_the_prompt_tail(lab_spec):
         model.encode([{"prompt": "<copy>", "completion": ""}])
 
 
-def test_lm_metrics(lab):
-    model, base = lab
-    examples = lab_examples("copy", 10, seed=3)
+def test_lm_metrics(demo):
+    model, base = demo
+    examples = demo_examples("copy", 10, seed=3)
     metrics = model.metrics(base, examples, batch_size=3)  # uneven batches
     assert metrics["loss"] == pytest.approx(float(model.loss(base, examples)), rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-6)
     assert metrics["tokens"] == 60 and metrics["examples"] == 10 and metrics["exact_match"] == 0.0
 
 
-def test_exact_match_is_greedy_reproduction(lab):
-    model, base = lab
-    example = lab_examples("copy", 1, seed=5)[0]
+def test_exact_match_is_greedy_reproduction(demo):
+    model, base = demo
+    example = demo_examples("copy", 1, seed=5)[0]
     batch = model.encode([example])
     with torch.no_grad():
         greedy = base(input_ids=batch["input_ids"]).logits.argmax(-1)[0]
@@ -109,13 +109,13 @@ def test_exact_match_is_greedy_reproduction(lab):
 
 
 def tiny_word(token_id: int) -> str:
-    from engine.demo.tasks import LAB_VOCAB
+    from engine.demo.tasks import DEMO_VOCAB
 
-    return LAB_VOCAB[token_id]
+    return DEMO_VOCAB[token_id]
 
 
-def test_lm_hidden_states_at_the_last_prompt_token(lab):
-    model, base = lab
+def test_lm_hidden_states_at_the_last_prompt_token(demo):
+    model, base = demo
     examples = [
         {"prompt": "<copy> 1 2 <sep>", "completion": "1 2"},
         {"prompt": "<reverse> 1 2 3 4 5 <sep>", "completion": "5"},
@@ -223,42 +223,42 @@ def test_custom_factory_errors(custom_spec):
 
 
 # ---------------------------------------------------------------------------------- adapters and tokenizers
-def test_adapter_for_another_base_is_refused(lab, tmp_path):
-    _, base = lab
+def test_adapter_for_another_base_is_refused(demo, tmp_path):
+    _, base = demo
     path = save_lora(task_model(custom_spec_dict()).build_base(), tmp_path / "mlp", target_modules=["fc1"])
     with pytest.raises(TaskError, match="cannot be applied to this base model"):
         apply_adapter(base, path)
     assert not isinstance(base, PeftModel) and not hasattr(base, "peft_config")
 
 
-def test_pickle_only_adapter_is_refused(lab, tmp_path):
-    _, base = lab
+def test_pickle_only_adapter_is_refused(demo, tmp_path):
+    _, base = demo
     path = save_lora(base, tmp_path / "a", target_modules=["q_proj"])
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"only adapter_model\.bin found"):
         apply_adapter(base, path)
 
 
-def test_hf_tokenizer_from_a_local_directory(tmp_path, lab_spec):
+def test_hf_tokenizer_from_a_local_directory(tmp_path, demo_spec):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from engine.demo.tasks import LAB_VOCAB
+    from engine.demo.tasks import DEMO_VOCAB
 
-    vocab = {w: i for i, w in enumerate(LAB_VOCAB)}
+    vocab = {w: i for i, w in enumerate(DEMO_VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", pad_token="<pad>")
     fast.save_pretrained(tmp_path / "tok")
-    spec = type(lab_spec).model_validate(
-        dict(lab_spec.model_dump(), tokenizer={"kind": "hf", "path": str(tmp_path / "tok")})
+    spec = type(demo_spec).model_validate(
+        dict(demo_spec.model_dump(), tokenizer={"kind": "hf", "path": str(tmp_path / "tok")})
     )
     model = task_model(spec)
     batch = model.encode([{"prompt": "<copy> 1 2 <sep>", "completion": "1 2"}])
     assert batch["input_ids"][0].tolist() == [1, 3, 11, 12, 2, 11, 12]  # BOS added: the tokenizer's default
     assert batch["labels"][0].tolist() == [-100] * 5 + [11, 12]
-    bad = type(lab_spec).model_validate(
+    bad = type(demo_spec).model_validate(
         dict(spec.model_dump(), tokenizer={"kind": "hf", "path": str(tmp_path)})
     )
     with pytest.raises(TaskError, match="cannot load a transformers tokenizer"):

@@ -24,8 +24,8 @@ def test_valid_specs_round_trip_through_json(data):
     assert load_model_spec(json.loads(spec.model_dump_json())) == spec
 
 
-def test_lab_spec_is_valid(lab_spec):
-    assert lab_spec.kind == "causal_lm" and lab_spec.roles == ("prompt", "completion")
+def test_demo_spec_is_valid(demo_spec):
+    assert demo_spec.kind == "causal_lm" and demo_spec.roles == ("prompt", "completion")
 
 
 def test_every_fault_is_listed_at_once():
@@ -122,11 +122,11 @@ def test_bad_files_name_the_file(tmp_path):
         load_model_spec(wrong)
 
 
-def test_task_definition_faults(lab_spec):
+def test_task_definition_faults(demo_spec):
     faults = faults_of(
         {
             "name": "../etc",
-            "model": lab_spec.model_dump(),
+            "model": demo_spec.model_dump(),
             "examples": "data/examples.txt",
             "fields": {"question": "q"},
             "split": {"eval": 1.5, "support": -1},

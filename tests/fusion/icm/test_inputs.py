@@ -3,7 +3,9 @@ adapter's or condition's entry (pure torch, milliseconds)."""
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,8 @@ import torch
 from engine.adapters import LoraAdapter, LoraModule
 from engine.adapters.layout import Layout
 from engine.fusion import FusionConfigError, FusionContext, fuse_adapters
-from engine.fusion.icm_inputs import IcmInputsCache, adapter_digest
-from engine.fvae.artifact import FVAEArtifact
+from engine.fusion.icm.inputs import IcmInputsCache, adapter_digest
+from engine.fvae.artifact import ArtifactMeta, Familiarity, FVAEArtifact, TaskVectorSource, TrainingMetrics
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
@@ -46,7 +48,7 @@ def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
         mean_shift * torch.randn(LAYOUT.size, generator=g), 0.5 + torch.rand(LAYOUT.size, generator=g)
     )
     vectors = {"seen": torch.randn(COND_DIM, generator=g)}
-    meta = {"gauge": True, "task_vector_source": {"kind": "adapter_projection", "dim": COND_DIM, "seed": 0}}
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=COND_DIM, seed=0))
     return FVAEArtifact(FVAE(config).eval(), normalizer, LAYOUT, vectors, meta)
 
 
@@ -183,8 +185,8 @@ def test_per_input_encoding_matches_the_batched_formula():
     """The factored icm (one input at a time) computes what the batched formula does: encode
     every input in one batch, decode ``[mu; z_f]`` in one pass, anchor on the inputs."""
     from engine.adapters.codec import to_canonical, to_flat
-    from engine.fvae.latent import anchored_factors, fuse_latents
-    from engine.fvae.taskvec import project
+    from engine.fusion.icm.latent import anchored_factors, fuse_latents
+    from engine.fusion.icm.projection import project
     from engine.tasks.functional import adapter_factors
 
     artifact, weights = _artifact(), torch.tensor([0.2, 0.3, 0.5])
@@ -192,7 +194,7 @@ def test_per_input_encoding_matches_the_batched_formula():
     canon = [to_canonical(a, LAYOUT, gauge=True) for a in ADAPTERS]
     xn = normalizer.normalize(torch.stack([to_flat(c) for c in canon]))  # [K, N]
     cond = torch.stack(
-        [artifact.task_vectors["seen"], project(xn[1], COND_DIM, 0), project(xn[2], COND_DIM, 0)]
+        [artifact.trained_vectors["seen"], project(xn[1], COND_DIM, 0), project(xn[2], COND_DIM, 0)]
     )
     with torch.no_grad():
         mu, _ = model.encode(xn, cond)
@@ -225,14 +227,14 @@ def _fuse_first_two(artifact, params: dict):
 
 
 def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reconstruct():
-    from engine.fvae.latent import familiarity
+    from engine.fusion.icm.latent import familiarity
 
     assert familiarity(torch.tensor([0.1, 0.4, 0.7, 1.0, 1.5]), 0.4).tolist() == pytest.approx(
         [1.0, 1.0, 0.5, 0.0, 0.0]
     )
     artifact = _artifact()  # untrained: reconstructs nothing (relative error >= ~1)
     spec = ([0, 1], [0.5, 0.5], {"familiarity_gate": True})
-    artifact.meta["metrics"] = {"recon": 0.3}
+    artifact.meta.metrics = TrainingMetrics(recon=0.3)
     gated = _fuse_first_two(artifact, spec[2])
     details = gated.provenance["details"]["familiarity"]
     assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
@@ -240,15 +242,15 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     for name, delta in _dense(gated.adapter).items():
         torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
     # An F-VAE that reconstructs as badly in training trusts its displacement fully: no gate.
-    artifact.meta["metrics"] = {"recon": 2.0}
+    artifact.meta.metrics = TrainingMetrics(recon=2.0)
     _assert_same_bits(
         _fuse(artifact, spec), _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": False}))
     )
     # The error measured on the final model's training adapters wins over the training loss.
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     measured = _fuse_first_two(artifact, spec[2]).provenance["details"]["familiarity"]
     assert measured["reference_error"] == 0.3 and measured["gate"] == 0.0
-    del artifact.meta["metrics"], artifact.meta["familiarity"]
+    artifact.meta.metrics, artifact.meta.familiarity = TrainingMetrics(), None
     with pytest.raises(FusionConfigError, match="training reconstruction error"):
         _fuse(artifact, spec)  # asked for explicitly; by default the gate is then off
     _assert_same_bits(
@@ -263,10 +265,10 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
 def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_latent_fusion_of_the_rest(
     monkeypatch,
 ):
-    import engine.fusion.methods.icm as icm_module
+    import engine.fusion.icm.method as icm_module
 
     artifact = _artifact()
-    artifact.meta["familiarity"] = {"reference": 0.3}
+    artifact.meta.familiarity = Familiarity(reference=0.3)
     # Inputs 0 and 1 fully familiar, input 2 not representable at all.
     monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.tensor([1.0, 1.0, 0.0]))
     weights = [0.3, 0.2, 0.5]
@@ -298,3 +300,53 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
         torch.testing.assert_close(delta, arithmetic[name], rtol=1e-4, atol=1e-5)
     assert partial.adapter.modules.keys() == whole.modules.keys()
     assert any(not torch.allclose(got[n], arithmetic[n], atol=1e-4) for n in got)  # it is not arithmetic
+
+
+def test_catalog_rows_are_encoded_as_stored_not_regauged(tmp_path, monkeypatch):
+    """A gauge catalog's rows are in the canonical gauge already: ``icm`` encodes each row exactly
+    as stored instead of computing the gauge again. The path before (gauge recomputed on the
+    decoded factors) is not bit-reproducible, since the gauge is not idempotent in float32: it
+    moves about a third of a row's values by an ulp. The fused adapter agrees with it to that
+    rounding, and is the same, byte for byte, however the catalog adapters reach ``icm``."""
+    import engine.adapters.codec as codec
+    from engine.adapters.codec import to_canonical, to_flat
+    from engine.catalog import Catalog
+    from engine.fusion import fuse_from_catalog
+    from tests.helpers import make_adapter
+
+    pattern = {"rank_pattern": {"layers.0.self_attn.q_proj": 2}}  # a module below r_max: padding
+    paths = [make_adapter(tmp_path / f"a{i}", seed=i, r=4, **(pattern if i else {})) for i in range(2)]
+    catalog = Catalog(tmp_path / "cat")
+    ids = catalog.ingest(paths, task="copy").added
+    layout = catalog.layout()
+    torch.manual_seed(0)
+    config = FVAEConfig(input_dim=layout.size, cond_dim=COND_DIM, arch="mlp", hidden=16, latent_dim=4)
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
+    meta = ArtifactMeta(task_vector_source=TaskVectorSource(dim=COND_DIM))
+    artifact = FVAEArtifact(FVAE(config).eval(), normalizer, layout, {}, meta)
+    gauged = []
+    real_gauge = codec.canonical_gauge
+    monkeypatch.setattr(codec, "canonical_gauge", lambda A, B: gauged.append(1) or real_gauge(A, B))
+
+    def weights_sha256(result, name: str) -> str:
+        saved = Path(result.save(tmp_path / name)) / "adapter_model.safetensors"
+        return hashlib.sha256(saved.read_bytes()).hexdigest()
+
+    stored = fuse_from_catalog(catalog, "icm", adapter_ids=ids, context=FusionContext(fvae=artifact))
+    assert gauged == []  # every module was taken as stored
+    loaded = [catalog.load_adapter(i) for i in ids]
+    for adapter_id, adapter in zip(ids, loaded, strict=True):
+        row = torch.from_numpy(catalog.read_vector(adapter_id)[0].copy())
+        assert torch.equal(to_flat(to_canonical(adapter, layout, gauge=True)), row)
+    same = fuse_adapters(loaded, "icm", tasks=["copy", "copy"], context=FusionContext(fvae=artifact))
+    assert weights_sha256(same, "same") == weights_sha256(stored, "stored")
+    # the path before: the rows' factors gauged again on the way into the F-VAE
+    for adapter in loaded:
+        adapter.modules = {n: LoraModule(m.A, m.B, m.scaling) for n, m in adapter.modules.items()}
+    regauged = fuse_adapters(loaded, "icm", tasks=["copy", "copy"], context=FusionContext(fvae=artifact))
+    assert len(gauged) == sum(len(a.modules) for a in loaded)
+    assert set(regauged.adapter.modules) == set(stored.adapter.modules)
+    for name, module in stored.adapter.modules.items():
+        torch.testing.assert_close(
+            module.delta(), regauged.adapter.modules[name].delta(), rtol=1e-5, atol=1e-7
+        )

@@ -15,7 +15,7 @@ import torch
 
 from engine.adapters.layout import Layout
 from engine.fusion import FusionContext, fuse_adapters
-from engine.fusion.methods.icm import IcmParams, refine_budget, select_step
+from engine.fusion.icm.method import IcmParams, refine_budget, select_step
 from engine.tasks.fewshot import FewShotObjective, TaskShots
 from engine.tasks.functional import adapter_factors
 from tests.fusion.test_methods import _artifact, _ConstantDecoder, random_adapter

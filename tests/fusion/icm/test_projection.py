@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.fvae import taskvec
+from engine.fusion.icm import projection as taskvec
 
 
 def test_cached_projection_equals_the_blockwise_one(monkeypatch):

@@ -6,7 +6,7 @@ its canonical normalised vector, its condition (task vector), the posterior mean
 decoded reconstruction ``D(mu)`` and the adapter's exact factors — depends on neither the other
 inputs nor the fusion weights. :func:`encode_input` computes it once as a frozen
 :class:`EncodedInput`; only the latent combination, the decode of the fused code and the
-anchored assembly are left per fusion spec (:mod:`engine.fusion.methods.icm`).
+anchored assembly are left per fusion spec (:mod:`engine.fusion.icm.method`).
 
 A server that fuses new weights over the same catalog adapters passes an
 :class:`IcmInputsCache` as the fusion context's ``icm_inputs_cache``: a thread-safe, byte-bounded LRU
@@ -14,6 +14,11 @@ keyed by content — the F-VAE's fingerprint, the adapter's sha256 and where its
 from (a training task's vector, a given vector's sha256, or the adapter-derived projection).
 Each input is encoded on its own (a batch of one) with or without the cache, so a cached result
 is bit-identical to a fresh one.
+
+A gauge catalog stores each module in the canonical SVD gauge, and the adapters it loads say so
+(:attr:`engine.adapters.lora.LoraModule.in_gauge`): their canonical form for an F-VAE of the same
+gauge is the stored row itself, padded back to ``r_max`` without computing the gauge again (which
+would move a third of its values by an ulp: the gauge is not idempotent in float32).
 
 Inputs from a catalog whose layout grew may not fit the F-VAE's layout (the layout it was
 trained on): :func:`split_by_layout` keeps the modules inside it for the F-VAE and sets the others
@@ -35,11 +40,11 @@ from engine.adapters.codec import to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.digest import update_with_tensor
+from engine.fusion.icm.projection import project
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import folded
 from engine.fusion.registry import FusionConfigError
-from engine.fvae.latent import relative_error
-from engine.fvae.taskvec import project
+from engine.fvae.recon import relative_error
 from engine.lru import ByteBoundedLRU
 from engine.tasks.functional import adapter_factors
 
@@ -78,7 +83,7 @@ class EncodedInput:
         factors: per layout module the exact ``(A [r, d_in], s·B [d_out, r])``
             (:func:`engine.tasks.functional.adapter_factors`).
         recon_error: the F-VAE's relative squared reconstruction error of the adapter in
-            normalised space, over the slots it occupies (:func:`engine.fvae.latent.relative_error`):
+            normalised space, over the slots it occupies (:func:`engine.fvae.recon.relative_error`):
             about the training level for an adapter like those it was trained on, about 1 for one
             it cannot represent.
 
@@ -107,8 +112,8 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
         FusionConfigError: a given vector of the wrong size, or no source at all.
     """
     cond_dim = artifact.model.config.cond_dim
-    if mode == "trained" and task in artifact.task_vectors:
-        return Condition("trained", task, artifact.task_vectors[task])
+    if mode == "trained" and task in artifact.trained_vectors:
+        return Condition("trained", task, artifact.trained_vectors[task])
     if task in given:
         vector = torch.as_tensor(given[task], dtype=torch.float32).flatten()
         if vector.numel() != cond_dim:
@@ -118,8 +123,7 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
         digest = hashlib.sha256()
         update_with_tensor(digest, "given", vector)
         return Condition("given", digest.hexdigest(), vector)
-    source = artifact.meta.get("task_vector_source", {})
-    if source.get("kind", "adapter_projection") == "adapter_projection":
+    if artifact.meta.task_vector_source.kind == "adapter_projection":
         return Condition("projection", "")
     raise FusionConfigError(
         f"task {task!r} has no task vector: this F-VAE was trained on in-context vectors; compute one "
@@ -131,9 +135,8 @@ def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch
     """``[d]`` the condition of the normalised adapter ``xn [N]``."""
     if condition.vector is not None:
         return condition.vector
-    source = artifact.meta.get("task_vector_source", {})
-    dim = int(source.get("dim", artifact.model.config.cond_dim))
-    return project(xn, dim, int(source.get("seed", 0)))
+    source = artifact.meta.task_vector_source
+    return project(xn, source.dim or artifact.model.config.cond_dim, source.seed)
 
 
 def split_by_layout(adapter: LoraAdapter, layout: Layout) -> tuple[LoraAdapter, dict[str, LoraModule]]:
@@ -172,8 +175,7 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
             :func:`split_by_layout`) or one of another shape.
     """
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    gauge = bool(artifact.meta.get("gauge", True))
-    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=gauge)
+    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=artifact.meta.gauge)
     xn = normalizer.normalize(to_flat(canonical))  # [N]
     cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
     with torch.no_grad():
@@ -188,12 +190,15 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:
-    """sha256 of what :func:`encode_input` reads from an adapter: every module's name, factors
-    and scaling (not its config, source or ``modules_to_save`` weights)."""
+    """sha256 of what :func:`encode_input` reads from an adapter: every module's name, factors,
+    scaling and whether it is in the canonical gauge already (not its config, source or
+    ``modules_to_save`` weights)."""
     digest = hashlib.sha256()
     for name in sorted(adapter.modules):
         module = adapter.modules[name]
-        digest.update(f"{name}:{float(module.scaling)!r};".encode())
+        # in_gauge: encoded as stored rather than re-gauged (equal up to float32 rounding, so
+        # kept apart: a cached result is bit-identical to a fresh one)
+        digest.update(f"{name}:{float(module.scaling)!r}:{module.in_gauge};".encode())
         update_with_tensor(digest, "A", module.A)
         update_with_tensor(digest, "B", module.B)
     return digest.hexdigest()

@@ -186,36 +186,9 @@ def anchored_factors(
     return [concatenate_terms(t) for t in anchored_terms(fused, decoded, inputs, masks, weights, layout)]
 
 
-def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``||x_hat - x||^2 / ||x||^2`` over the slots in ``mask`` (normalised space).
-
-    Shapes: ``[..., N]`` each (a batch of adapters or one); returns ``[...]`` (0-d for one).
-    """
-    weight = mask.to(target.dtype)
-    total = (target.pow(2) * weight).sum(dim=-1).clamp_min(1e-12)
-    return ((reconstruction - target).pow(2) * weight).sum(dim=-1) / total
-
-
-def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """The F-VAE's relative reconstruction error of each input, decoding its posterior mean.
-
-    Args:
-        model: an :class:`engine.fvae.model.FVAE` (used as it is: put it in eval mode first).
-        x: ``[K, N]`` normalised adapters.
-        cond: ``[K, d]`` their conditions.
-        present: ``[K, N]`` bool, the slots each adapter occupies.
-
-    Returns:
-        ``[K]`` :func:`relative_error` of ``D(mu_k, cond_k)`` against ``x_k``.
-    """
-    with torch.no_grad():
-        mu, _ = model.encode(x, cond)
-        return relative_error(model.decode(mu, cond), x, present)
-
-
 def familiarity(errors: torch.Tensor, reference: float) -> torch.Tensor:
     """How much the F-VAE knows each input, from its reconstruction error: ``errors [K]`` relative
-    squared errors (:func:`relative_error`), ``reference`` the error it reached on its training
+    squared errors (:func:`engine.fvae.recon.relative_error`), ``reference`` the error it reached on its training
     adapters. 1 at or below ``reference``, falling linearly to 0 at an error of 1 (the error of
     reconstructing nothing, what it gets on adapters of tasks it never saw). Returns ``[K]``."""
     span = max(1.0 - reference, 1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.fvae.latent import fuse_latents, project_conflicts, slerp
+from engine.fusion.icm.latent import fuse_latents, project_conflicts, slerp
 
 
 def test_conflicting_components_are_removed():

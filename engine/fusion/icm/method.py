@@ -20,7 +20,7 @@ latent fusion of the others instead of switching the whole fusion to arithmetic.
 Needs the context's ``fvae``: an :class:`engine.fvae.artifact.FVAEArtifact` (CLI: ``--model DIR``);
 reads its ``task_vectors`` (stored in-context vectors of tasks the F-VAE never saw) and, with
 ``refine_steps``, its few-shot ``objective``. Optional ``icm_inputs_cache``: an
-:class:`engine.fusion.icm_inputs.IcmInputsCache` that keeps each input's encoding across fusions (a server fusing new weights over the same
+:class:`engine.fusion.icm.inputs.IcmInputsCache` that keeps each input's encoding across fusions (a server fusing new weights over the same
 adapters then pays only for the latent combination, one decode and the anchored assembly);
 results are bit-identical with and without it.
 """
@@ -38,11 +38,11 @@ import torch
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
-from engine.fusion.icm_inputs import IcmInputsCache, encode_inputs, split_by_layout
+from engine.fusion.icm.inputs import IcmInputsCache, encode_inputs, split_by_layout
+from engine.fusion.icm.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 from engine.fusion.lowrank import lowrank_weighted_sum, truncate_lowrank
 from engine.fusion.modulewise import folded, fused_adapter
 from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_method
-from engine.fvae.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 
 if TYPE_CHECKING:
     from engine.fvae.artifact import FVAEArtifact
@@ -227,7 +227,7 @@ def _outside_layout(
 
 def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, params: IcmParams, gate=1.0):
     """Per-module factors of the decoded fused adapter: anchored on the inputs (default; see
-    :func:`engine.fvae.latent.anchored_factors`), its displacement scaled by ``gate``, or the
+    :func:`engine.fusion.icm.latent.anchored_factors`), its displacement scaled by ``gate``, or the
     decoder's absolute output."""
     if decoded is None:
         return unflatten(fused, layout)
@@ -241,7 +241,7 @@ def _familiarity_gate(
     encoded, alpha: torch.Tensor, artifact, required: bool
 ) -> tuple[float, torch.Tensor | None, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
-    (:func:`engine.fvae.latent.familiarity`, against :func:`training_error`). The lowest, not a
+    (:func:`engine.fusion.icm.latent.familiarity`, against :func:`training_error`). The lowest, not a
     mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term.
     Also returns each input's familiarity ``[K]`` (None when the gate is off) and the details."""
     reference = training_error(artifact)
@@ -270,11 +270,9 @@ def training_error(artifact) -> float | None:
     of the final F-VAE's errors on its training adapters (``familiarity.reference``, measured by
     ``icmf train``), or, for artifacts older than that measurement, the last reported training
     ``recon`` (a train-mode window average, which a late loss spike inflates)."""
-    measured = (artifact.meta.get("familiarity") or {}).get("reference")
-    if measured is not None:
-        return float(measured)
-    recon = (artifact.meta.get("metrics") or {}).get("recon")
-    return None if recon is None else float(recon)
+    if artifact.meta.familiarity is not None:
+        return artifact.meta.familiarity.reference
+    return artifact.meta.metrics.recon
 
 
 @dataclass
@@ -498,7 +496,7 @@ def refine_latent(
     adapter's support loss over all tasks plus an L2 pull towards the unrefined code. The decoder
     is frozen, so the adapter stays on the F-VAE's manifold. With ``decoded`` (the inputs' decoded
     reconstructions ``[K, N]``, ``anchor``), the fused adapter is anchored on the inputs
-    (:func:`engine.fvae.latent.anchored_factors`); with ``split`` (``gate_mode: partial``), the
+    (:func:`engine.fusion.icm.latent.anchored_factors`); with ``split`` (``gate_mode: partial``), the
     code is the familiar inputs' and the unfamiliar ones enter by arithmetic, their weights
     refined too (:func:`_fused_factors`).
 

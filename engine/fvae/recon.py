@@ -1,0 +1,34 @@
+"""How well the F-VAE reconstructs adapters (pure torch): the relative squared error in normalised
+space, over the slots an adapter occupies. Meta-training measures it on its training adapters;
+``icm``'s familiarity gate compares an input's error with that figure."""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``||x_hat - x||^2 / ||x||^2`` over the slots in ``mask`` (normalised space).
+
+    Shapes: ``[..., N]`` each (a batch of adapters or one); returns ``[...]`` (0-d for one).
+    """
+    weight = mask.to(target.dtype)
+    total = (target.pow(2) * weight).sum(dim=-1).clamp_min(1e-12)
+    return ((reconstruction - target).pow(2) * weight).sum(dim=-1) / total
+
+
+def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The F-VAE's relative reconstruction error of each input, decoding its posterior mean.
+
+    Args:
+        model: an :class:`engine.fvae.model.FVAE` (used as it is: put it in eval mode first).
+        x: ``[K, N]`` normalised adapters.
+        cond: ``[K, d]`` their conditions.
+        present: ``[K, N]`` bool, the slots each adapter occupies.
+
+    Returns:
+        ``[K]`` :func:`relative_error` of ``D(mu_k, cond_k)`` against ``x_k``.
+    """
+    with torch.no_grad():
+        mu, _ = model.encode(x, cond)
+        return relative_error(model.decode(mu, cond), x, present)
