@@ -22,19 +22,19 @@ from engine.tasks.functional import LoraHost
 from engine.tasks.grams import input_grams
 from serve.deployment import fuse_spec
 from serve.spec import FusionSpec
-from tests.helpers import LAB_BASE_ID
+from tests.helpers import DEMO_BASE_ID
 
 TASKS = ["copy", "reverse"]
 
 
 @pytest.fixture(scope="module")
-def catalog(lab_catalog, tmp_path_factory):
+def catalog(demo_catalog, tmp_path_factory):
     """A catalog of its own (these tests write Gram matrices and redefine a task): the lab
     catalog's two trained adapters and task definitions."""
     catalog = Catalog(tmp_path_factory.mktemp("support") / "catalog")
     for task in TASKS:
-        catalog.ingest([lab_catalog.dirs[task]], task=task, base_model=LAB_BASE_ID)
-        save_task(catalog, load_task(lab_catalog.catalog, task))
+        catalog.ingest([demo_catalog.dirs[task]], task=task, base_model=DEMO_BASE_ID)
+        save_task(catalog, load_task(demo_catalog.catalog, task))
     return catalog
 
 
@@ -86,7 +86,7 @@ def test_the_support_loss_is_built_only_when_a_knob_is_left_to_pick(catalog, tmp
     bare = Catalog(tmp_path / "bare")
     for task in TASKS:
         exported = catalog.export(catalog.entries(task=task)[0]["id"], tmp_path / task)
-        bare.ingest([exported], task=task, base_model=LAB_BASE_ID)
+        bare.ingest([exported], task=task, base_model=DEMO_BASE_ID)
     result = fuse_from_catalog(
         bare, "iso_c", tasks=TASKS, context=fusion_context("iso_c", {}, catalog=bare, tasks=TASKS)
     )

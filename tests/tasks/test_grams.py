@@ -34,9 +34,9 @@ def test_grams_are_the_inputs_of_each_module(demo_catalog):
     assert not torch.allclose(adapted[last], base[last])
 
 
-def test_grams_do_not_depend_on_how_examples_are_batched(lab_catalog):
+def test_grams_do_not_depend_on_how_examples_are_batched(demo_catalog):
     """Padding is left out: a short example padded in a batch adds what it adds on its own."""
-    catalog = lab_catalog.catalog
+    catalog = demo_catalog.catalog
     objective = FewShotObjective.from_catalog(catalog, ["copy"], catalog.layout(), k=1)
     host, model = objective.host, objective.host.task_model
     rows = [
