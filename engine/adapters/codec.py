@@ -151,11 +151,14 @@ def unflatten(vector: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, 
 
     Views, not copies: gradients of the factors flow back to ``vector``.
     """
-    factors = []
-    for i, spec in enumerate(layout.modules):
-        start, end = int(layout.offsets[i]), int(layout.offsets[i + 1])
-        split = start + layout.r_max * spec.d_in
-        A = vector[start:split].view(layout.r_max, spec.d_in)
-        B = vector[split:end].view(layout.r_max, spec.d_out).T
-        factors.append((A, B))
-    return factors
+    offsets = layout.offsets
+    return [
+        module_factors(vector[int(offsets[i]) : int(offsets[i + 1])], spec, layout.r_max)
+        for i, spec in enumerate(layout.modules)
+    ]
+
+
+def module_factors(slots: torch.Tensor, spec, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's flat slots (``A`` then ``B^T``) -> views ``(A [r_max, d_in], B [d_out, r_max])``."""
+    split = r_max * spec.d_in
+    return slots[:split].view(r_max, spec.d_in), slots[split:].view(r_max, spec.d_out).T

@@ -173,9 +173,14 @@ class FVAE(nn.Module):
         """``z [B, latent]``, ``cond [B, d]`` -> ``x_hat [B, N]``."""
         return self.net.decode(z, cond)
 
+    @staticmethod
+    def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A reparameterised draw ``z = mu + eps * exp(logvar / 2)``."""
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x, cond)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        z = self.sample(mu, logvar) if sample else mu
         return {"x_hat": self.decode(z, cond), "mu": mu, "logvar": logvar, "z": z}
 
     def loss(
@@ -193,21 +198,33 @@ class FVAE(nn.Module):
         """
         if out["x_hat"].shape != x.shape:  # no silent broadcasting
             raise ValueError(f"x_hat {tuple(out['x_hat'].shape)} and x {tuple(x.shape)} differ in shape")
+        # One [B, N] tensor in all, kept for backward: the difference, masked in place (subtraction
+        # keeps nothing for backward), then a norm, which has no [B, N] output of its own. At 7-8 B
+        # adapter sizes each [B, N] float tensor is ~0.7 GB.
         diff = out["x_hat"] - x
-        if mask is None:
-            recon = diff.pow(2).mean()
-        else:
-            # masked_fill keeps only the bool mask for backward, not a float copy of it and of the
-            # squared error: at 7-8 B adapter sizes each [B, N] float tensor is ~0.7 GB.
-            recon = diff.masked_fill(~mask, 0.0).pow(2).sum() / mask.sum().clamp_min(1)
-        kl = kl_divergence(out["mu"], out["logvar"])
+        if mask is not None:
+            diff.masked_fill_(~mask, 0.0)
+        slots = diff.numel() if mask is None else mask.sum()
+        return self.objective(torch.linalg.vector_norm(diff).square(), slots, out["mu"], out["logvar"])
+
+    def objective(
+        self,
+        squared_error: torch.Tensor,
+        slots: int | torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`loss` from the summed squared error over the batch's ``slots`` present slots
+        (for a caller that sums the error piecewise, e.g. one module at a time)."""
+        slots = torch.as_tensor(slots, dtype=squared_error.dtype).clamp_min(1)
+        recon = squared_error / slots
+        kl = kl_divergence(mu, logvar)
         beta = self.config.kl_weight
         if self.config.recon_reduction == "sum":
             # The reference's balance (squared error summed over a sample's elements + beta KL),
             # divided through by the elements per sample so the objective keeps the per-element
             # scale the fusion loss is weighed against: beta acts per latent vs per element.
-            elements = x.shape[1] if mask is None else mask.sum(1).to(x.dtype).mean().clamp_min(1.0)
-            beta = beta / elements
+            beta = beta / (slots / mu.shape[0]).clamp_min(1.0)
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
     def _check(self, x: torch.Tensor, cond: torch.Tensor) -> None:

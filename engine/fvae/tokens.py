@@ -179,9 +179,24 @@ class TokenFVAE(nn.Module):
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_states(z, cond)
+        # Each module's slots are written into one preallocated [B, N] output as they are made:
+        # a concatenation would hold every piece and the result at once.
+        out = h.new_empty(h.shape[0], self.tokens.layout.size)
+        offsets = self.tokens.layout.offsets
+        for m in range(self.tokens.layout.num_modules):
+            out[:, int(offsets[m]) : int(offsets[m + 1])] = self.decode_module(h, m)
+        return out
+
+    def decoder_states(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The decoder's token states ``[B, M, r_max, hidden]`` for ``z [B, latent]``, ``cond [B, d]``:
+        everything of a decode but the per-module heads (:meth:`decode_module`)."""
         context = self.context(torch.cat([z, cond], dim=1))  # [B, h]
-        h = self.token_decoder(context[:, None, None, :] + self.decoder_embeddings())  # [B, M, r, h]
-        pieces = []
-        for m, t in enumerate(self.tokens.type_of):
-            pieces += [self.head_a[t](h[:, m]).flatten(1), self.head_b[t](h[:, m]).flatten(1)]
-        return torch.cat(pieces, dim=1)
+        return self.token_decoder(context[:, None, None, :] + self.decoder_embeddings())
+
+    def decode_module(self, states: torch.Tensor, m: int) -> torch.Tensor:
+        """Module ``m``'s flat slots ``[B, r_max x (d_in + d_out)]`` (``A`` then ``B^T``, as in the
+        flat vector) from :meth:`decoder_states`: a decode one module at a time."""
+        t = self.tokens.type_of[m]
+        a = self.head_a[t](states[:, m]).flatten(1)
+        return torch.cat([a, self.head_b[t](states[:, m]).flatten(1)], dim=1)

@@ -14,7 +14,7 @@ from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
 from engine.fusion.icm.latent import LowRankTerm
 
-__all__ = ["subspace_proxy_loss", "unflatten"]
+__all__ = ["subspace_proxy_loss", "subspace_relative_error", "unflatten"]
 
 
 def subspace_proxy_loss(
@@ -44,15 +44,21 @@ def subspace_proxy_loss(
         for m, (A_t, B_t) in enumerate(unflatten(targets[k], layout)):
             if not bool(masks[k, m]):
                 continue
-            gram = A_t @ A_t.T  # [r, r]
-            target = B_t @ gram  # [d_out, r]
-            residual = -target
-            for A_f, B_f, scale in per_module[m]:
-                residual = residual + (B_f @ (A_f @ A_t.T)) * scale
-            terms.append((residual**2).sum() / (target**2).sum().clamp_min(1e-12))
+            terms.append(subspace_relative_error(per_module[m], A_t, B_t))
     if not terms:
         return targets.new_zeros(())
     return torch.stack(terms).mean()
+
+
+def subspace_relative_error(fused: list[LowRankTerm], A_t: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    """One (task, module) term of :func:`subspace_proxy_loss`: the fused module's low-rank terms
+    against the task's factors ``A_t [r, d_in]``, ``B_t [d_out, r]``; a 0-d tensor."""
+    gram = A_t @ A_t.T  # [r, r]
+    target = B_t @ gram  # [d_out, r]
+    residual = -target
+    for A_f, B_f, scale in fused:
+        residual = residual + (B_f @ (A_f @ A_t.T)) * scale
+    return (residual**2).sum() / (target**2).sum().clamp_min(1e-12)
 
 
 def _as_terms(fused, layout: Layout) -> list[list[LowRankTerm]]:

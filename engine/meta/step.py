@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from engine.adapters.codec import unflatten
+from engine.adapters.codec import module_factors, unflatten
 from engine.adapters.layout import Layout
 from engine.fusion.icm.latent import (
     Combine,
@@ -19,7 +20,7 @@ from engine.fusion.icm.latent import (
 )
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
-from engine.meta.losses import subspace_proxy_loss
+from engine.meta.losses import subspace_proxy_loss, subspace_relative_error
 
 # (fused adapter in weight space: flat [N] or per-module factors, tasks of the episode, the catalog
 # ids of the fused adapters or None) -> scalar loss
@@ -82,9 +83,16 @@ def episode_loss(
     ``data_loss`` (few-shot query loss through the frozen base model), else with the data-free
     subspace proxy.
 
+    With the module-token F-VAE and the proxy loss every term is a sum over modules, and the
+    episode is computed one module at a time (:func:`_episode_loss_by_module`): the same loss and
+    gradients without any ``[K, N]`` tensor but the inputs, which is what lets an episode of
+    8 B-class adapters fit a worker.
+
     Returns:
         ``{"loss", "recon", "kl", "fusion"}`` scalars (``loss`` differentiable).
     """
+    if data_loss is None and model.config.arch == "tokens":
+        return _episode_loss_by_module(model, normalizer, batch, layout, settings)
     xn = normalizer.normalize(batch.x)
     out = model(xn, batch.cond)
     terms = model.loss(out, xn, slot_mask(batch.mask, layout))
@@ -111,3 +119,76 @@ def episode_loss(
         "kl": terms["kl"],
         "fusion": fusion,
     }
+
+
+def _episode_loss_by_module(
+    model: FVAE, normalizer: SlotNormalizer, batch: EpisodeBatch, layout: Layout, settings: EpisodeSettings
+) -> dict[str, torch.Tensor]:
+    """:func:`episode_loss` with the data-free proxy for the module-token F-VAE, one module at a time.
+
+    The encoder and the decoder's token states (``[K, M, r, hidden]``, small) are computed once;
+    each module's decoded slots, reconstruction error and proxy terms are then computed inside an
+    activation checkpoint, so backward recomputes that module's heads instead of keeping every
+    module's outputs: peak memory is the inputs plus one module, not several ``[K, N]`` copies.
+    """
+    net = model.net
+    xn = normalizer.normalize(batch.x)
+    mu, logvar = model.encode(xn, batch.cond)
+    sampled = net.decoder_states(model.sample(mu, logvar), batch.cond)
+    fusion = settings.fusion_weight > 0
+    fused_states = mean_states = weights = None
+    if fusion:
+        z_f, v_f = fuse_latents(mu, batch.cond, combine=settings.combine, project=settings.project)
+        fused_states = net.decoder_states(z_f[None], v_f[None])
+        if settings.anchor:
+            mean_states = net.decoder_states(mu, batch.cond)
+            weights = residual_weights(None, batch.x.shape[0], settings.combine, xn)
+    squared_error, proxy_sum, proxy_terms = xn.new_zeros(()), xn.new_zeros(()), 0
+    for m in range(layout.num_modules):
+        present = batch.mask[:, m].nonzero().flatten().tolist()
+        if not present:  # no reconstruction and no proxy term reads this module
+            continue
+        error, proxy = checkpoint(
+            _module_terms,
+            net,
+            normalizer,
+            batch,
+            xn,
+            layout,
+            m,
+            present,
+            sampled,
+            fused_states,
+            mean_states,
+            weights,
+            use_reentrant=False,
+        )
+        squared_error = squared_error + error
+        if fusion:
+            proxy_sum, proxy_terms = proxy_sum + proxy, proxy_terms + len(present)
+    slots = (batch.mask.to(xn.dtype) @ torch.as_tensor(np.asarray(layout.module_sizes), dtype=xn.dtype)).sum()
+    terms = model.objective(squared_error, slots, mu, logvar)
+    fusion_loss = proxy_sum / max(proxy_terms, 1)
+    return {**terms, "loss": terms["loss"] + settings.fusion_weight * fusion_loss, "fusion": fusion_loss}
+
+
+def _module_terms(
+    net, normalizer, batch, xn, layout, m, present, sampled, fused_states, mean_states, weights
+):
+    """Module ``m``'s summed squared reconstruction error over the adapters that target it
+    (``present``), and the sum of its proxy terms (:func:`engine.meta.losses.subspace_relative_error`)
+    for those adapters' tasks when ``fused_states`` is given."""
+    start, end = int(layout.offsets[m]), int(layout.offsets[m + 1])
+    rows = torch.tensor(present)
+    error = torch.linalg.vector_norm(net.decode_module(sampled, m)[rows] - xn[rows, start:end]).square()
+    if fused_states is None:
+        return error, error.new_zeros(())
+    mean, std = normalizer.mean[start:end].to(xn.device), normalizer.std[start:end].to(xn.device)
+    spec, r = layout.modules[m], layout.r_max
+    terms = [(*module_factors(torch.addcmul(mean, net.decode_module(fused_states, m)[0], std), spec, r), 1.0)]
+    inputs = {t: module_factors(batch.x[t, start:end], spec, r) for t in present}
+    if mean_states is not None:
+        decoded = torch.addcmul(mean, net.decode_module(mean_states, m)[rows], std)
+        for i, t in enumerate(present):
+            terms += [(*inputs[t], weights[t]), (*module_factors(decoded[i], spec, r), -weights[t])]
+    return error, sum(subspace_relative_error(terms, *inputs[t]) for t in present)
