@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-interval", type=float, default=0.2, help="RSS sampling period (s)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="catalog cache")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="JSON and PNG go here")
+    parser.add_argument("--name", default="catalog_scan", help="file name of the JSON and PNG (no suffix)")
     parser.add_argument("--child-timeout", type=float, default=600, help="seconds per scan subprocess")
     parser.add_argument("--child", choices=["ray", "pyarrow"], help=argparse.SUPPRESS)
     parser.add_argument("--catalog", help=argparse.SUPPRESS)
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         catalogs.append({"n": n, "path": str(path), **build, "pyarrow": pa_res, "ray": ray_res})
         rows.append(summarise(n, pa_res, ray_res))
+        if not build["cached"]:  # synthesis (random factors, canonical gauge) + shard and manifest writes
+            rows[-1]["build_mb_per_s"] = ray_res["bytes"] / MB / build["build_s"]
 
     memory = {}
     if len(rows) > 1:
@@ -501,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "catalogs": catalogs,
         "total_s": time.perf_counter() - started,
     }
-    json_path = args.out_dir / "catalog_scan.json"
-    png_path = args.out_dir / "catalog_scan.png"
+    json_path = args.out_dir / f"{args.name}.json"
+    png_path = args.out_dir / f"{args.name}.png"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     env = result["environment"]
     plot(
