@@ -28,7 +28,7 @@ from engine.task_vectors.vector import (
     select_examples,
     spec_hash,
 )
-from engine.tasks.errors import TaskError
+from engine.tasks.errors import TaskError, raise_task_faults
 from engine.tasks.spec import ROLES, ModelSpec, load_model_spec
 
 AdapterChoice = str | Sequence[str]  # "first", "all", or catalog ids
@@ -154,11 +154,7 @@ def plan_task_vectors(
             faults.append(exc)
             continue
         plans.append(TaskPlan(task, task_spec, chosen, label, ids))
-    if len(faults) == 1:
-        raise faults[0]
-    if faults:
-        lines = "\n".join(f"  - {f}" for f in faults)
-        raise TaskError(f"{len(faults)} task(s) cannot be planned:\n{lines}")
+    raise_task_faults(faults, "cannot be planned")
     return plans
 
 

@@ -36,7 +36,7 @@ from engine.catalog import Catalog
 from engine.catalog import fs as cfs
 from engine.errors import IcmfError
 from engine.task_vectors.vector import example_id, spec_hash
-from engine.tasks.errors import TaskError
+from engine.tasks.errors import TaskError, raise_task_faults
 from engine.tasks.spec import ModelSpec
 
 GRAMS_FORMAT = "icmf-grams/1"
@@ -181,11 +181,7 @@ def plan_grams(catalog: Catalog, tasks: Sequence[str], layout: Layout) -> list[G
             faults.append(TaskError(f"task {task!r}: its support split is empty; no Gram matrices"))
             continue
         plans.append(GramPlan(task, definition.model, support, gram_key(definition.model, support, layout)))
-    if len(faults) == 1:
-        raise faults[0]
-    if faults:
-        lines = "\n".join(f"  - {f}" for f in faults)
-        raise TaskError(f"Gram matrices of {len(faults)} task(s) cannot be computed:\n{lines}")
+    raise_task_faults(faults, "cannot have their Gram matrices computed")
     return plans
 
 

@@ -21,3 +21,14 @@ class SpecError(TaskError, FaultsError):
 class ExamplesError(TaskError, FaultsError):
     """A task's examples file (``source``) cannot be read, lacks fields, or holds bad values;
     ``faults`` has one line per fault (rows are 0-based, in file order)."""
+
+
+def raise_task_faults(faults: list[Exception], what: str) -> None:
+    """Raise the faults collected over several tasks, if any: a single one as itself (its type
+    and message say the most), several as one :class:`TaskError` listing each, headed
+    ``{count} task(s) {what}``."""
+    if len(faults) == 1:
+        raise faults[0]
+    if faults:
+        lines = "\n".join(f"  - {f}" for f in faults)
+        raise TaskError(f"{len(faults)} task(s) {what}:\n{lines}")

@@ -26,7 +26,7 @@ from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter
 from engine.errors import IcmfError
 from engine.tasks.base import BaseTaskModel, Batch, Example
-from engine.tasks.errors import TaskError
+from engine.tasks.errors import TaskError, raise_task_faults
 from engine.tasks.functional import Factors, LoraHost, adapter_factors
 
 if TYPE_CHECKING:
@@ -131,11 +131,7 @@ class FewShotObjective:
             examples[task] = rows.to_list()
             entries = catalog.entries(task=task)
             heads[task] = catalog.load_adapter(entries[0]["id"]).extras if entries else None
-        if len(faults) == 1:
-            raise faults[0]
-        if faults:
-            lines = "\n".join(f"  - {f}" for f in faults)
-            raise TaskError(f"few-shot examples of {len(faults)} task(s) cannot be used:\n{lines}")
+        raise_task_faults(faults, "cannot give few-shot examples")
         groups = list(group_by_spec({t: d.model for t, d in definitions.items()}).values())
         models = [task_model(definitions[group[0]].model) for group in groups]
         bases = [model.build_base() for model in models]
