@@ -30,7 +30,7 @@ from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
 from engine.adapters.codec import unflatten
 from engine.catalog import Catalog
 from engine.fusion.icm.projection import project
-from engine.fvae.config import FVAEConfig
+from engine.fvae.config import FVAEConfig, resolve_arch
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.fvae.recon import relative_error
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
     suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
-    arch = suite_fvae.get("arch", "conv")
+    layout = Catalog(LAB / args.suite / "catalogs" / "main").layout()
+    arch = resolve_arch(suite_fvae.get("arch", "auto"), layout.size, suite_fvae.get("hidden", FVAEConfig.hidden))
     layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed, arch)
     slot_normalizer = load_suite(args.suite, args.holdout, args.seed)[1] if arch == "tokens" else None
     # Adapter-derived task vectors from the training adapters (as meta-training derives them).
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         vectors[t] = project(xn_all[torch.as_tensor(tasks == t)].mean(0), 64, args.seed)
     cond = torch.stack([vectors[t] for t in tasks])
 
+    suite_fvae["arch"] = arch
     if arch == "tokens":
         suite_fvae["layout"] = layout.to_dict()
     config = FVAEConfig(input_dim=layout.size, cond_dim=64, **suite_fvae)

@@ -19,20 +19,19 @@ from benchmarks.lab.tasks import register_tasks
 
 CACHE = RESULTS / "tmp" / "fvae"
 
-# Meta-training per suite: the engine's defaults except what the lab's sizes call for. The dense
-# ``mlp`` F-VAE (hidden 256) with the reference's sum reconstruction: the conv stack does not
-# reconstruct per-slot normalised LoRA factors at all (relative error ~1.0, `benchmarks.fvae_recon`),
-# the dense one does (encoder: 0.36 on training adapters, 0.90 held out after 600 recon-only
-# episodes); lr 2e-4 (the reference's; 1e-3 diverges with dense layers over ~20k inputs). K_max 6
-# covers the largest fused set; encoder episodes score 8 shots per task to keep MiniLM's backward
-# pass affordable. Episodes score the tasks' train split: the support split is what refinement and
-# the few-shot baselines get at fusion time, so meta-training must not have fitted it. Generative
-# runs 4000 steps: its training fusion loss was still falling at 1500 (1.88; 1.30 at 4000); at a
-# constant rate (a cosine schedule ended at 1.40). The encoder runs 1600 steps with the cosine
-# schedule (at 800 constant steps its F-VAE reconstructed nothing, relative error ~1, and the run
-# ended in a loss spike: recon 24). Every F-VAE and episode setting is written out, so the cache
-# key changes with them.
-_FVAE = {"arch": "mlp", "hidden": 256, "norm": "none", "recon_reduction": "sum", "kl_weight": 0.005}
+# Meta-training per suite: the F-VAE is the engine's default (``arch: auto``, which at the lab's
+# sizes, N 2.5 k-20 k, is the dense ``mlp`` with hidden 256 and the reference's sum reconstruction:
+# the conv stack does not reconstruct per-slot normalised LoRA factors at all, relative error ~1.0
+# in `benchmarks.fvae_recon`). Only the episodes are set per suite: lr 2e-4 (the reference's; 1e-3
+# diverges with dense layers over ~20k inputs); K_max 6 covers the largest fused set; encoder
+# episodes score 8 shots per task to keep MiniLM's backward pass affordable. Episodes score the
+# tasks' train split: the support split is what refinement and the few-shot baselines get at fusion
+# time, so meta-training must not have fitted it. Generative runs 4000 steps: its training fusion
+# loss was still falling at 1500 (1.88; 1.30 at 4000); at a constant rate (a cosine schedule ended
+# at 1.40). The encoder runs 1600 steps with the cosine schedule (at 800 constant steps its F-VAE
+# reconstructed nothing, relative error ~1, and the run ended in a loss spike: recon 24). Every
+# F-VAE and episode setting is written out, so the cache key changes with them.
+_FVAE: dict[str, Any] = {}
 # The classifier suites (per-task heads from the adapters): the same recipe, their own lengths.
 _CLASSIFIER_TRAIN = {
     "max_tasks": 6,

@@ -198,7 +198,7 @@ def train_demo_fvae(catalog: Catalog, workdir: Path, steps: int) -> Path:
     config = {
         "catalog": catalog.uri,
         "out": str(out),
-        "fvae": {"depth": 8, "channels": 4, "max_channels": 32, "latent_dim": 64},
+        "fvae": {"latent_dim": 64},  # the default arch (``auto``: the dense F-VAE at this size)
         "train": {
             "steps": steps,
             "checkpoint_every": steps,

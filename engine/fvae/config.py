@@ -7,6 +7,23 @@ from typing import Any, Literal
 
 ARCHS = ("conv", "chunked", "mlp", "tokens")
 TOKEN_FIELDS = ("layout", "token_queries")  # read by arch "tokens" only
+# ``auto`` picks the dense ``mlp`` while it has at most this many parameters (about 1 GiB of
+# parameters, gradients and AdamW moments): where it can be built it reconstructs and fuses best;
+# beyond it, the module-token F-VAE, whose size does not grow with N (docs/design.md §2.4).
+DENSE_PARAMETER_LIMIT = 64_000_000
+
+
+def dense_parameters(input_dim: int, hidden: int) -> int:
+    """Weights of the ``mlp`` arch's two ``N x hidden`` layers (its other layers are negligible)."""
+    return 2 * input_dim * hidden
+
+
+def resolve_arch(arch: str, input_dim: int, hidden: int) -> str:
+    """The architecture ``arch`` stands for: itself, or for ``"auto"`` the dense ``mlp`` up to
+    :data:`DENSE_PARAMETER_LIMIT` parameters and ``tokens`` above."""
+    if arch != "auto":
+        return arch
+    return "mlp" if dense_parameters(input_dim, hidden) <= DENSE_PARAMETER_LIMIT else "tokens"
 
 
 @dataclass(frozen=True)
@@ -16,9 +33,11 @@ class FVAEConfig:
     Attributes:
         input_dim: flat adapter length ``N`` (the catalog layout's size).
         cond_dim: task-vector length ``d``.
-        arch: ``"conv"`` — the reference 1-D conv stack (ICM-LoRA); ``"chunked"`` — fixed-size
-            chunks with slot embeddings and a shared encoder, for adapters far larger than a few
-            million parameters.
+        arch: ``"auto"`` (default) — resolved when the config is built (:func:`resolve_arch`):
+            ``mlp`` while its ``2 x N x hidden`` weights stay within :data:`DENSE_PARAMETER_LIMIT`,
+            else ``tokens``; the config then holds the resolved name. ``"conv"`` — the reference
+            1-D conv stack (ICM-LoRA); ``"chunked"`` — fixed-size chunks with slot embeddings and a
+            shared encoder, for adapters far larger than a few million parameters.
         latent_dim: size of ``z`` (reference: 256).
         depth: stride-2 conv layers; the input is padded to a multiple of ``2**depth``
             (reference: 12, i.e. 4096).
@@ -39,8 +58,9 @@ class FVAEConfig:
             weighed against (so per element the KL weighs ``kl_weight / N``). ``mean``: per-element
             mean + ``kl_weight`` x KL, i.e. a KL ~N times heavier: on the lab suites (N ~ 20k) the
             posterior collapses (KL ~ 4 nats) and nothing is reconstructed.
-        layout: ``tokens`` only: the layout (:meth:`engine.adapters.layout.Layout.to_dict`) whose
-            modules are the tokens (its size must be ``input_dim``).
+        layout: ``tokens`` (and ``auto``, which may resolve to it) only: the layout
+            (:meth:`engine.adapters.layout.Layout.to_dict`) whose modules are the tokens (its size
+            must be ``input_dim``).
         token_queries: ``tokens`` only: learned queries of the encoder's attention pooling.
         arch ``tokens``: the module-token F-VAE (:mod:`engine.fvae.tokens`): one token per rank
             component of every module, layer and module type as embeddings, per-module-type input
@@ -52,7 +72,7 @@ class FVAEConfig:
 
     input_dim: int
     cond_dim: int
-    arch: Literal["conv", "chunked", "mlp", "tokens"] = "conv"
+    arch: Literal["auto", "conv", "chunked", "mlp", "tokens"] = "auto"
     latent_dim: int = 256
     depth: int = 12
     channels: int = 8
@@ -66,6 +86,10 @@ class FVAEConfig:
     token_queries: int = 8
 
     def __post_init__(self) -> None:
+        # Frozen, so set through object: every consumer (and the artifact) sees the resolved arch.
+        object.__setattr__(self, "arch", resolve_arch(self.arch, self.input_dim, self.hidden))
+        if self.arch != "tokens":  # only tokens reads it; equal configs compare equal either way
+            object.__setattr__(self, "layout", None)
         faults = []
         for name in (
             "input_dim",
@@ -81,7 +105,8 @@ class FVAEConfig:
             if getattr(self, name) <= 0:
                 faults.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.arch not in ARCHS:
-            faults.append(f"arch must be one of {', '.join(map(repr, ARCHS))}, got {self.arch!r}")
+            choices = ", ".join(map(repr, ("auto", *ARCHS)))
+            faults.append(f"arch must be one of {choices}, got {self.arch!r}")
         if self.arch == "tokens":
             faults += self._layout_faults()
         if self.norm not in ("none", "instance", "batch", "group"):
@@ -97,7 +122,10 @@ class FVAEConfig:
         from engine.adapters.layout import Layout
 
         if self.layout is None:
-            return ["arch 'tokens' needs the layout (FVAEConfig.layout = Layout.to_dict())"]
+            return [
+                f"arch 'tokens' (which 'auto' picks above {DENSE_PARAMETER_LIMIT:,} dense parameters) "
+                "needs the layout (FVAEConfig.layout = Layout.to_dict())"
+            ]
         try:
             size = Layout.from_dict(self.layout).size
         except (ValueError, KeyError, TypeError) as exc:
@@ -125,5 +153,6 @@ class FVAEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FVAEConfig:
         # Artifacts written before ``norm`` existed were trained with the reference's BatchNorm.
-        # ... and before ``recon_reduction`` existed, with the per-element mean.
-        return cls(**{"norm": "batch", "recon_reduction": "mean", **data})
+        # ... and before ``recon_reduction`` existed, with the per-element mean; before ``arch``
+        # existed, with the conv stack (an artifact always records the arch it was built with).
+        return cls(**{"arch": "conv", "norm": "batch", "recon_reduction": "mean", **data})

@@ -28,9 +28,10 @@ class _Strict(pydantic.BaseModel):
 class FVAESection(_Strict):
     """The F-VAE's settings: defaults (and meanings) are :class:`engine.fvae.config.FVAEConfig`'s."""
 
-    arch: Literal["conv", "chunked", "mlp", "tokens"] = pydantic.Field(
+    arch: Literal["auto", "conv", "chunked", "mlp", "tokens"] = pydantic.Field(
         _FVAE["arch"],
-        description="'tokens': the module-token F-VAE (one token per rank component of every module; "
+        description="'auto': 'mlp' while its 2 x N x hidden weights fit the dense limit, else 'tokens'; "
+        "'tokens': the module-token F-VAE (one token per rank component of every module; "
         "parameters independent of depth and N; per-module-type scale normaliser)",
     )
     latent_dim: int = pydantic.Field(_FVAE["latent_dim"], gt=0)

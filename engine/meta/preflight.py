@@ -135,7 +135,7 @@ def memory_fault(estimate: MemoryEstimate, available: int) -> str | None:
     return (
         f"memory: a training worker needs about {estimate.describe()} but has about "
         f"{available / GIB:.2f} GiB; lower train.capacity_per_task or train.max_tasks, use a smaller "
-        "F-VAE (fvae.arch: chunked for very large adapters), fewer workers per node, or more memory"
+        "F-VAE (fvae.arch: tokens for very large adapters), fewer workers per node, or more memory"
     )
 
 

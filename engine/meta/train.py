@@ -52,8 +52,9 @@ LOSS_TERMS = ("loss", "recon", "kl", "fusion")  # what episode_loss returns
 
 
 def fvae_config(cfg: MetaTrainConfig, layout: Layout, cond_dim: int | None = None) -> FVAEConfig:
-    # The module-token arch reads the layout's modules; the others only its size.
-    structure = {"layout": layout.to_dict()} if cfg.fvae.arch == "tokens" else {}
+    # The module-token arch reads the layout's modules; the others only its size. ``auto`` may
+    # resolve to it, and FVAEConfig drops the layout again when it does not.
+    structure = {"layout": layout.to_dict()} if cfg.fvae.arch in ("tokens", "auto") else {}
     return FVAEConfig(
         input_dim=layout.size, cond_dim=cond_dim or cfg.task_vectors.dim, **cfg.fvae.model_dump(), **structure
     )
@@ -576,7 +577,8 @@ def train_fvae(
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         stats = catalog.compute_stats(layout.layout_id)
-    normalizer = SlotNormalizer.for_arch(cfg.fvae.arch, layout, stats.mean, stats.std, stats.count)
+    arch = fvae_config(cfg, layout).arch  # ``auto`` resolved for this layout
+    normalizer = SlotNormalizer.for_arch(arch, layout, stats.mean, stats.std, stats.count)
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))

@@ -94,7 +94,7 @@ def test_instance_norm_decodes_one_latent_the_same_in_training_and_inference():
     between meta-training (train mode) and fusion (eval mode); the default norm does not."""
     for norm, same in (("instance", True), ("batch", False)):
         torch.manual_seed(0)
-        model = FVAE(FVAEConfig(input_dim=64, cond_dim=4, depth=3, channels=4, latent_dim=8, norm=norm))
+        model = FVAE(FVAEConfig(input_dim=64, cond_dim=4, arch="conv", depth=3, channels=4, latent_dim=8, norm=norm))
         model.train()
         model(torch.randn(6, 64), torch.randn(6, 4))  # a training step's batch updates running stats
         z, v = torch.randn(1, 8), torch.randn(1, 4)
@@ -146,4 +146,4 @@ def test_reconstructs_random_lowrank_adapters_where_the_old_defaults_collapse():
     assert _relative_error(new, x, cond) < 0.1
     # Artifacts predating the switches load with what they were trained with.
     legacy = FVAEConfig.from_dict({"input_dim": 8, "cond_dim": 2})
-    assert (legacy.norm, legacy.recon_reduction) == ("batch", "mean")
+    assert (legacy.arch, legacy.norm, legacy.recon_reduction) == ("conv", "batch", "mean")

@@ -164,6 +164,30 @@ def test_config_faults_and_dicts():
     assert FVAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_auto_arch_is_dense_where_it_fits_and_module_tokens_beyond():
+    """The default arch: the dense F-VAE on small adapters, the module-token one at 7-8 B layouts,
+    where the dense one cannot be built; what the config holds (and an artifact records) is the
+    resolved arch, and ``icmf train``'s default config resolves the same way."""
+    from engine.fvae.config import DENSE_PARAMETER_LIMIT, dense_parameters
+    from engine.meta.config import load_config
+    from engine.meta.train import fvae_config
+
+    small, large = parse_layout("small"), parse_layout("llama3-8b-all-r16")
+    assert dense_parameters(small.size, 256) <= DENSE_PARAMETER_LIMIT < dense_parameters(large.size, 256)
+    assert FVAEConfig(input_dim=small.size, cond_dim=4).arch == "mlp"
+    with pytest.raises(ValueError, match="'auto' picks above"):
+        FVAEConfig(input_dim=large.size, cond_dim=4)
+    defaults = load_config({"catalog": "c", "out": "o"})
+    assert defaults.fvae.arch == "auto"
+    for layout, arch in ((small, "mlp"), (large, "tokens")):
+        config = fvae_config(defaults, layout)
+        assert config.arch == arch and ("layout" in config.to_dict()) == (arch == "tokens")
+        assert FVAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with torch.device("meta"):
+        params = sum(p.numel() for p in FVAE(fvae_config(defaults, large)).parameters())
+    assert params <= 100_000_000  # the default F-VAE of a Llama-3-8B all-linear r16 LoRA is buildable
+
+
 def test_artifact_round_trip(tmp_path):
     torch.manual_seed(0)
     layout = gqa_layout(2)

@@ -41,7 +41,7 @@ def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
     the other tasks get the adapter-derived projection."""
     torch.manual_seed(seed)
     config = FVAEConfig(
-        input_dim=LAYOUT.size, cond_dim=COND_DIM, depth=3, channels=2, max_channels=4, latent_dim=8
+        input_dim=LAYOUT.size, cond_dim=COND_DIM, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
     )
     g = torch.Generator().manual_seed(seed + 100)
     normalizer = SlotNormalizer(
