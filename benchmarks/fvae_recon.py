@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
     suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
     layout = Catalog(LAB / args.suite / "catalogs" / "main").layout()
-    arch = resolve_arch(suite_fvae.get("arch", "auto"), layout.size, suite_fvae.get("hidden", FVAEConfig.hidden))
+    arch = resolve_arch(
+        suite_fvae.get("arch", "auto"), layout.size, suite_fvae.get("hidden", FVAEConfig.hidden)
+    )
     layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed, arch)
     slot_normalizer = load_suite(args.suite, args.holdout, args.seed)[1] if arch == "tokens" else None
     # Adapter-derived task vectors from the training adapters (as meta-training derives them).

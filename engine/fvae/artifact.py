@@ -53,9 +53,13 @@ class TaskVectorSource(_Record):
 class Familiarity(_Record):
     """The final F-VAE's relative reconstruction errors on its training adapters
     (:func:`engine.fvae.recon.reconstruction_errors`); ``reference`` (their ``quantile``) is the
-    error up to which ``icm``'s familiarity gate counts an input as familiar."""
+    error up to which ``icm``'s familiarity gate counts an input as familiar. ``explained``: the
+    median :func:`engine.fvae.recon.explained_fraction` of the same adapters (None in artifacts
+    older than it): near 0, the F-VAE's reconstructions say nothing about any adapter, so the gate
+    cannot read familiarity from them."""
 
     reference: float
+    explained: float | None = None
     quantile: float | None = None
     mean: float | None = None
     median: float | None = None

@@ -17,8 +17,24 @@ def relative_error(reconstruction: torch.Tensor, target: torch.Tensor, mask: tor
     return ((reconstruction - target).pow(2) * weight).sum(dim=-1) / total
 
 
-def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """The F-VAE's relative reconstruction error of each input, decoding its posterior mean.
+def explained_fraction(
+    reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``cos^2(x_hat, x)`` over the slots in ``mask``: the share of ``x`` the best rescaling of the
+    reconstruction explains (``1 - cos^2`` is the relative error of that rescaling). Unlike
+    :func:`relative_error` it does not depend on the decoder's output scale: 0 for a reconstruction
+    unrelated to ``x``, whatever its size. Shapes as :func:`relative_error`.
+    """
+    weight = mask.to(target.dtype)
+    inner = (reconstruction * target * weight).sum(dim=-1)
+    norms = (reconstruction.pow(2) * weight).sum(dim=-1) * (target.pow(2) * weight).sum(dim=-1)
+    return inner.pow(2) / norms.clamp_min(1e-24)
+
+
+def reconstruction_errors(
+    model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well the F-VAE reconstructs each input, decoding its posterior mean.
 
     Args:
         model: an :class:`engine.fvae.model.FVAE` (used as it is: put it in eval mode first).
@@ -27,8 +43,11 @@ def reconstruction_errors(model, x: torch.Tensor, cond: torch.Tensor, present: t
         present: ``[K, N]`` bool, the slots each adapter occupies.
 
     Returns:
-        ``[K]`` :func:`relative_error` of ``D(mu_k, cond_k)`` against ``x_k``.
+        ``([K], [K])``: :func:`relative_error` and :func:`explained_fraction` of ``D(mu_k, cond_k)``
+        against ``x_k``.
     """
     with torch.no_grad():
         mu, _ = model.encode(x, cond)
-        return relative_error(model.decode(mu, cond), x, present)
+        reconstruction = model.decode(mu, cond)
+    errors = relative_error(reconstruction, x, present)
+    return errors, explained_fraction(reconstruction, x, present)

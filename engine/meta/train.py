@@ -102,25 +102,30 @@ def pool_familiarity(
     model), and fusion compares its inputs' errors with exactly this measure.
 
     Returns:
-        ``{"reference", "quantile", "mean", "median", "max", "adapters", "per_task": {task: mean}}``;
-        ``reference`` is the ``FAMILIARITY_QUANTILE`` quantile of all the errors.
+        ``{"reference", "explained", "quantile", "mean", "median", "max", "adapters", "per_task":
+        {task: mean}}``; ``reference`` is the ``FAMILIARITY_QUANTILE`` quantile of all the errors,
+        ``explained`` the median explained fraction (:func:`engine.fvae.recon.explained_fraction`).
     """
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
     per_task: dict[str, list[float]] = {}
+    explained: list[float] = []
     for task in pool.tasks():
         slots = pool.slots[task]
         chosen = rng.choice(slots, size=min(FAMILIARITY_PER_TASK, len(slots)), replace=False)
         x = normalizer.normalize(torch.stack([store[int(i)][0] for i in chosen]).to(device))
         present = slot_mask(torch.stack([store[int(i)][1] for i in chosen]).to(device), layout)
         cond = vectors[task].to(device).expand(len(chosen), -1)
-        per_task[task] = reconstruction_errors(model, x, cond, present).tolist()
+        errors, shares = reconstruction_errors(model, x, cond, present)
+        per_task[task] = errors.tolist()
+        explained += shares.tolist()
     model.train(was_training)
     errors = np.array([e for values in per_task.values() for e in values])
     return {
         "reference": float(np.quantile(errors, FAMILIARITY_QUANTILE)),
+        "explained": float(np.median(explained)),
         "quantile": FAMILIARITY_QUANTILE,
         "mean": float(errors.mean()),
         "median": float(np.median(errors)),

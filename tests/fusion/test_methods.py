@@ -310,7 +310,9 @@ def _artifact(layout, model=None):
     from engine.fvae.normalize import SlotNormalizer
 
     torch.manual_seed(0)
-    config = FVAEConfig(input_dim=layout.size, cond_dim=4, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8)
+    config = FVAEConfig(
+        input_dim=layout.size, cond_dim=4, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
+    )
     model = model(config) if model else FVAE(config)
     meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=4, seed=0))
     return FVAEArtifact(model.eval(), SlotNormalizer.identity(layout.size), layout, {}, meta)

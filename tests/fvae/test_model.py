@@ -94,7 +94,9 @@ def test_instance_norm_decodes_one_latent_the_same_in_training_and_inference():
     between meta-training (train mode) and fusion (eval mode); the default norm does not."""
     for norm, same in (("instance", True), ("batch", False)):
         torch.manual_seed(0)
-        model = FVAE(FVAEConfig(input_dim=64, cond_dim=4, arch="conv", depth=3, channels=4, latent_dim=8, norm=norm))
+        model = FVAE(
+            FVAEConfig(input_dim=64, cond_dim=4, arch="conv", depth=3, channels=4, latent_dim=8, norm=norm)
+        )
         model.train()
         model(torch.randn(6, 64), torch.randn(6, 4))  # a training step's batch updates running stats
         z, v = torch.randn(1, 8), torch.randn(1, 4)

@@ -84,7 +84,9 @@ def test_anchored_episode_fusion_cannot_be_met_by_a_decoder_that_ignores_its_inp
 
     (v1, m1), (v2, m2) = random_vector(1), random_vector(2)
     batch = EpisodeBatch(torch.stack([v1, v2]), torch.stack([m1, m2]), torch.randn(2, 4), ("t1", "t2"))
-    model = FVAE(FVAEConfig(input_dim=LAYOUT.size, cond_dim=4, arch="conv", depth=2, channels=2, latent_dim=4))
+    model = FVAE(
+        FVAEConfig(input_dim=LAYOUT.size, cond_dim=4, arch="conv", depth=2, channels=2, latent_dim=4)
+    )
     memorised = torch.randn(LAYOUT.size)
     model.decode = lambda z, cond: memorised.expand(z.shape[0], -1) + 0 * z.sum()
     seen = []

@@ -17,6 +17,7 @@ from engine.catalog import Catalog
 from engine.catalog.synth import parse_layout, synthesize
 from engine.cli.main import main
 from engine.fusion import PROVENANCE_FILE, FusionContext, fuse_from_catalog
+from engine.fusion.icm.method import EXPLAINS_NOTHING
 from engine.fvae.artifact import FVAEArtifact
 from engine.meta.config import MetaConfigError, load_config
 from engine.meta.train import train_fvae
@@ -76,7 +77,10 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     assert all(torch.isfinite(m.delta()).all() for m in fused.modules.values())
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     assert provenance["method"] == "icm"
-    assert provenance["details"]["familiarity"]["reference_error"] == familiar.reference
+    gate = provenance["details"]["familiarity"]
+    assert 0.0 <= familiar.explained <= 1.0
+    assert gate["basis"] == ("task" if familiar.explained < EXPLAINS_NOTHING else "reconstruction")
+    assert gate.get("reference_error", familiar.reference) == familiar.reference
     # a task the F-VAE never saw: its vector is derived from its adapter alone
     unseen = fuse_from_catalog(
         Catalog(catalog_uri),

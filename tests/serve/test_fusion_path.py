@@ -43,7 +43,13 @@ def fusion_setup(tmp_path_factory):
     layout = catalog.layout()
     torch.manual_seed(0)
     config = FVAEConfig(
-        input_dim=layout.size, cond_dim=COND_DIM, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
+        input_dim=layout.size,
+        cond_dim=COND_DIM,
+        arch="conv",
+        depth=3,
+        channels=2,
+        max_channels=4,
+        latent_dim=8,
     )
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
     meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="context", dim=COND_DIM))

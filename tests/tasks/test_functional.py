@@ -169,7 +169,9 @@ def tiny_artifact(layout):
 
     torch.manual_seed(0)
     model = FVAE(
-        FVAEConfig(input_dim=layout.size, cond_dim=8, arch="conv", depth=4, channels=4, max_channels=8, latent_dim=16)
+        FVAEConfig(
+            input_dim=layout.size, cond_dim=8, arch="conv", depth=4, channels=4, max_channels=8, latent_dim=16
+        )
     )
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
     vectors = {t: torch.randn(8) for t in ("copy", "reverse")}

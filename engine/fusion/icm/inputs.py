@@ -86,6 +86,8 @@ class EncodedInput:
             normalised space, over the slots it occupies (:func:`engine.fvae.recon.relative_error`):
             about the training level for an adapter like those it was trained on, about 1 for one
             it cannot represent.
+        condition: the kind of the condition it was encoded with (:class:`Condition`): whether
+            meta-training saw its task (``trained``).
 
     Never written in place: cached entries are shared between fusions.
     """
@@ -96,6 +98,7 @@ class EncodedInput:
     mask: torch.Tensor
     factors: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     recon_error: float = float("nan")
+    condition: str = "projection"
 
     def nbytes(self) -> int:
         tensors = [self.cond, self.mu, self.decoded, self.mask, *(t for f in self.factors for t in f)]
@@ -186,7 +189,7 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
     error = float(relative_error(reconstruction[0], xn, present))
     # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
     factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
-    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error)
+    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error, condition.kind)
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
     from engine.fvae.artifact import FVAEArtifact
     from engine.tasks.fewshot import FewShotObjective
 
+# Median explained fraction of its training adapters below which an F-VAE's reconstructions say
+# nothing about any adapter (the measurement behind it: benchmarks/README.md, fusion_quality).
+EXPLAINS_NOTHING = 0.01
+
 
 class IcmParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
@@ -243,7 +247,21 @@ def _familiarity_gate(
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
     (:func:`engine.fusion.icm.latent.familiarity`, against :func:`training_error`). The lowest, not a
     mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term.
-    Also returns each input's familiarity ``[K]`` (None when the gate is off) and the details."""
+    Also returns each input's familiarity ``[K]`` (None when the gate is off) and the details.
+
+    An F-VAE whose reconstructions explain nothing of its own training adapters (median explained
+    fraction below :data:`EXPLAINS_NOTHING`: a fusion-trained decoder that learnt a displacement
+    per task vector, not the adapters) has reconstruction errors that are the same for every
+    adapter, so familiarity is read from the condition instead: 1 for an input conditioned on
+    its task's meta-training vector, 0 otherwise (``basis: task`` in the details)."""
+    recorded = artifact.meta.familiarity
+    if recorded is not None and recorded.explained is not None and recorded.explained < EXPLAINS_NOTHING:
+        conditions = [e.condition for e in encoded]
+        known = torch.tensor([1.0 if c == "trained" else 0.0 for c in conditions])
+        weighted = known[alpha != 0]
+        gate = float(weighted.min()) if weighted.numel() else 1.0
+        details = {"gate": gate, "basis": "task", "conditions": conditions, "explained": recorded.explained}
+        return gate, known, {**details, "mode": "min"}
     reference = training_error(artifact)
     if reference is None and not required:  # the default on an artifact without the figure
         return 1.0, None, {"gate": 1.0, "reference_error": None}
@@ -258,6 +276,7 @@ def _familiarity_gate(
     gate = float(weighted.min()) if weighted.numel() else 1.0
     details = {
         "gate": gate,
+        "basis": "reconstruction",
         "recon_errors": errors.tolist(),
         "reference_error": float(reference),
         "mode": "min",

@@ -41,7 +41,13 @@ def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
     the other tasks get the adapter-derived projection."""
     torch.manual_seed(seed)
     config = FVAEConfig(
-        input_dim=LAYOUT.size, cond_dim=COND_DIM, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
+        input_dim=LAYOUT.size,
+        cond_dim=COND_DIM,
+        arch="conv",
+        depth=3,
+        channels=2,
+        max_channels=4,
+        latent_dim=8,
     )
     g = torch.Generator().manual_seed(seed + 100)
     normalizer = SlotNormalizer(
@@ -260,6 +266,31 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     with pytest.raises(FusionConfigError, match="needs anchor"):
         _fuse(artifact, ([0, 1], [0.5, 0.5], {"familiarity_gate": True, "anchor": False}))
     _fuse(artifact, ([0, 1], [0.5, 0.5], {"anchor": False}))  # the default gate just does not apply
+
+
+def test_an_fvae_that_explains_nothing_reads_familiarity_from_the_condition():
+    """A fusion-trained F-VAE whose reconstructions explain none of its training adapters has the
+    same (useless) error for every input; its gate counts an input familiar exactly when it is
+    conditioned on its task's meta-training vector."""
+    artifact = _artifact()
+    artifact.meta.familiarity = Familiarity(reference=2.5, explained=0.002)  # every error is below 2.5
+    seen_alone = fuse_adapters(
+        [ADAPTERS[0]], "icm", [1.0], {}, tasks=["seen"], context=FusionContext(fvae=artifact)
+    ).provenance["details"]["familiarity"]
+    assert (seen_alone["basis"], seen_alone["gate"], seen_alone["conditions"]) == ("task", 1.0, ["trained"])
+    # 'seen' + an unseen task: the unseen input is merged by arithmetic (partial, the default) ...
+    details = _fuse_first_two(artifact, {}).provenance["details"]["familiarity"]
+    assert details["basis"] == "task" and details["conditions"] == ["trained", "projection"]
+    assert details["mode"] == "partial" and details["arithmetic_inputs"] == [1]
+    # ... and under 'min' the whole fusion is task arithmetic.
+    whole = _fuse_first_two(artifact, {"gate_mode": "min"})
+    assert whole.provenance["details"]["familiarity"]["gate"] == 0.0
+    want = {n: 0.5 * _dense(ADAPTERS[0]).get(n, 0) + 0.5 * _dense(ADAPTERS[1]).get(n, 0) for n in ("q", "v")}
+    for name, delta in _dense(whole.adapter).items():
+        torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
+    # With the explained fraction of an F-VAE that does reconstruct, the errors decide as before.
+    artifact.meta.familiarity = Familiarity(reference=2.5, explained=0.5)
+    assert _fuse_first_two(artifact, {}).provenance["details"]["familiarity"]["basis"] == "reconstruction"
 
 
 def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_latent_fusion_of_the_rest(
