@@ -95,7 +95,11 @@ def test_an_artifact_written_while_the_metadata_was_a_dict_loads_typed_and_saves
     # saving it again writes the same record, plus the defaults of what it left out
     FVAEArtifact.load(str(tmp_path)).save(str(tmp_path / "again"))
     again = json.loads((tmp_path / "again/fvae/artifact.json").read_text())
-    assert again == dict(old, task_vector_source=dict(old["task_vector_source"], seed=0))
+    defaults = {
+        "task_vector_source": dict(old["task_vector_source"], seed=0),
+        "familiarity": dict(old["familiarity"], explained=None),
+    }
+    assert again == dict(old, **defaults)
 
 
 def test_an_artifact_older_than_most_fields_loads_with_their_defaults(tmp_path):

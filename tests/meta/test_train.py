@@ -86,7 +86,7 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
         Catalog(catalog_uri),
         "icm",
         tasks=["synth-01", "synth-03"],
-        params={"task_vectors": "adapter", "rank": 2},
+        params={"condition": "adapter", "rank": 2},
         context=FusionContext(fvae=artifact),
     )
     assert max(m.rank for m in unseen.adapter.modules.values()) <= 2

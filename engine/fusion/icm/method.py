@@ -58,9 +58,12 @@ class IcmParams(pydantic.BaseModel):
     combine: Literal["weighted", "mean", "sum", "slerp"] = "weighted"
     project: bool = True
     rank: int | None = pydantic.Field(None, gt=0, description="truncate each module to this rank")
-    task_vectors: Literal["trained", "adapter"] = pydantic.Field(
+    condition: Literal["trained", "adapter"] = pydantic.Field(
         "trained",
-        description="'trained': meta-training's vector when the task has one; 'adapter': always derive",
+        # ``task_vectors``: its name before 2026-12, still read from older specs.
+        validation_alias=pydantic.AliasChoices("condition", "task_vectors"),
+        description="each input's condition: 'trained': meta-training's task vector when the task has "
+        "one; 'adapter': always derive it from the adapter",
     )
     refine_steps: int = pydantic.Field(
         0,
@@ -173,7 +176,7 @@ def icm(
         [inside for inside, _ in split_inputs],
         tasks,
         task_vectors,
-        params.task_vectors,
+        params.condition,
         icm_inputs_cache,
     )
     latents = _Latents(

@@ -65,7 +65,7 @@ SPECS = [  # (input indices, weights, params): new weights over the same inputs,
     ([0, 1, 2], [0.2, 0.3, 0.5], {"rank": 3}),
     ([2], [1.0], {}),
     ([0, 2], [0.6, 0.4], {"anchor": False}),
-    ([0, 2], [0.4, 0.7], {"task_vectors": "adapter", "project": False}),
+    ([0, 2], [0.4, 0.7], {"condition": "adapter", "project": False}),
 ]
 
 
@@ -381,3 +381,11 @@ def test_catalog_rows_are_encoded_as_stored_not_regauged(tmp_path, monkeypatch):
         torch.testing.assert_close(
             module.delta(), regauged.adapter.modules[name].delta(), rtol=1e-5, atol=1e-7
         )
+
+
+def test_condition_param_reads_its_former_name():
+    from engine.fusion.icm.method import IcmParams
+
+    assert IcmParams.model_validate({"condition": "adapter"}).condition == "adapter"
+    assert IcmParams.model_validate({"task_vectors": "adapter"}).condition == "adapter"  # older specs
+    assert IcmParams().condition == "trained"
