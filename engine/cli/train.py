@@ -16,10 +16,16 @@ def train(args) -> int:
     from engine._ray import ensure_ray
     from engine.meta.config import load_config
     from engine.meta.preflight import plan_training
-    from engine.meta.train import train_fvae
+    from engine.meta.train import fvae_config, train_fvae
 
     cfg = load_config(args.config)
     plan = plan_training(cfg, workers=args.workers)  # every fault listed before Ray starts
+    arch = fvae_config(cfg, plan.layout).arch
+    console.print(
+        f"F-VAE {arch}{' (auto)' if cfg.fvae.arch == 'auto' else ''}: "
+        f"{plan.memory.model // 16 / 1e6:.1f} M parameters for N = {plan.layout.size:,}; "
+        f"a training worker needs about {plan.memory.describe()}"
+    )
     ensure_ray()
     with training_progress(cfg.train.steps, print_reports=True) as show:
         path = train_fvae(cfg, resume=args.resume, plan=plan, progress=show)

@@ -120,6 +120,7 @@ def test_ingest_train_fuse_pipeline_as_jobs_on_two_nodes(cluster, s3_env, tmp_pa
     fuse = ["fuse", "--catalog", catalog, "--tasks", "copy,reverse", "--method", "icm"]
     assert submit(cluster, workdir, s3_env, *fuse, "--model", f"s3://{BUCKET}/fvae", "--out", fused) == 0
     logs = capsys.readouterr().out
+    assert "F-VAE mlp (auto): " in logs  # the default arch, resolved for this catalog's size
     assert "[icmf train] step 10/10" in logs and "fused [" in logs  # the jobs' own output was streamed
 
     # Training ran on both nodes: Ray's state API remembers every (now dead) train worker actor.
