@@ -13,6 +13,7 @@ import os
 import posixpath
 import uuid
 import warnings
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -20,6 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import CatalogError, CommitConflict
+
+EMULATOR_RETRY_SECONDS = 30  # how long pyarrow's GCS client retries against STORAGE_EMULATOR_HOST
 
 
 def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -32,7 +35,13 @@ def resolve_uri(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         # pyarrow's GCS filesystem ignores the variable and would ask for credentials an
         # emulator neither needs nor checks; its URIs cannot say "anonymous".
         parts = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
-        fs = pafs.GcsFileSystem(anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc)
+        fs = pafs.GcsFileSystem(
+            anonymous=True,
+            scheme=parts.scheme,
+            endpoint_override=parts.netloc,
+            # A local emulator's errors are not worth the client's default 15 minutes of retries.
+            retry_time_limit=timedelta(seconds=EMULATOR_RETRY_SECONDS),
+        )
         return fs, uri.split("://", 1)[1].rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)

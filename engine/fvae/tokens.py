@@ -185,7 +185,10 @@ class TokenFVAE(nn.Module):
         out = h.new_empty(h.shape[0], self.tokens.layout.size)
         offsets = self.tokens.layout.offsets
         for m in range(self.tokens.layout.num_modules):
-            out[:, int(offsets[m]) : int(offsets[m + 1])] = self.decode_module(h, m)
+            a, b = self._module_heads(h, m)
+            middle = int(offsets[m]) + a.shape[1]
+            out[:, int(offsets[m]) : middle] = a
+            out[:, middle : int(offsets[m + 1])] = b
         return out
 
     def decoder_states(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -197,6 +200,9 @@ class TokenFVAE(nn.Module):
     def decode_module(self, states: torch.Tensor, m: int) -> torch.Tensor:
         """Module ``m``'s flat slots ``[B, r_max x (d_in + d_out)]`` (``A`` then ``B^T``, as in the
         flat vector) from :meth:`decoder_states`: a decode one module at a time."""
+        return torch.cat(self._module_heads(states, m), dim=1)
+
+    def _module_heads(self, states: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``m``'s flat ``A`` slots ``[B, r_max x d_in]`` and ``B^T`` slots ``[B, r_max x d_out]``."""
         t = self.tokens.type_of[m]
-        a = self.head_a[t](states[:, m]).flatten(1)
-        return torch.cat([a, self.head_b[t](states[:, m]).flatten(1)], dim=1)
+        return self.head_a[t](states[:, m]).flatten(1), self.head_b[t](states[:, m]).flatten(1)

@@ -6,7 +6,6 @@ import multiprocessing
 import socket
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -149,6 +148,33 @@ def _ingest_at(uri: str, path: str, task: str, start_at: float) -> str:
     return Catalog(uri).ingest([path], task=task).added[0]
 
 
+def _inspect(uri: str, task: str, out: str) -> dict:
+    """The catalog as a fresh reader sees it (run in its own process), and ``task``'s first
+    adapter exported to ``out``."""
+    catalog = Catalog(uri)
+    entries = catalog.entries()
+    catalog.export(catalog.entries(task)[0]["id"], out)
+    ids = sorted(e["id"] for e in entries)
+    return {
+        "ids": ids,
+        "tasks": sorted(catalog.tasks()),
+        "version": catalog.version(),
+        "r_max": catalog.layout().r_max,
+    }
+
+
+def in_processes(calls: list[tuple], timeout_s: float = 300) -> list:
+    """Run each ``(function, *args)`` in its own spawned process, all at once; their results.
+
+    A pool that is terminated on exit: a call that hangs (pyarrow's GCS client against the
+    emulator has hung in a process whose earlier GCS clients had raced) fails its test after
+    ``timeout_s`` instead of holding the whole test session.
+    """
+    with multiprocessing.get_context("spawn").Pool(len(calls)) as pool:
+        jobs = [pool.apply_async(call[0], call[1:]) for call in calls]
+        return [job.get(timeout=timeout_s) for job in jobs]
+
+
 def race_ingests(uri: str, tmp_path, count: int = 4) -> list[str]:
     """``count`` processes each ingest one adapter (ranks 2, 4, ...) into ``uri`` at the same
     moment, as separate ingest jobs would; returns the ids they added.
@@ -159,10 +185,7 @@ def race_ingests(uri: str, tmp_path, count: int = 4) -> list[str]:
     """
     paths = [make_adapter(tmp_path / f"r{i}", seed=10 + i, r=2 + 2 * i) for i in range(count)]
     start_at = time.time() + 5  # after every worker has started and imported the engine
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(count, mp_context=context) as pool:
-        jobs = [pool.submit(_ingest_at, uri, str(path), f"t{i}", start_at) for i, path in enumerate(paths)]
-        return [job.result(timeout=300) for job in jobs]
+    return in_processes([(_ingest_at, uri, str(path), f"t{i}", start_at) for i, path in enumerate(paths)])
 
 
 @pytest.mark.gcs
@@ -191,24 +214,37 @@ def test_gcs_manifest_commit_uses_a_generation_precondition(gcs_bucket, recwarn)
 def test_gcs_concurrent_ingests_lose_nothing(tmp_path, gcs_bucket):
     uri = gcs_bucket.format(name="race")
     added = race_ingests(uri, tmp_path)
-    catalog = Catalog(uri)
-    assert sorted(e["id"] for e in catalog.entries()) == sorted(added)
-    assert sorted(catalog.tasks()) == [f"t{i}" for i in range(4)] and catalog.version() == 4
-    assert catalog.layout().r_max == 8  # the layout grew across the racing ingests
-    exported = load_adapter(catalog.export(catalog.entries("t3")[0]["id"], tmp_path / "out"))
+    # Read back by a fresh process, as the next job would.
+    (seen,) = in_processes([(_inspect, uri, "t3", str(tmp_path / "out"))])
+    assert seen["ids"] == sorted(added)
+    assert seen["tasks"] == [f"t{i}" for i in range(4)] and seen["version"] == 4
+    assert seen["r_max"] == 8  # the layout grew across the racing ingests
+    exported = load_adapter(tmp_path / "out")
     original = load_adapter(tmp_path / "r3")
     for name, module in original.modules.items():
         assert rel_err(exported.modules[name].delta(), module.delta()) < 1e-6
 
 
-@pytest.mark.gcs
-def test_gcs_without_its_client_warns_that_commits_are_unsafe(gcs_bucket, monkeypatch, adapters):
-    from engine.catalog import fs as cfs
+def _ingest_without_gcs_client(uri: str, path: str) -> list[str]:
+    """Ingest ``path`` (in its own process) as if google-cloud-storage were not installed; the
+    messages of the warnings raised."""
+    import warnings
 
-    monkeypatch.delattr(sys.modules["google.cloud"], "storage", raising=False)
-    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # so importing it fails
-    with pytest.warns(cfs.UnsafeCommitWarning, match=r"icm-fusion\[gcs\]"):
-        Catalog(gcs_bucket.format(name="noclient")).ingest(adapters[:1], task="copy")
+    sys.modules["google.cloud.storage"] = None  # so importing it fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Catalog(uri).ingest([path], task="copy")
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+@pytest.mark.gcs
+def test_gcs_without_its_client_warns_that_commits_are_unsafe(gcs_bucket, adapters):
+    # In a fresh process, like every GCS call after the race above: this process's pyarrow GCS
+    # client has stopped getting answers from the emulator after other processes' races.
+    (messages,) = in_processes(
+        [(_ingest_without_gcs_client, gcs_bucket.format(name="noclient"), str(adapters[0]))]
+    )
+    assert any(m.startswith("UnsafeCommitWarning") and "icm-fusion[gcs]" in m for m in messages), messages
 
 
 def test_fsspec_store_warns_that_commits_are_unsafe(adapters):

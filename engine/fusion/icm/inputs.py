@@ -169,9 +169,15 @@ def _encodable(adapter: LoraAdapter, layout: Layout) -> LoraAdapter:
     return LoraAdapter(modules=modules, config=adapter.config, extras={}, source=adapter.source)
 
 
-def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
+def encode_input(
+    artifact, adapter: LoraAdapter, condition: Condition, own_factors: bool = False
+) -> EncodedInput:
     """Encode one adapter with the F-VAE of ``artifact`` (an :class:`engine.fvae.artifact.FVAEArtifact`
     whose model is in eval mode) and decode its posterior mean, as a batch of one.
+
+    ``own_factors``: the entry gets copies of the adapter's factors (an entry that outlives this
+    fusion, e.g. in :class:`IcmInputsCache`, must not share tensors its caller may reuse);
+    otherwise it holds the adapter's own tensors (or views of them) for the one fusion.
 
     Raises:
         AdapterError: the adapter targets a module outside the F-VAE's layout (see
@@ -187,8 +193,9 @@ def encode_input(artifact, adapter: LoraAdapter, condition: Condition) -> Encode
         decoded = normalizer.denormalize(reconstruction)
     present = torch.from_numpy(layout.slot_mask(canonical.mask.numpy()))  # [N]
     error = float(relative_error(reconstruction[0], xn, present))
-    # The entry owns its factors (clones): the caller may reuse its adapter's tensors.
-    factors = tuple((A.clone(), B.clone()) for A, B in adapter_factors(adapter, layout))
+    factors = tuple(adapter_factors(adapter, layout))
+    if own_factors:
+        factors = tuple((A.clone(), B.clone()) for A, B in factors)
     return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error, condition.kind)
 
 
@@ -229,7 +236,7 @@ class IcmInputsCache:
         key = self.key(artifact, adapter, condition)
         entry = self._lru.get(key)
         if entry is None:
-            entry = encode_input(artifact, adapter, condition)
+            entry = encode_input(artifact, adapter, condition, own_factors=True)
             self._lru.put(key, entry, entry.nbytes())
         return entry
 
