@@ -141,3 +141,12 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
         words = [WORDS[i] for i in picks]
         rows.append({"text": " ".join(words), "label": picks[0] % 3})
     return rows
+
+
+def small_conv_fvae_config(input_dim: int, cond_dim: int):
+    """The few-parameter conv F-VAE config the ``icm`` fusion-path tests build models from."""
+    from engine.fvae.config import FVAEConfig
+
+    return FVAEConfig(
+        input_dim=input_dim, cond_dim=cond_dim, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
+    )

@@ -22,7 +22,7 @@ from engine.fusion import (
 )
 from engine.fusion.lowrank import dense_to_lowrank, lowrank_weighted_sum, truncate_lowrank
 from engine.fusion.methods.pruning import SignParams, merge_tensors
-from tests.helpers import make_adapter, tiny_llama
+from tests.helpers import make_adapter, small_conv_fvae_config, tiny_llama
 
 
 def random_adapter(ranks: dict[str, int], seed: int, d_out: int = 12, d_in: int = 10) -> LoraAdapter:
@@ -305,14 +305,11 @@ class _ConstantDecoder(torch.nn.Module):
 
 def _artifact(layout, model=None):
     from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
-    from engine.fvae.config import FVAEConfig
     from engine.fvae.model import FVAE
     from engine.fvae.normalize import SlotNormalizer
 
     torch.manual_seed(0)
-    config = FVAEConfig(
-        input_dim=layout.size, cond_dim=4, arch="conv", depth=3, channels=2, max_channels=4, latent_dim=8
-    )
+    config = small_conv_fvae_config(layout.size, 4)
     model = model(config) if model else FVAE(config)
     meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="adapter_projection", dim=4, seed=0))
     return FVAEArtifact(model.eval(), SlotNormalizer.identity(layout.size), layout, {}, meta)

@@ -16,13 +16,12 @@ from engine.adapters.io import WEIGHTS_NAME, save_adapter
 from engine.catalog import Catalog
 from engine.cli.main import main
 from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
-from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.task_vectors import TaskVector, save_task_vectors
 from serve.deployment import fuse_spec
 from serve.spec import FusionSpec
-from tests.helpers import make_adapter
+from tests.helpers import make_adapter, small_conv_fvae_config
 
 COND_DIM = 6
 
@@ -42,15 +41,7 @@ def fusion_setup(tmp_path_factory):
     save_task_vectors(catalog, {"unseen": stored})
     layout = catalog.layout()
     torch.manual_seed(0)
-    config = FVAEConfig(
-        input_dim=layout.size,
-        cond_dim=COND_DIM,
-        arch="conv",
-        depth=3,
-        channels=2,
-        max_channels=4,
-        latent_dim=8,
-    )
+    config = small_conv_fvae_config(layout.size, COND_DIM)
     normalizer = SlotNormalizer(torch.zeros(layout.size), torch.full((layout.size,), 0.05))
     meta = ArtifactMeta(task_vector_source=TaskVectorSource(kind="context", dim=COND_DIM))
     vectors = {"seen": torch.randn(COND_DIM, generator=g)}

@@ -18,6 +18,7 @@ from engine.fvae.artifact import ArtifactMeta, Familiarity, FVAEArtifact, TaskVe
 from engine.fvae.config import FVAEConfig
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
+from tests.helpers import small_conv_fvae_config
 
 COND_DIM = 4
 
@@ -40,15 +41,7 @@ def _artifact(seed: int = 0, mean_shift: float = 0.1) -> FVAEArtifact:
     """A small conv F-VAE with a non-trivial normaliser; ``seen`` has a training task vector,
     the other tasks get the adapter-derived projection."""
     torch.manual_seed(seed)
-    config = FVAEConfig(
-        input_dim=LAYOUT.size,
-        cond_dim=COND_DIM,
-        arch="conv",
-        depth=3,
-        channels=2,
-        max_channels=4,
-        latent_dim=8,
-    )
+    config = small_conv_fvae_config(LAYOUT.size, COND_DIM)
     g = torch.Generator().manual_seed(seed + 100)
     normalizer = SlotNormalizer(
         mean_shift * torch.randn(LAYOUT.size, generator=g), 0.5 + torch.rand(LAYOUT.size, generator=g)
