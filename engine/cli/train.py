@@ -23,7 +23,7 @@ def train(args) -> int:
     arch = fvae_config(cfg, plan.layout).arch
     console.print(
         f"F-VAE {arch}{' (auto)' if cfg.fvae.arch == 'auto' else ''}: "
-        f"{plan.memory.model // 16 / 1e6:.1f} M parameters for N = {plan.layout.size:,}; "
+        f"{plan.memory.parameters / 1e6:.1f} M parameters for N = {plan.layout.size:,}; "
         f"a training worker needs about {plan.memory.describe()}"
     )
     ensure_ray()

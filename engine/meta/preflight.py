@@ -34,11 +34,13 @@ class MemoryEstimate:
         model: the F-VAE's parameters, gradients and the two AdamW moments.
         activations: every layer's output for one episode (its adapters plus the fused and anchored
             decodes), kept for the backward pass, and as much again for their gradients.
+        parameters: the F-VAE's parameter count (not bytes; ``model`` is 16 bytes of each).
     """
 
     pool: int
     model: int
     activations: int
+    parameters: int = 0
 
     @property
     def total(self) -> int:
@@ -80,7 +82,10 @@ def estimate_memory(
     params = sum(p.numel() for p in model.parameters())
     adapter_bytes = 4 * layout.size + len(layout.modules)
     return MemoryEstimate(
-        pool=pooled_adapters * adapter_bytes, model=16 * params, activations=2 * 4 * outputs[0]
+        pool=pooled_adapters * adapter_bytes,
+        model=16 * params,
+        activations=2 * 4 * outputs[0],
+        parameters=params,
     )
 
 

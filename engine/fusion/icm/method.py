@@ -261,10 +261,8 @@ def _familiarity_gate(
     if recorded is not None and recorded.explained is not None and recorded.explained < EXPLAINS_NOTHING:
         conditions = [e.condition for e in encoded]
         known = torch.tensor([1.0 if c == "trained" else 0.0 for c in conditions])
-        weighted = known[alpha != 0]
-        gate = float(weighted.min()) if weighted.numel() else 1.0
-        details = {"gate": gate, "basis": "task", "conditions": conditions, "explained": recorded.explained}
-        return gate, known, {**details, "mode": "min"}
+        basis = {"basis": "task", "conditions": conditions, "explained": recorded.explained}
+        return _least_familiar(known, alpha, basis)
     reference = training_error(artifact)
     if reference is None and not required:  # the default on an artifact without the figure
         return 1.0, None, {"gate": 1.0, "reference_error": None}
@@ -275,16 +273,18 @@ def _familiarity_gate(
         )
     errors = torch.tensor([e.recon_error for e in encoded])
     known = familiarity(errors, float(reference))
+    basis = {"basis": "reconstruction", "recon_errors": errors.tolist(), "reference_error": float(reference)}
+    return _least_familiar(known, alpha, basis)
+
+
+def _least_familiar(
+    known: torch.Tensor, alpha: torch.Tensor, basis: dict
+) -> tuple[float, torch.Tensor, dict]:
+    """The gate (the least familiarity among the weighted inputs; 1 with none), ``known`` and the
+    details: ``basis`` plus the gate and its mode."""
     weighted = known[alpha != 0]
     gate = float(weighted.min()) if weighted.numel() else 1.0
-    details = {
-        "gate": gate,
-        "basis": "reconstruction",
-        "recon_errors": errors.tolist(),
-        "reference_error": float(reference),
-        "mode": "min",
-    }
-    return gate, known, details
+    return gate, known, {"gate": gate, **basis, "mode": "min"}
 
 
 def training_error(artifact) -> float | None:
