@@ -27,25 +27,27 @@ import torch
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
-from engine.adapters.codec import unflatten
+from engine.adapters.codec import module_factors, unflatten
 from engine.catalog import Catalog
 from engine.fusion.icm.projection import project
 from engine.fvae.config import FVAEConfig, resolve_arch
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.fvae.recon import relative_error
+from engine.fvae.tokens import ModuleTokens, delta_measures
 from engine.meta.step import slot_mask
 
 LAB = RESULTS / "lab" / "standard-seed0"
 
 
-def load_suite(suite: str, holdout: int, seed: int, arch: str = "mlp"):
+def load_suite(suite: str, holdout: int, seed: int):
+    """The suite's catalog adapters and their split: ``(layout, stats, x [n, N], masks [n, M],
+    tasks [n], split [n])`` with ``split`` one of ``train``, ``heldout``, ``unseen``."""
     catalog = Catalog(LAB / suite / "catalogs" / "main")
     layout = catalog.layout()
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         raise SystemExit(f"{catalog.uri}: statistics missing or stale; run `icmf catalog stats` first")
-    normalizer = SlotNormalizer.for_arch(arch, layout, stats.mean, stats.std, stats.count)
     x, masks, tasks = [], [], []
     for entry in catalog.entries():
         weights, mask, _ = catalog.read_vector(entry["id"])
@@ -62,13 +64,14 @@ def load_suite(suite: str, holdout: int, seed: int, arch: str = "mlp"):
             split[index] = "unseen"
         else:
             split[rng.choice(index, holdout, replace=False)] = "heldout"
-    return layout, normalizer, x, masks, tasks, split
+    return layout, stats, x, masks, tasks, split
 
 
 def evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer=None) -> dict[str, float]:
-    """Errors in the arch's normalised space; ``rel_err_slot``: in the per-slot normalised space
-    (``slot_normalizer``), where every arch's figures compare (the module-token arch reads a
-    per-module-type scale instead)."""
+    """``rel_err``: the error the F-VAE is trained on and gated by (its normalised space, per slot
+    or per module update); ``rel_err_slot``: in the per-slot normalised space (``slot_normalizer``)
+    and ``rel_err_delta``: of the modules' updates ``B A`` (:func:`delta_errors`), where every
+    arch's figures compare."""
     xn = normalizer.normalize(x[rows])
     weight = slot_mask(masks[rows], layout).float()
     with torch.no_grad():
@@ -77,12 +80,15 @@ def evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer=No
         out = model.decode(mu, cond[rows])
         at_zero = model.decode(torch.zeros_like(mu), cond[rows])
         kl = float((-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean())
-    err = relative_error(out, xn, weight)
+    err, _ = model.reconstruction_measures(out, xn, weight.bool())
     cos = (
         (out * xn * weight).sum(1) / ((out**2 * weight).sum(1).sqrt() * (xn**2 * weight).sum(1).sqrt())
     ).clamp(-1, 1)
     moved = ((out - at_zero) ** 2 * weight).sum(1) / ((out**2) * weight).sum(1).clamp_min(1e-12)
     row = {"rel_err": float(err.mean()), "cos": float(cos.mean()), "kl": kl, "z_moves": float(moved.mean())}
+    row["rel_err_delta"] = float(
+        delta_errors(layout, normalizer.denormalize(out), x[rows], masks[rows]).mean()
+    )
     if slot_normalizer is not None:
         in_slots = slot_normalizer.normalize(normalizer.denormalize(out))
         row["rel_err_slot"] = float(
@@ -104,6 +110,52 @@ def pca_reference(normalizer, layout, x, masks, split, ks=(8, 32, 10_000)) -> di
             h = xn[torch.as_tensor(split == part)].double()
             r = (h - center) - ((h - center) @ basis.T) @ basis
             row[part] = float(((r**2).sum(1) / (h**2).sum(1)).mean())
+        out[f"pca{min(k, vt.shape[0])}"] = row
+    return out
+
+
+def delta_errors(layout, x_hat: torch.Tensor, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``[n]`` per adapter, the mean over its present modules of the relative error of the module's
+    update, ``||B_hat A_hat - B A||^2 / ||B A||^2`` (weight space, gauge-free)."""
+    blocks = ModuleTokens.from_layout(layout).blocks
+    errors = torch.stack(
+        [delta_measures(*blocks(x_hat, m), *blocks(x, m))[0] for m in range(layout.num_modules)], dim=1
+    )
+    present = masks.to(errors.dtype)
+    return (errors * present).sum(1) / present.sum(1).clamp_min(1.0)
+
+
+def pca_delta_reference(layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
+    """The linear reference of :func:`pca_reference` for the updates: PCA of the dense ``B A`` of
+    every module (each module scaled by its root mean square over the training adapters), scored as
+    :func:`delta_errors` scores an F-VAE. Dense updates: for the lab's small layouts only."""
+    parts = []
+    for m in range(layout.num_modules):
+        spec, r = layout.modules[m], layout.r_max
+        start = int(layout.offsets[m])
+        blocks = []
+        for v in x.double():
+            A, B = module_factors(v[start : int(layout.offsets[m + 1])], spec, r)
+            blocks.append((B @ A).flatten())
+        parts.append(torch.stack(blocks))
+    train = torch.as_tensor(split == "train")
+    out = {}
+    centers = [p[train].mean(0) for p in parts]
+    flat = torch.cat([p - c for p, c in zip(parts, centers, strict=True)], dim=1)
+    _, _, vt = torch.linalg.svd(flat[train], full_matrices=False)
+    for k in ks:
+        basis = vt[: min(k, vt.shape[0])]
+        residual = flat - (flat @ basis.T) @ basis
+        row = {}
+        for part in ("train", "heldout", "unseen"):
+            rows = np.flatnonzero(split == part)
+            errors = []
+            for m, p in enumerate(parts):
+                lo = sum(q.shape[1] for q in parts[:m])
+                target = p[rows].pow(2).sum(1).clamp_min(1e-24)
+                errors.append(residual[rows, lo : lo + p.shape[1]].pow(2).sum(1) / target)
+            present = masks[rows].double()
+            row[part] = float(((torch.stack(errors, 1) * present).sum(1) / present.sum(1)).mean())
         out[f"pca{min(k, vt.shape[0])}"] = row
     return out
 
@@ -170,12 +222,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
     suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
-    layout = Catalog(LAB / args.suite / "catalogs" / "main").layout()
-    arch = resolve_arch(
+    layout, stats, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed)
+    suite_fvae["arch"] = resolve_arch(
         suite_fvae.get("arch", "auto"), layout.size, suite_fvae.get("hidden", FVAEConfig.hidden)
     )
-    layout, normalizer, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed, arch)
-    slot_normalizer = load_suite(args.suite, args.holdout, args.seed)[1] if arch == "tokens" else None
+    if suite_fvae["arch"] == "tokens":
+        suite_fvae["layout"] = layout.to_dict()
+    config = FVAEConfig(input_dim=layout.size, cond_dim=64, **suite_fvae)
+    normalizer = SlotNormalizer.for_config(config, layout, stats.mean, stats.std, stats.count)
+    slot_normalizer = (
+        SlotNormalizer.from_stats(stats.mean, stats.std, stats.count) if config.arch == "tokens" else None
+    )
     # Adapter-derived task vectors from the training adapters (as meta-training derives them).
     xn_all = normalizer.normalize(x)
     vectors = {
@@ -187,10 +244,6 @@ def main(argv: list[str] | None = None) -> dict:
         vectors[t] = project(xn_all[torch.as_tensor(tasks == t)].mean(0), 64, args.seed)
     cond = torch.stack([vectors[t] for t in tasks])
 
-    suite_fvae["arch"] = arch
-    if arch == "tokens":
-        suite_fvae["layout"] = layout.to_dict()
-    config = FVAEConfig(input_dim=layout.size, cond_dim=64, **suite_fvae)
     model = FVAE(config)
     lr = args.lr or SUITE_TRAINING[args.suite]["train"].get("lr", 2e-4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -230,8 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("  geometry " + " ".join(f"{k} {v:.3f}" for k, v in result["geometry"].items()))
     if args.pca:
         result["pca"] = pca_reference(normalizer, layout, x, masks, split)
-        for name, row in result["pca"].items():
-            print(f"  {name:8s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        result["pca_delta"] = pca_delta_reference(layout, x, masks, split)
+        for kind in ("pca", "pca_delta"):
+            for name, row in result[kind].items():
+                print(f"  {kind} {name:8s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"  seconds {time.perf_counter() - start:.0f}")
     if args.name:
         write_json(args.name, {**result, "seed": args.seed, "environment": environment()})

@@ -6,7 +6,7 @@ module-token F-VAE against the ``chunked`` baseline, side by side), a fresh subp
 
 1. builds K (``--k``, 4) synthetic adapters of the layout in the catalog's canonical gauge
    (:func:`engine.catalog.synth.synthetic_records`, one task each; ranks 8-16, some modules
-   absent), and the normaliser the arch reads (``SlotNormalizer.for_arch``, from these K);
+   absent), and the normaliser the arch reads (``SlotNormalizer.for_config``, from these K);
 2. builds the F-VAE with ``FVAEConfig`` defaults (``hidden`` 256, ``latent_dim`` 256) and counts
    its parameters;
 3. runs ``--steps`` (3) meta-training steps exactly as a Ray Train worker does
@@ -108,14 +108,15 @@ def child(
     count = slot.sum(0).numpy()
     mean = ((x * slot).sum(0) / slot.sum(0).clamp_min(1)).numpy()
     std = (((x - torch.from_numpy(mean)) ** 2 * slot).sum(0) / slot.sum(0).clamp_min(1)).sqrt().numpy()
-    normalizer = SlotNormalizer.for_arch(arch, layout, mean, std, count)
+    structure = {"layout": layout.to_dict()} if arch == "tokens" else {}
+    config = FVAEConfig(input_dim=layout.size, cond_dim=64, arch=arch, **structure)
+    normalizer = SlotNormalizer.for_config(config, layout, mean, std, count)
     del slot
     data_s = time.perf_counter() - start
     _release_freed_memory()
     rss_data = psutil.Process().memory_info().rss
     sampler = _PeakSampler()
-    structure = {"layout": layout.to_dict()} if arch == "tokens" else {}
-    model = FVAE(FVAEConfig(input_dim=layout.size, cond_dim=64, arch=arch, **structure))
+    model = FVAE(config)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     batch = EpisodeBatch(x=x, mask=mask, cond=torch.randn(k, 64), tasks=tuple(f"t{i}" for i in range(k)))

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 ARCHS = ("conv", "chunked", "mlp", "tokens")
-TOKEN_FIELDS = ("layout", "token_queries")  # read by arch "tokens" only
+TOKEN_FIELDS = ("layout", "token_queries", "recon_space")  # read by arch "tokens" only
 # ``auto`` picks the dense ``mlp`` while it has at most this many parameters (about 1 GiB of
 # parameters, gradients and AdamW moments): where it can be built it reconstructs and fuses best;
 # beyond it, the module-token F-VAE, whose size does not grow with N (docs/design.md §2.4).
@@ -62,6 +62,13 @@ class FVAEConfig:
             (:meth:`engine.adapters.layout.Layout.to_dict`) whose modules are the tokens (its size
             must be ``input_dim``).
         token_queries: ``tokens`` only: learned queries of the encoder's attention pooling.
+        recon_space: ``tokens`` only: what the F-VAE reads and reconstructs. ``factors``: the
+            canonical LoRA factors, rank component by rank component (squared error per slot).
+            ``delta``: the update ``dW = B A`` each module applies, which does not depend on how
+            the factors are written (any ``A -> G A``, ``B -> B G^-1``): the encoder reads each
+            module's action on fixed probe directions, and the reconstruction term is each
+            module's relative error ``||dW_hat - dW||^2 / ||dW||^2``, computed from the factors
+            through ``r x r`` Gram matrices (:mod:`engine.fvae.tokens`).
         arch ``tokens``: the module-token F-VAE (:mod:`engine.fvae.tokens`): one token per rank
             component of every module, layer and module type as embeddings, per-module-type input
             projections and output heads; parameters independent of the number of layers and N.
@@ -84,6 +91,7 @@ class FVAEConfig:
     recon_reduction: Literal["mean", "sum"] = "sum"
     layout: dict[str, Any] | None = None
     token_queries: int = 8
+    recon_space: Literal["factors", "delta"] = "factors"
 
     def __post_init__(self) -> None:
         # Frozen, so set through object: every consumer (and the artifact) sees the resolved arch.
@@ -113,6 +121,10 @@ class FVAEConfig:
             faults.append(f"norm must be 'none', 'instance', 'batch' or 'group', got {self.norm!r}")
         if self.recon_reduction not in ("mean", "sum"):
             faults.append(f"recon_reduction must be 'mean' or 'sum', got {self.recon_reduction!r}")
+        if self.recon_space not in ("factors", "delta"):
+            faults.append(f"recon_space must be 'factors' or 'delta', got {self.recon_space!r}")
+        elif self.recon_space == "delta" and self.arch != "tokens":
+            faults.append(f"recon_space 'delta' needs arch 'tokens' (the arch is {self.arch!r})")
         if self.kl_weight < 0:
             faults.append(f"kl_weight must be >= 0, got {self.kl_weight}")
         if faults:
@@ -154,5 +166,9 @@ class FVAEConfig:
     def from_dict(cls, data: dict[str, Any]) -> FVAEConfig:
         # Artifacts written before ``norm`` existed were trained with the reference's BatchNorm.
         # ... and before ``recon_reduction`` existed, with the per-element mean; before ``arch``
-        # existed, with the conv stack (an artifact always records the arch it was built with).
-        return cls(**{"arch": "conv", "norm": "batch", "recon_reduction": "mean", **data})
+        # existed, with the conv stack (an artifact always records the arch it was built with);
+        # before ``recon_space`` existed, a module-token F-VAE read and reconstructed factors.
+        defaults = {"arch": "conv", "norm": "batch", "recon_reduction": "mean"}
+        if data.get("arch") == "tokens":
+            defaults["recon_space"] = "factors"
+        return cls(**{**defaults, **data})

@@ -7,11 +7,13 @@ F-VAE (:mod:`engine.fvae.tokens`) for adapters of real 7-8 B models.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from engine.fvae.config import FVAEConfig
+from engine.fvae.recon import explained_fraction, relative_error
 from engine.fvae.tokens import TokenFVAE
 
 
@@ -186,7 +188,11 @@ class FVAE(nn.Module):
     def loss(
         self, out: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Masked reconstruction (MSE over present slots only) + ``kl_weight`` x KL.
+        """Masked reconstruction + ``kl_weight`` x KL.
+
+        The reconstruction term is the mean squared error over present slots, or with
+        ``recon_space: delta`` the mean over present (adapter, module) pairs of the module's
+        relative update error (:meth:`reconstruction_measures`).
 
         Args:
             out: :meth:`forward`'s output.
@@ -198,26 +204,35 @@ class FVAE(nn.Module):
         """
         if out["x_hat"].shape != x.shape:  # no silent broadcasting
             raise ValueError(f"x_hat {tuple(out['x_hat'].shape)} and x {tuple(x.shape)} differ in shape")
+        slots = x.numel() if mask is None else mask.sum()
+        if self.delta:
+            present = self._module_mask(x, mask)
+            errors, _ = self.net.delta_errors(out["x_hat"], x)
+            error = (errors * present).sum()
+            return self.objective(error, slots, out["mu"], out["logvar"], units=present.sum())
         # One [B, N] tensor in all, kept for backward: the difference, masked in place (subtraction
         # keeps nothing for backward), then a norm, which has no [B, N] output of its own. At 7-8 B
         # adapter sizes each [B, N] float tensor is ~0.7 GB.
         diff = out["x_hat"] - x
         if mask is not None:
             diff.masked_fill_(~mask, 0.0)
-        slots = diff.numel() if mask is None else mask.sum()
         return self.objective(torch.linalg.vector_norm(diff).square(), slots, out["mu"], out["logvar"])
 
     def objective(
         self,
-        squared_error: torch.Tensor,
+        error: torch.Tensor,
         slots: int | torch.Tensor,
         mu: torch.Tensor,
         logvar: torch.Tensor,
+        units: int | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """:meth:`loss` from the summed squared error over the batch's ``slots`` present slots
-        (for a caller that sums the error piecewise, e.g. one module at a time)."""
-        slots = torch.as_tensor(slots, dtype=squared_error.dtype).clamp_min(1)
-        recon = squared_error / slots
+        """:meth:`loss` from the summed reconstruction error over the batch (for a caller that sums
+        it piecewise, e.g. one module at a time): ``error`` is summed over ``units`` (the present
+        slots, the default, or with ``recon_space: delta`` the present (adapter, module) pairs);
+        ``slots`` (present slots) sets the KL's balance either way."""
+        slots = torch.as_tensor(slots, dtype=error.dtype).clamp_min(1)
+        units = slots if units is None else torch.as_tensor(units, dtype=error.dtype).clamp_min(1)
+        recon = error / units
         kl = kl_divergence(mu, logvar)
         beta = self.config.kl_weight
         if self.config.recon_reduction == "sum":
@@ -226,6 +241,41 @@ class FVAE(nn.Module):
             # scale the fusion loss is weighed against: beta acts per latent vs per element.
             beta = beta / (slots / mu.shape[0]).clamp_min(1.0)
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+    @property
+    def delta(self) -> bool:
+        """Whether the F-VAE reconstructs updates ``dW`` (``recon_space: delta``), not factors."""
+        return self.config.recon_space == "delta"
+
+    def reconstruction_measures(
+        self, x_hat: torch.Tensor, x: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How well ``x_hat [..., N]`` reconstructs ``x [..., N]`` over the slots in ``present``:
+        ``(relative error, explained fraction)``, each ``[...]``. Per slot
+        (:func:`engine.fvae.recon.relative_error`, :func:`engine.fvae.recon.explained_fraction`),
+        or with ``recon_space: delta`` the mean of each present module's update measures
+        (:func:`engine.fvae.tokens.delta_measures`)."""
+        if not self.delta:
+            return relative_error(x_hat, x, present), explained_fraction(x_hat, x, present)
+        shape = x.shape[:-1]
+        x_hat, x, present = (
+            x_hat.reshape(-1, x.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            present.reshape(-1, x.shape[-1]),
+        )
+        modules = self._module_mask(x, present).to(x.dtype)
+        errors, explained = self.net.delta_errors(x_hat, x)
+        count = modules.sum(dim=1).clamp_min(1.0)
+        per_adapter = ((errors * modules).sum(1) / count, (explained * modules).sum(1) / count)
+        return per_adapter[0].reshape(shape), per_adapter[1].reshape(shape)
+
+    def _module_mask(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, M]`` float: the modules a ``[B, N]`` slot mask covers (a module's slots are all in
+        or all out)."""
+        if mask is None:
+            return x.new_ones(x.shape[0], self.net.tokens.layout.num_modules)
+        starts = torch.as_tensor(np.asarray(self.net.tokens.layout.offsets[:-1]), device=mask.device)
+        return mask[:, starts].to(x.dtype)
 
     def _check(self, x: torch.Tensor, cond: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.config.input_dim:

@@ -29,7 +29,13 @@ class SlotNormalizer:
 
     @classmethod
     def per_token_scale(
-        cls, layout, mean: np.ndarray, std: np.ndarray, count: np.ndarray, min_std: float = 1e-6
+        cls,
+        layout,
+        mean: np.ndarray,
+        std: np.ndarray,
+        count: np.ndarray,
+        min_std: float = 1e-6,
+        per_rank: bool = True,
     ) -> SlotNormalizer:
         """Mean 0 and one scale per (module type, ``A`` or ``B``, rank index): the root mean
         square of those slots over the catalog (from its per-slot statistics).
@@ -42,6 +48,9 @@ class SlotNormalizer:
         Args:
             layout: the :class:`engine.adapters.layout.Layout` of the statistics.
             mean, std, count: ``[N]`` per-slot statistics (:class:`engine.catalog.SlotStats`).
+            per_rank: False: one scale per (module type, ``A`` or ``B``) for all rank indices, so
+                that each module's update ``B A`` is only multiplied by a constant, whatever gauge
+                its factors are written in (``recon_space: delta``).
         """
         from engine.fvae.tokens import ModuleTokens
 
@@ -61,6 +70,9 @@ class SlotNormalizer:
                 sums[t, part] += square[offset : offset + r * width].reshape(r, width).sum(1)
                 cells[t, part] += seen[offset : offset + r * width].reshape(r, width).sum(1)
             parts.append((t, blocks))
+        if not per_rank:
+            sums[:] = sums.sum(axis=2, keepdims=True)
+            cells[:] = cells.sum(axis=2, keepdims=True)
         rms = np.sqrt(sums / np.maximum(cells, 1))
         scale = np.where((cells > 0) & (rms > min_std), rms, 1.0)
         out = np.ones(layout.size, dtype=np.float32)
@@ -70,13 +82,14 @@ class SlotNormalizer:
         return cls(torch.zeros(layout.size), torch.as_tensor(out))
 
     @classmethod
-    def for_arch(
-        cls, arch: str, layout, mean: np.ndarray, std: np.ndarray, count: np.ndarray
+    def for_config(
+        cls, config, layout, mean: np.ndarray, std: np.ndarray, count: np.ndarray
     ) -> SlotNormalizer:
-        """The normaliser an F-VAE architecture reads: :meth:`per_token_scale` for ``tokens``
-        (zero-preserving), else per-slot :meth:`from_stats`."""
-        if arch == "tokens":
-            return cls.per_token_scale(layout, mean, std, count)
+        """The normaliser an F-VAE (:class:`engine.fvae.config.FVAEConfig`, arch resolved) reads:
+        :meth:`per_token_scale` for ``tokens`` (zero-preserving; one scale for all ranks when it
+        reconstructs updates), else per-slot :meth:`from_stats`."""
+        if config.arch == "tokens":
+            return cls.per_token_scale(layout, mean, std, count, per_rank=config.recon_space == "factors")
         return cls.from_stats(mean, std, count)
 
     @classmethod

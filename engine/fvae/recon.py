@@ -43,11 +43,11 @@ def reconstruction_errors(
         present: ``[K, N]`` bool, the slots each adapter occupies.
 
     Returns:
-        ``([K], [K])``: :func:`relative_error` and :func:`explained_fraction` of ``D(mu_k, cond_k)``
-        against ``x_k``.
+        ``([K], [K])``: the relative error and explained fraction of ``D(mu_k, cond_k)`` against
+        ``x_k`` (:meth:`engine.fvae.model.FVAE.reconstruction_measures`: :func:`relative_error`
+        and :func:`explained_fraction`, or their per-module update versions).
     """
     with torch.no_grad():
         mu, _ = model.encode(x, cond)
         reconstruction = model.decode(mu, cond)
-    errors = relative_error(reconstruction, x, present)
-    return errors, explained_fraction(reconstruction, x, present)
+        return model.reconstruction_measures(reconstruction, x, present)

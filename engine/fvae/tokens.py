@@ -20,6 +20,14 @@ Decoder (hypernetwork, T2L's per-rank output variant): a context from ``[z; v]``
 ``hidden -> a_i`` and ``hidden -> b_i``. Its output is the flat ``[B, N]`` vector the other
 architectures emit, so anchored decode, familiarity and refinement use it unchanged.
 
+With ``recon_space: delta`` the F-VAE works on what a module *does*, ``dW = B A``, not on how its
+factors are written: two LoRAs of one task trained from different seeds share much of ``dW`` and
+almost nothing of their factors (each run's rank components live where its initialisation put
+them). The encoder's tokens are then the module's action on fixed random orthonormal probe
+directions, ``dW p_j`` and ``dW^T q_j`` (``j < r_max``; a two-sided sketch that determines a
+rank-``r_max`` ``dW``), which no change of the factors' gauge alters; the decoder still emits factors, and the
+reconstruction term compares the updates (:func:`delta_inner`).
+
 Depth enters as Fourier features of the layer's relative depth (``layer / (layers - 1)``) through
 a learned map: a learned layer embedding whose size does not depend on the number of layers.
 """
@@ -38,6 +46,35 @@ from torch.nn import functional as F
 from engine.adapters.layout import Layout
 
 DEPTH_FREQUENCIES = 8  # Fourier features of relative depth: 2 x 8 inputs to the learned depth map
+PROBE_SEED = 0  # the probe directions are a fixed function of the layout, not learned
+
+
+def delta_inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner products ``<B1 A1, B2 A2>`` of two batches of one module's updates, from
+    their factor rows alone (``a [B, r, d_in]`` rows of ``A``, ``b [B, r, d_out]`` rows of ``B^T``):
+    ``sum_ij (b1_i . b2_j)(a1_i . a2_j)``, two ``r x r`` Gram matrices per adapter, never a
+    ``d_out x d_in`` matrix. Returns ``[B]``."""
+    return (torch.einsum("bid,bjd->bij", b1, b2) * torch.einsum("bid,bjd->bij", a1, a2)).sum(dim=(1, 2))
+
+
+def delta_measures(a_hat, b_hat, a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's reconstruction of its update ``dW = B A`` for a batch of adapters (factor
+    rows as :func:`delta_inner`): the relative error ``||dW_hat - dW||^2 / ||dW||^2`` and the
+    explained fraction ``cos^2(dW_hat, dW)``, each ``[B]``."""
+    hat, cross, target = (
+        delta_inner(a_hat, b_hat, a_hat, b_hat),
+        delta_inner(a_hat, b_hat, a, b),
+        delta_inner(a, b, a, b),
+    )
+    target = target.clamp_min(1e-12)
+    error = (hat - 2 * cross + target).clamp_min(0.0) / target
+    return error, cross.square() / (hat.clamp_min(1e-12) * target)
+
+
+def _probes(d: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``[d, count]`` orthonormal columns (fewer when ``d < count``, zero-padded to ``count``)."""
+    q, _ = torch.linalg.qr(torch.randn(d, min(d, count), generator=generator))
+    return F.pad(q, (0, count - q.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -80,11 +117,16 @@ class ModuleTokens:
 
     def blocks(self, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``m``'s tokens in ``x [B, N]``: views ``A [B, r_max, d_in]``, ``B^T [B, r_max, d_out]``."""
+        start, end = int(self.layout.offsets[m]), int(self.layout.offsets[m + 1])
+        return self.rows(x[:, start:end], m)
+
+    def rows(self, slots: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``m``'s own slots ``[B, r_max x (d_in + d_out)]`` as views ``A [B, r_max, d_in]``,
+        ``B^T [B, r_max, d_out]``."""
         spec, r = self.layout.modules[m], self.layout.r_max
-        start = int(self.layout.offsets[m])
-        middle = start + r * spec.d_in
-        a = x[:, start:middle].view(x.shape[0], r, spec.d_in)
-        b = x[:, middle : middle + r * spec.d_out].view(x.shape[0], r, spec.d_out)
+        middle = r * spec.d_in
+        a = slots[:, :middle].view(slots.shape[0], r, spec.d_in)
+        b = slots[:, middle:].view(slots.shape[0], r, spec.d_out)
         return a, b
 
 
@@ -149,14 +191,50 @@ class TokenFVAE(nn.Module):
             nn.Linear(config.latent_dim + config.cond_dim, h), nn.GELU(), nn.Linear(h, h)
         )
         self.token_decoder = nn.Sequential(_Residual(h), _Residual(h), nn.LayerNorm(h))
+        if config.recon_space == "delta":
+            # Per module type, input probes [d_in, r_max] and output probes [d_out, r_max]: saved
+            # with the weights so an artifact reads adapters exactly as it was trained to.
+            generator = torch.Generator().manual_seed(PROBE_SEED)
+            r = self.tokens.layout.r_max
+            for t, (_, d_out, d_in) in enumerate(types):
+                self.register_buffer(f"probe_in_{t}", _probes(d_in, r, generator))
+                self.register_buffer(f"probe_out_{t}", _probes(d_out, r, generator))
 
     def token_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, M, r_max]`` bool: the tokens of ``x [B, N]`` that are not all zero."""
+        """``[B, M, r_max]`` bool: the tokens of ``x [B, N]`` that are not all zero (``delta``: every
+        probe token of a module that is present)."""
         masks = []
         for m in range(self.tokens.layout.num_modules):
             a, b = self.tokens.blocks(x, m)
-            masks.append((a != 0).any(dim=2) | (b != 0).any(dim=2))
+            present = (a != 0).any(dim=2) | (b != 0).any(dim=2)
+            masks.append(present.any(dim=1, keepdim=True).expand_as(present) if self.delta else present)
         return torch.stack(masks, dim=1)
+
+    @property
+    def delta(self) -> bool:
+        return self.config.recon_space == "delta"
+
+    def _token_inputs(self, a: torch.Tensor, b: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter's module of type ``t`` as the encoder reads it: its factor rows ``a [r, d_in]``,
+        ``b [r, d_out]`` (``factors``), or (``delta``) the probe actions ``(dW^T q_j)_j [r, d_in]`` and
+        ``(dW p_j)_j [r, d_out]``, scaled by ``1 / sqrt(r_max)`` to keep the factor rows' magnitude."""
+        if not self.delta:
+            return a, b
+        scale = self.tokens.layout.r_max**-0.5
+        p_in, p_out = getattr(self, f"probe_in_{t}"), getattr(self, f"probe_out_{t}")
+        # dW = b^T a: dW p_j = b^T (a p_j) and dW^T q_j = a^T (b q_j).
+        return (b @ p_out).T @ a * scale, (a @ p_in).T @ b * scale
+
+    def delta_errors(self, x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``recon_space: delta``: :func:`delta_measures` of every module of ``x_hat [B, N]`` against
+        ``x [B, N]``: relative errors and explained fractions, each ``[B, M]`` (absent modules
+        included: the caller masks them)."""
+        errors, explained = [], []
+        for m in range(self.tokens.layout.num_modules):
+            error, share = delta_measures(*self.tokens.blocks(x_hat, m), *self.tokens.blocks(x, m))
+            errors.append(error)
+            explained.append(share)
+        return torch.stack(errors, dim=1), torch.stack(explained, dim=1)
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.encoder_embeddings()  # [M, r, h]
@@ -165,7 +243,10 @@ class TokenFVAE(nn.Module):
             a, b = self.tokens.blocks(x, m)
             # One adapter at a time: a module's block is contiguous within a row of x but not across
             # rows, so a batched Linear would first copy (and keep for backward) all of x.
-            per_adapter = [self.project_a[t](a[i]) + self.project_b[t](b[i]) for i in range(x.shape[0])]
+            per_adapter = []
+            for i in range(x.shape[0]):
+                rows_a, rows_b = self._token_inputs(a[i], b[i], t)
+                per_adapter.append(self.project_a[t](rows_a) + self.project_b[t](rows_b))
             tokens.append(torch.stack(per_adapter))  # [B, r, h]
         h = self.token_encoder(torch.stack(tokens, dim=1) + embeddings)  # [B, M, r, h]
         h = h.flatten(1, 2)  # [B, T, h]

@@ -20,6 +20,7 @@ from engine.fusion.icm.latent import (
 )
 from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
+from engine.fvae.tokens import delta_measures
 from engine.meta.losses import subspace_proxy_loss, subspace_relative_error
 
 # (fused adapter in weight space: flat [N] or per-module factors, tasks of the episode, the catalog
@@ -167,7 +168,9 @@ def _episode_loss_by_module(
         if fusion:
             proxy_sum, proxy_terms = proxy_sum + proxy, proxy_terms + len(present)
     slots = (batch.mask.to(xn.dtype) @ torch.as_tensor(np.asarray(layout.module_sizes), dtype=xn.dtype)).sum()
-    terms = model.objective(squared_error, slots, mu, logvar)
+    # Reconstructing updates, the error is a relative one per present (adapter, module) pair.
+    units = batch.mask.sum() if model.delta else None
+    terms = model.objective(squared_error, slots, mu, logvar, units=units)
     fusion_loss = proxy_sum / max(proxy_terms, 1)
     return {**terms, "loss": terms["loss"] + settings.fusion_weight * fusion_loss, "fusion": fusion_loss}
 
@@ -175,12 +178,18 @@ def _episode_loss_by_module(
 def _module_terms(
     net, normalizer, batch, xn, layout, m, present, sampled, fused_states, mean_states, weights
 ):
-    """Module ``m``'s summed squared reconstruction error over the adapters that target it
-    (``present``), and the sum of its proxy terms (:func:`engine.meta.losses.subspace_relative_error`)
-    for those adapters' tasks when ``fused_states`` is given."""
+    """Module ``m``'s summed reconstruction error over the adapters that target it (``present``):
+    squared error over its slots, or with ``recon_space: delta`` the relative error of its update
+    (:func:`engine.fvae.tokens.delta_measures`); and the sum of its proxy terms
+    (:func:`engine.meta.losses.subspace_relative_error`) for those adapters' tasks when
+    ``fused_states`` is given."""
     start, end = int(layout.offsets[m]), int(layout.offsets[m + 1])
     rows = torch.tensor(present)
-    error = torch.linalg.vector_norm(net.decode_module(sampled, m)[rows] - xn[rows, start:end]).square()
+    reconstruction, target = net.decode_module(sampled, m)[rows], xn[rows, start:end]
+    if net.delta:
+        error = delta_measures(*net.tokens.rows(reconstruction, m), *net.tokens.rows(target, m))[0].sum()
+    else:
+        error = torch.linalg.vector_norm(reconstruction - target).square()
     if fused_states is None:
         return error, error.new_zeros(())
     mean, std = normalizer.mean[start:end].to(xn.device), normalizer.std[start:end].to(xn.device)

@@ -582,8 +582,10 @@ def train_fvae(
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         stats = catalog.compute_stats(layout.layout_id)
-    arch = fvae_config(cfg, layout).arch  # ``auto`` resolved for this layout
-    normalizer = SlotNormalizer.for_arch(arch, layout, stats.mean, stats.std, stats.count)
+    # ``auto`` resolved for this layout
+    normalizer = SlotNormalizer.for_config(
+        fvae_config(cfg, layout), layout, stats.mean, stats.std, stats.count
+    )
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))

@@ -134,7 +134,8 @@ def test_per_token_scale_normaliser_keeps_zero_and_shares_scales_across_layers()
     count = present.sum(0)
     mean = (x * present).sum(0) / np.maximum(count, 1)
     std = np.sqrt(((x - mean) ** 2 * present).sum(0) / np.maximum(count, 1))
-    normalizer = SlotNormalizer.for_arch("tokens", layout, mean, std, count)
+    config = FVAEConfig(input_dim=layout.size, cond_dim=4, arch="tokens", layout=layout.to_dict())
+    normalizer = SlotNormalizer.for_config(config, layout, mean, std, count)
     assert torch.equal(normalizer.normalize(torch.zeros(layout.size)), torch.zeros(layout.size))
     scale = normalizer.std.numpy()
     r, d = 4, 8
@@ -236,6 +237,7 @@ def test_icm_fuses_with_a_module_token_fvae():
     assert all(torch.isfinite(m.delta()).all() for m in fused.adapter.modules.values())
 
 
+@pytest.mark.parametrize("recon_space", ["factors", "delta"])
 @pytest.mark.parametrize(
     "settings",
     [
@@ -246,7 +248,7 @@ def test_icm_fuses_with_a_module_token_fvae():
     ],
     ids=["anchored", "absolute", "recon-only", "sum"],
 )
-def test_episode_loss_one_module_at_a_time_equals_the_materialised_one(settings):
+def test_episode_loss_one_module_at_a_time_equals_the_materialised_one(settings, recon_space):
     """The module-token F-VAE's episodes are computed one module at a time under activation
     checkpoints (no [K, N] copies at 8 B-class sizes): loss terms and every gradient must equal
     those of the whole-vector path (reached here through a data loss that is the proxy itself)."""
@@ -264,7 +266,7 @@ def test_episode_loss_one_module_at_a_time_equals_the_materialised_one(settings)
         layout, x.mean(0).numpy(), x.std(0).numpy() + 1e-3, np.full(layout.size, 3)
     )
     batch = EpisodeBatch(x=x, mask=mask, cond=torch.randn(3, 5), tasks=("a", "b", "c"))
-    model = tokens_model(layout)
+    model = tokens_model(layout, recon_space=recon_space)
     episode = EpisodeSettings(**settings)
 
     def proxy(fused, _tasks, _ids):
@@ -285,3 +287,134 @@ def test_episode_loss_one_module_at_a_time_equals_the_materialised_one(settings)
     assert grads_by_module.keys() == grads_whole.keys()
     for name, grad in grads_whole.items():
         torch.testing.assert_close(grads_by_module[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- recon_space: delta
+def regauged(x: torch.Tensor, layout: Layout, seed: int) -> torch.Tensor:
+    """``x [B, N]`` with every module's factors rewritten as ``A -> G A``, ``B -> B G^-1`` for a
+    random invertible ``G`` per (adapter, module): the same updates ``B A``, other factors."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = ModuleTokens.from_layout(layout)
+    out = x.clone()
+    r = layout.r_max
+    for m in range(layout.num_modules):
+        a, b = tokens.blocks(out, m)
+        for i in range(x.shape[0]):
+            g = torch.randn(r, r, generator=generator, dtype=torch.float64) + 2 * torch.eye(
+                r, dtype=torch.float64
+            )
+            a[i] = (g @ a[i].double()).float()
+            b[i] = (torch.linalg.inv(g).T @ b[i].double()).float()  # rows of B^T: (B G^-1)^T = G^-T B^T
+    return out
+
+
+def dense_updates(x: torch.Tensor, layout: Layout) -> list[list[torch.Tensor]]:
+    """Per adapter of ``x [B, N]``, each module's dense update ``B A`` (float64)."""
+    return [[B @ A for A, B in unflatten(row.double(), layout)] for row in x]
+
+
+def test_delta_measures_equal_the_dense_updates_and_ignore_the_gauge():
+    from engine.fvae.tokens import delta_measures
+
+    torch.manual_seed(0)
+    layout = gqa_layout(2)
+    tokens = ModuleTokens.from_layout(layout)
+    x, x_hat = torch.randn(3, layout.size), torch.randn(3, layout.size)
+    x_hat[1] = 0.5 * x[1] + 0.1 * torch.randn(layout.size)
+    for m in range(layout.num_modules):
+        error, explained = delta_measures(*tokens.blocks(x_hat.double(), m), *tokens.blocks(x.double(), m))
+        for i in range(3):
+            target, hat = (
+                dense_updates(x[i : i + 1], layout)[0][m],
+                dense_updates(x_hat[i : i + 1], layout)[0][m],
+            )
+            dense_error = (hat - target).square().sum() / target.square().sum()
+            dense_cos = (hat * target).sum() / (hat.norm() * target.norm())
+            assert float(error[i]) == pytest.approx(float(dense_error), rel=1e-9)
+            assert float(explained[i]) == pytest.approx(float(dense_cos**2), rel=1e-9)
+    # A different gauge of the target (same updates) changes no measure.
+    other = regauged(x, layout, seed=1)
+    assert not torch.allclose(other, x)
+    for m in range(layout.num_modules):
+        first = delta_measures(*tokens.blocks(x_hat, m), *tokens.blocks(x, m))
+        second = delta_measures(*tokens.blocks(x_hat, m), *tokens.blocks(other, m))
+        torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-6)
+
+
+def test_delta_encoder_and_loss_read_the_update_not_its_factors():
+    """With ``recon_space: delta`` an adapter's code and its reconstruction loss depend on each
+    module's update ``B A`` only; with ``factors`` they depend on how the factors are written."""
+    torch.manual_seed(0)
+    layout = gqa_layout(2)
+    x, cond = torch.randn(2, layout.size), torch.randn(2, 5)
+    x[1, : layout.module_sizes[0]] = 0  # an absent module stays absent in any gauge
+    other = regauged(x, layout, seed=3)
+    for space, invariant in (("delta", True), ("factors", False)):
+        model = tokens_model(layout, recon_space=space).eval()
+        mu, mu_other = model.encode(x, cond)[0], model.encode(other, cond)[0]
+        assert torch.allclose(mu, mu_other, rtol=1e-4, atol=1e-4) == invariant
+        out = model(x, cond, sample=False)
+        same = model.loss(out, x)["recon"], model.loss(out, other)["recon"]
+        assert torch.allclose(*same, rtol=1e-4) == invariant
+    # The loss is the mean relative update error over present (adapter, module) pairs.
+    model = tokens_model(layout, recon_space="delta").eval()
+    out = model(x, cond, sample=False)
+    mask = torch.ones(2, layout.size, dtype=torch.bool)
+    mask[1, : layout.module_sizes[0]] = False
+    dense_hat, dense_x = dense_updates(out["x_hat"].detach(), layout), dense_updates(x, layout)
+    pairs = [
+        float((dense_hat[i][m] - dense_x[i][m]).square().sum() / dense_x[i][m].square().sum())
+        for i in range(2)
+        for m in range(layout.num_modules)
+        if not (i == 1 and m == 0)
+    ]
+    assert float(model.loss(out, x, mask)["recon"].detach()) == pytest.approx(np.mean(pairs), rel=1e-4)
+    errors, _ = model.reconstruction_measures(out["x_hat"], x, mask)
+    assert float(errors[1].detach()) == pytest.approx(np.mean(pairs[layout.num_modules :]), rel=1e-4)
+
+
+def test_delta_learns_to_reconstruct_updates():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        layout = gqa_layout(2)
+        model = tokens_model(layout, recon_space="delta", kl_weight=1e-4)
+        x, cond = torch.randn(6, layout.size), torch.randn(6, 5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = model.loss(model(x, cond), x)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        errors, explained = model.eval().reconstruction_measures(
+            model(x, cond, sample=False)["x_hat"], x, torch.ones_like(x, dtype=torch.bool)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert float(errors.mean()) < 0.3 and float(explained.mean()) > 0.7
+
+
+def test_delta_config_normaliser_and_artifact(tmp_path):
+    layout = gqa_layout(2)
+    with pytest.raises(ValueError, match="recon_space 'delta' needs arch 'tokens'"):
+        FVAEConfig(input_dim=layout.size, cond_dim=5, arch="mlp", recon_space="delta")
+    # One scale per (module type, A or B) for every rank: each update only gains a constant.
+    records = [r for _, r in synthetic_records(layout, 12, num_tasks=3, seed=1)]
+    x = np.stack([r.weights for r in records])
+    count = layout.slot_mask(np.stack([r.mask for r in records])).sum(0)
+    config = FVAEConfig(
+        input_dim=layout.size, cond_dim=5, arch="tokens", layout=layout.to_dict(), recon_space="delta"
+    )
+    scale = SlotNormalizer.for_config(config, layout, x.mean(0), x.std(0), count).std
+    a, b = ModuleTokens.from_layout(layout).blocks(scale[None], 0)
+    assert torch.all(a == a[0, 0, 0]) and torch.all(b == b[0, 0, 0])
+    # The probes travel with the artifact; an older token artifact (no recon_space) reads factors.
+    torch.manual_seed(0)
+    model = tokens_model(layout, recon_space="delta").eval()
+    normalizer = SlotNormalizer(torch.zeros(layout.size), torch.rand(layout.size) + 0.5)
+    FVAEArtifact(model, normalizer, layout, {}).save(str(tmp_path / "delta"))
+    loaded = FVAEArtifact.load(str(tmp_path / "delta")).model
+    assert loaded.config.recon_space == "delta" and torch.equal(loaded.net.probe_in_0, model.net.probe_in_0)
+    legacy = {k: v for k, v in model.config.to_dict().items() if k != "recon_space"}
+    assert FVAEConfig.from_dict(legacy).recon_space == "factors"

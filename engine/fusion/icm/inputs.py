@@ -44,7 +44,6 @@ from engine.fusion.icm.projection import project
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import folded
 from engine.fusion.registry import FusionConfigError
-from engine.fvae.recon import relative_error
 from engine.lru import ByteBoundedLRU
 from engine.tasks.functional import adapter_factors
 
@@ -83,7 +82,8 @@ class EncodedInput:
         factors: per layout module the exact ``(A [r, d_in], s·B [d_out, r])``
             (:func:`engine.tasks.functional.adapter_factors`).
         recon_error: the F-VAE's relative squared reconstruction error of the adapter in
-            normalised space, over the slots it occupies (:func:`engine.fvae.recon.relative_error`):
+            normalised space, over the slots (or, ``recon_space: delta``, the modules' updates) it
+            occupies (:meth:`engine.fvae.model.FVAE.reconstruction_measures`):
             about the training level for an adapter like those it was trained on, about 1 for one
             it cannot represent.
         condition: the kind of the condition it was encoded with (:class:`Condition`): whether
@@ -192,7 +192,7 @@ def encode_input(
         reconstruction = model.decode(mu, cond)  # [1, N], normalised
         decoded = normalizer.denormalize(reconstruction)
     present = torch.from_numpy(layout.slot_mask(canonical.mask.numpy()))  # [N]
-    error = float(relative_error(reconstruction[0], xn, present))
+    error = float(model.reconstruction_measures(reconstruction[0], xn, present)[0])
     factors = tuple(adapter_factors(adapter, layout))
     if own_factors:
         factors = tuple((A.clone(), B.clone()) for A, B in factors)
