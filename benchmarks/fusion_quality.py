@@ -415,6 +415,10 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
         if len(fusion_by_seed) > 1:
             out["fewshot"]["fvae_seeds"] = seed_summary(entries, icm_labels)
+    if icm_rows and args.heldout_own:
+        out["heldout_own"] = run_heldout_own(
+            harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, log
+        )
     if icm_rows and args.longtail_steps and name in args.longtail_suites.split(","):
         out["longtail"] = run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log)
     return out
@@ -432,6 +436,53 @@ def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict
         log(
             f"{harness.name} K={len(entry['tasks'])} {entry['tasks']}: {CEILING:24s} G={_fmt(scored['mean_gap'])}"
         )
+
+
+def run_heldout_own(
+    harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, log
+) -> dict[str, Any]:
+    """icm on **new checkpoints of known tasks**: an F-VAE meta-trained like the main one but with
+    every task's own adapter (the checkpoint each fusion takes) kept out of meta-training
+    (``exclude_adapters``), then the K = 4 sets fused with it, next to task arithmetic. Reports each
+    seen-task input's familiarity (the gate's reading of its reconstruction error)."""
+    import torch
+
+    from engine.fusion.icm.latent import familiarity
+    from engine.fvae.artifact import FVAEArtifact
+
+    kept_out = sorted(harness.own_ids.values())
+    fvae_dir, config = trained_fvae(
+        suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log, exclude_adapters=kept_out
+    )
+    artifact = FVAEArtifact.load(fvae_dir)
+    chosen = [r for r in rows if r.label in ("task_arithmetic", "task_arithmetic-fitted")] + [
+        r for r in icm_rows if r.label in ("icm", "icm-ungated")
+    ]
+    subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+    entries = evaluate_sets(
+        harness, chosen, subsets, args.seed, log, {**fusion_args, "fvae": artifact}, support_k, unseen
+    )
+    per_input: dict[str, float] = {}
+    for entry in entries:
+        gate = entry["methods"].get("icm", {}).get("details", {}).get("familiarity") or {}
+        if gate.get("basis") != "reconstruction":
+            continue
+        known = familiarity(torch.tensor(gate["recon_errors"]), gate["reference_error"])
+        for task, value in zip(entry["tasks"], known.tolist(), strict=True):
+            per_input[task] = value
+    seen = {t: v for t, v in per_input.items() if t not in unseen}
+    return {
+        "kept_out": kept_out,
+        "fvae": {
+            "path": str(fvae_dir),
+            "config": config,
+            **artifact.meta.model_dump(mode="json", include={"metrics", "familiarity"}),
+        },
+        "sets": entries,
+        "summary": summarize(entries),
+        "familiarity": per_input,
+        "familiarity_seen_mean": sum(seen.values()) / len(seen) if seen else None,
+    }
 
 
 def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:
@@ -479,6 +530,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-icm", action="store_true", help="baselines only (no F-VAE training)")
     parser.add_argument("--icm-methods", default=None, help="comma-separated icm row labels (default: all)")
     parser.add_argument("--fewshot-k", type=int, default=8, help="few-shot scenario's k (0: skip)")
+    parser.add_argument(
+        "--heldout-own",
+        action="store_true",
+        help="also meta-train an F-VAE without every task's own adapter and fuse those (new checkpoints "
+        "of known tasks)",
+    )
     parser.add_argument(
         "--longtail-steps",
         type=int,

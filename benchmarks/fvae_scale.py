@@ -2,7 +2,8 @@
 
 For each layout preset (``--layouts``, default the Llama-3-8B ``q,v`` and all-linear rank-16
 presets of :mod:`engine.adapters.presets`) and each architecture (``--archs``, default the
-module-token F-VAE against the ``chunked`` baseline, side by side), a fresh subprocess
+module-token F-VAE against the ``chunked`` baseline, side by side; ``tokens/delta`` is the
+module-token F-VAE with ``recon_space: delta``), a fresh subprocess
 
 1. builds K (``--k``, 4) synthetic adapters of the layout in the catalog's canonical gauge
    (:func:`engine.catalog.synth.synthetic_records`, one task each; ranks 8-16, some modules
@@ -85,7 +86,8 @@ def _release_freed_memory() -> None:
 def child(
     layout_name: str, arch: str, k: int, steps: int, threads: int, flops: bool = True
 ) -> dict[str, Any]:
-    """One (layout, arch) measurement in this (fresh) process."""
+    """One (layout, arch) measurement in this (fresh) process; ``arch`` may name a
+    ``recon_space`` after a slash (``tokens/delta``)."""
     import numpy as np
     import psutil
     import torch
@@ -108,7 +110,10 @@ def child(
     count = slot.sum(0).numpy()
     mean = ((x * slot).sum(0) / slot.sum(0).clamp_min(1)).numpy()
     std = (((x - torch.from_numpy(mean)) ** 2 * slot).sum(0) / slot.sum(0).clamp_min(1)).sqrt().numpy()
+    arch, _, space = arch.partition("/")
     structure = {"layout": layout.to_dict()} if arch == "tokens" else {}
+    if space:
+        structure["recon_space"] = space
     config = FVAEConfig(input_dim=layout.size, cond_dim=64, arch=arch, **structure)
     normalizer = SlotNormalizer.for_config(config, layout, mean, std, count)
     del slot
@@ -138,7 +143,7 @@ def child(
             episode_loss(model, normalizer, batch, layout, EpisodeSettings())["loss"].backward()
     return {
         "layout": layout_name,
-        "arch": arch,
+        "arch": config.arch if not space else f"{config.arch}/{space}",
         "N": layout.size,
         "modules": layout.num_modules,
         "k": k,

@@ -101,8 +101,11 @@ def training_config(
     exclude: list[str],
     seed: int,
     overrides: dict | None = None,
+    exclude_adapters: list[str] = (),
 ) -> dict[str, Any]:
     base = json.loads(json.dumps(SUITE_TRAINING[name]))
+    if exclude_adapters:  # only when set: the cache keys of every other F-VAE stay as they were
+        base["exclude_adapters"] = sorted(exclude_adapters)
     for section, values in (overrides or {}).items():
         if isinstance(values, dict):
             base.setdefault(section, {}).update(values)
@@ -120,15 +123,17 @@ def trained_fvae(
     seed: int = 0,
     overrides: dict | None = None,
     log=print,
+    exclude_adapters: list[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """The artifact directory of an F-VAE meta-trained on ``suite``'s ``variant`` catalog (trained
-    now unless a finished one with the same configuration is cached). Returns it and the config."""
+    now unless a finished one with the same configuration is cached), without the tasks in
+    ``exclude`` and the adapters in ``exclude_adapters``. Returns it and the config."""
     from engine._ray import ensure_ray
     from engine.meta.config import load_config
     from engine.meta.train import train_fvae
 
     register_tasks(suite, variant)
-    config = training_config(suite, name, variant, list(exclude or []), seed, overrides)
+    config = training_config(suite, name, variant, list(exclude or []), seed, overrides, exclude_adapters)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     # Pinned after hashing (cached F-VAEs keep their keys): the engine's default `auto` would
     # switch to stored in-context vectors as soon as `--task-vectors context` has stored some.

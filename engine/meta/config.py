@@ -153,6 +153,11 @@ class MetaTrainConfig(_Strict):
     exclude_tasks: list[str] = pydantic.Field(
         default_factory=list, description="tasks kept out of meta-training (e.g. to measure unseen tasks)"
     )
+    exclude_adapters: list[str] = pydantic.Field(
+        default_factory=list,
+        description="catalog ids of adapters kept out of meta-training (episodes, task vectors and "
+        "familiarity), e.g. to measure fusion of new checkpoints of known tasks",
+    )
     fvae: FVAESection = FVAESection()
     task_vectors: TaskVectorSection = TaskVectorSection()
     train: TrainSection = TrainSection()

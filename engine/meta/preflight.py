@@ -207,9 +207,19 @@ def plan_training(
     if tasks:
         fusion_loss, task_faults = _check_tasks(cfg, catalog, layout, tasks)
         faults += task_faults
+    unknown_ids = sorted(set(cfg.exclude_adapters) - set(manifest["id"].to_pylist()))
+    if unknown_ids:
+        faults.append(f"exclude_adapters: {unknown_ids} are not adapters of {cfg.catalog}")
     shares = (
-        worker_shares(catalog, layout.layout_id, tasks, num_workers, cfg.train.data_split) if tasks else []
+        worker_shares(
+            catalog, layout.layout_id, tasks, num_workers, cfg.train.data_split, cfg.exclude_adapters
+        )
+        if tasks
+        else []
     )
+    emptied = sorted(set(tasks) - {t for share in shares for t in share["task"].to_pylist()})
+    if emptied:
+        faults.append(f"exclude_adapters leaves tasks {emptied} without any training adapter")
     pooled = max((_pooled(share, cfg.train.capacity_per_task) for share in shares), default=0)
     memory = estimate_memory(cfg, layout, cfg.task_vectors.dim, pooled)
     available_memory = worker_memory if worker_memory is not None else worker_memory_bytes(num_workers)

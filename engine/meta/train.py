@@ -280,17 +280,22 @@ def resolve_fusion_loss(cfg: MetaTrainConfig, catalog, tasks: list[str]) -> str:
     return "data"
 
 
-def worker_shares(catalog, layout_id: str, tasks: list[str], workers: int, split: str) -> list[pa.Table]:
+def worker_shares(
+    catalog, layout_id: str, tasks: list[str], workers: int, split: str, exclude: list[str] = ()
+) -> list[pa.Table]:
     """The manifest rows (``id``, ``task``) each worker streams: ``disjoint``, one task-balanced
     share per worker (:func:`~engine.catalog.streaming.split_by_task`; tasks with fewer adapters
     than workers go to every worker); ``full``, one share of every adapter for all workers.
-    Only the layout's adapters of the training ``tasks`` are streamed at all."""
+    Only the layout's adapters of the training ``tasks`` are streamed at all, and none of the
+    ``exclude`` ids."""
     from engine.catalog.streaming import split_by_task
 
     table = catalog.manifest().select(["id", "task", "layout_id"])
     # Adapters stored in older versions of a grown layout stream padded into it (and train).
     readable = pa.array([lay.layout_id for lay in catalog.layouts_readable_in(catalog.layout(layout_id))])
     keep = pc.and_(pc.is_in(table["layout_id"], value_set=readable), pc.is_in(table["task"], pa.array(tasks)))
+    if exclude:
+        keep = pc.and_(keep, pc.invert(pc.is_in(table["id"], value_set=pa.array(list(exclude), pa.string()))))
     table = table.filter(keep).select(["id", "task"])
     return [table] if split == "full" else split_by_task(table, workers)
 
@@ -590,7 +595,9 @@ def train_fvae(
     # Leave a CPU for Ray Data: with every CPU held by workers the dataset never streams and fit() hangs.
     cpus = cfg.train.cpus_per_worker or max(0.25, min(1.0, (total_cpus - 1) / num_workers))
     # ``columns``, not ``select_columns``: a fused projection would coalesce blocks to whole shards.
-    dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"])
+    # Kept-out adapters must not shape their task's vector either: then only the training ones.
+    ids = pa.concat_tables(shares)["id"].unique() if cfg.exclude_adapters else None
+    dataset = catalog.dataset(layout.layout_id, columns=["task", "weights", "mask"], ids=ids)
     in_context = context_vectors(cfg, catalog, tasks)
     if in_context is not None:
         vectors, vector_source = in_context

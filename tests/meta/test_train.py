@@ -104,10 +104,14 @@ def test_resume_continues_from_the_last_checkpoint(ray_session, catalog_uri, tmp
     assert second.steps == 20 and second.metrics.start_step == 10
 
 
-def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tmp_path):
+@pytest.mark.parametrize("recon_space", ["factors", "delta"])
+def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tmp_path, recon_space):
     out = tmp_path / "out"
-    tokens = {"arch": "tokens", "hidden": 16, "latent_dim": 8, "token_queries": 2}
+    tokens = {"arch": "tokens", "hidden": 16, "latent_dim": 8, "token_queries": 2, "recon_space": recon_space}
     settings = {**config(catalog_uri, out, steps=6, workers=1, every=3), "fvae": tokens}
+    if recon_space == "delta":  # and a checkpoint kept out: its task's vector comes from the others
+        kept_out = next(e["id"] for e in Catalog(catalog_uri).entries() if e["task"] == "synth-00")
+        settings["exclude_adapters"] = [kept_out]
     train_fvae(load_config(settings))
     train_fvae(load_config({**settings, "train": {**settings["train"], "steps": 10}}), resume=True)
     artifact = FVAEArtifact.load(str(out))
@@ -115,6 +119,7 @@ def test_module_token_fvae_trains_resumes_and_fuses(ray_session, catalog_uri, tm
     assert (
         artifact.model.config.arch == "tokens" and artifact.model.config.layout == artifact.layout.to_dict()
     )
+    assert artifact.model.config.recon_space == recon_space
     # the zero-preserving per-module-type normaliser travelled with it
     assert torch.count_nonzero(artifact.normalizer.mean) == 0
     assert artifact.meta.familiarity.reference > 0  # its reconstruction errors were measured
@@ -211,6 +216,29 @@ def test_workers_stream_disjoint_shares_covering_every_task(ray_session, tmp_pat
     single = {t for t in tasks if counts[t] < 2}
     assert single and {catalog.get(i)["task"] for i in first & second} == single
     assert len(first & second) == len(single) and abs(len(first) - len(second)) <= 1
+
+
+def test_kept_out_adapters_are_never_streamed_and_bad_ids_are_faults(tmp_path):
+    """``exclude_adapters`` keeps checkpoints out of meta-training (to measure fusion of new
+    checkpoints of known tasks); ids that name nothing, or that empty a task, are config faults."""
+    from engine.meta.preflight import plan_training
+
+    catalog = Catalog(tmp_path / "cat")
+    synthesize(catalog, 24, parse_layout("tiny"), num_tasks=8, seed=0)  # 12, 4, 2, 2, 1, 1, 1, 1
+    by_task: dict[str, list[str]] = {}
+    for entry in catalog.entries():
+        by_task.setdefault(entry["task"], []).append(entry["id"])
+    big = max(by_task, key=lambda t: len(by_task[t]))
+    kept_out = by_task[big][:3]
+    config = {"catalog": catalog.uri, "out": str(tmp_path / "out"), "fvae": {"arch": "mlp", "hidden": 8}}
+    plan = plan_training(load_config({**config, "exclude_adapters": kept_out}))
+    streamed = {i for share in plan.shares for i in share["id"].to_pylist()}
+    assert streamed == {e["id"] for e in catalog.entries()} - set(kept_out)
+    single = next(t for t, ids in by_task.items() if len(ids) == 1)
+    with pytest.raises(MetaConfigError) as info:
+        plan_training(load_config({**config, "exclude_adapters": ["no-such-id", by_task[single][0]]}))
+    assert "['no-such-id'] are not adapters" in str(info.value)
+    assert f"leaves tasks ['{single}'] without any training adapter" in str(info.value)
 
 
 def test_a_worker_group_of_another_size_is_refused():
