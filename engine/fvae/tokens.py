@@ -214,16 +214,21 @@ class TokenFVAE(nn.Module):
     def delta(self) -> bool:
         return self.config.recon_space == "delta"
 
-    def _token_inputs(self, a: torch.Tensor, b: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's module of type ``t`` as the encoder reads it: its factor rows ``a [r, d_in]``,
-        ``b [r, d_out]`` (``factors``), or (``delta``) the probe actions ``(dW^T q_j)_j [r, d_in]`` and
-        ``(dW p_j)_j [r, d_out]``, scaled by ``1 / sqrt(r_max)`` to keep the factor rows' magnitude."""
+    def _module_tokens(self, a: torch.Tensor, b: torch.Tensor, t: int) -> torch.Tensor:
+        """One adapter's module of type ``t``, factor rows ``a [r, d_in]`` and ``b [r, d_out]``, as the
+        encoder's tokens ``[r, hidden]``: the projected rows (``factors``), or (``delta``) the
+        projected probe actions ``dW^T q_j`` and ``dW p_j``, scaled by ``1 / sqrt(r_max)`` to keep
+        the factor rows' magnitude."""
+        project_a, project_b = self.project_a[t], self.project_b[t]
         if not self.delta:
-            return a, b
+            return project_a(a) + project_b(b)
         scale = self.tokens.layout.r_max**-0.5
-        p_in, p_out = getattr(self, f"probe_in_{t}"), getattr(self, f"probe_out_{t}")
-        # dW = b^T a: dW p_j = b^T (a p_j) and dW^T q_j = a^T (b q_j).
-        return (b @ p_out).T @ a * scale, (a @ p_in).T @ b * scale
+        # dW = b^T a, so the probe actions are [r, r] mixes of the rows: dW^T q_j = a^T (b q_j),
+        # dW p_j = b^T (a p_j). Mixing after the (linear) projection leaves autograd the rows
+        # themselves (views of the input) to keep, not new r x d tensors.
+        mix_a = (b @ getattr(self, f"probe_out_{t}")).T * scale
+        mix_b = (a @ getattr(self, f"probe_in_{t}")).T * scale
+        return mix_a @ F.linear(a, project_a.weight) + project_a.bias + mix_b @ F.linear(b, project_b.weight)
 
     def delta_errors(self, x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``recon_space: delta``: :func:`delta_measures` of every module of ``x_hat [B, N]`` against
@@ -243,10 +248,7 @@ class TokenFVAE(nn.Module):
             a, b = self.tokens.blocks(x, m)
             # One adapter at a time: a module's block is contiguous within a row of x but not across
             # rows, so a batched Linear would first copy (and keep for backward) all of x.
-            per_adapter = []
-            for i in range(x.shape[0]):
-                rows_a, rows_b = self._token_inputs(a[i], b[i], t)
-                per_adapter.append(self.project_a[t](rows_a) + self.project_b[t](rows_b))
+            per_adapter = [self._module_tokens(a[i], b[i], t) for i in range(x.shape[0])]
             tokens.append(torch.stack(per_adapter))  # [B, r, h]
         h = self.token_encoder(torch.stack(tokens, dim=1) + embeddings)  # [B, M, r, h]
         h = h.flatten(1, 2)  # [B, T, h]

@@ -387,9 +387,10 @@ def test_delta_learns_to_reconstruct_updates():
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        errors, explained = model.eval().reconstruction_measures(
-            model(x, cond, sample=False)["x_hat"], x, torch.ones_like(x, dtype=torch.bool)
-        )
+        with torch.no_grad():
+            errors, explained = model.eval().reconstruction_measures(
+                model(x, cond, sample=False)["x_hat"], x, torch.ones_like(x, dtype=torch.bool)
+            )
     finally:
         torch.set_num_threads(threads)
     assert float(errors.mean()) < 0.3 and float(explained.mean()) > 0.7
