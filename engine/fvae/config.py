@@ -62,13 +62,16 @@ class FVAEConfig:
             (:meth:`engine.adapters.layout.Layout.to_dict`) whose modules are the tokens (its size
             must be ``input_dim``).
         token_queries: ``tokens`` only: learned queries of the encoder's attention pooling.
-        recon_space: ``tokens`` only: what the F-VAE reads and reconstructs. ``factors``: the
-            canonical LoRA factors, rank component by rank component (squared error per slot).
-            ``delta``: the update ``dW = B A`` each module applies, which does not depend on how
-            the factors are written (any ``A -> G A``, ``B -> B G^-1``): the encoder reads each
+        recon_space: what the F-VAE reads and reconstructs. ``auto`` (default) — resolved when the
+            config is built: ``delta`` for ``tokens``, ``factors`` for every other arch.
+            ``factors``: the flat canonical LoRA factors (squared error per slot). ``delta``
+            (``tokens`` only): the update ``dW = B A`` each module applies, which does not depend on
+            how the factors are written (any ``A -> G A``, ``B -> B G^-1``): the encoder reads each
             module's action on fixed probe directions, and the reconstruction term is each
             module's relative error ``||dW_hat - dW||^2 / ||dW||^2``, computed from the factors
-            through ``r x r`` Gram matrices (:mod:`engine.fvae.tokens`).
+            through ``r x r`` Gram matrices (:mod:`engine.fvae.tokens`). Adapters of one task
+            trained apart share much of their updates and little of their factors, so only
+            ``delta`` reconstructs new checkpoints of known tasks.
         arch ``tokens``: the module-token F-VAE (:mod:`engine.fvae.tokens`): one token per rank
             component of every module, layer and module type as embeddings, per-module-type input
             projections and output heads; parameters independent of the number of layers and N.
@@ -91,13 +94,15 @@ class FVAEConfig:
     recon_reduction: Literal["mean", "sum"] = "sum"
     layout: dict[str, Any] | None = None
     token_queries: int = 8
-    recon_space: Literal["factors", "delta"] = "factors"
+    recon_space: Literal["auto", "factors", "delta"] = "auto"
 
     def __post_init__(self) -> None:
         # Frozen, so set through object: every consumer (and the artifact) sees the resolved arch.
         object.__setattr__(self, "arch", resolve_arch(self.arch, self.input_dim, self.hidden))
         if self.arch != "tokens":  # only tokens reads it; equal configs compare equal either way
             object.__setattr__(self, "layout", None)
+        if self.recon_space == "auto":
+            object.__setattr__(self, "recon_space", "delta" if self.arch == "tokens" else "factors")
         faults = []
         for name in (
             "input_dim",

@@ -51,10 +51,11 @@ class FVAESection(_Strict):
         "+ kl_weight x KL (divided through by the elements, so per element KL weighs kl_weight / N); "
         "'mean': per-element mean + kl_weight x KL, which on the lab suites collapses the posterior",
     )
-    recon_space: Literal["factors", "delta"] = pydantic.Field(
+    recon_space: Literal["auto", "factors", "delta"] = pydantic.Field(
         _FVAE["recon_space"],
-        description="tokens only: 'delta' reads and reconstructs each module's update B A (the same "
-        "whatever gauge the factors are written in); 'factors': the canonical factors slot by slot",
+        description="'auto': 'delta' for arch tokens, else 'factors'; 'delta' (tokens only) reads and "
+        "reconstructs each module's update B A (the same whatever gauge the factors are written in); "
+        "'factors': the canonical factors slot by slot",
     )
 
 

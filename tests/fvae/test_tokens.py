@@ -73,7 +73,7 @@ def test_parameter_count_does_not_grow_with_depth():
 def test_absent_modules_and_padded_ranks_are_masked():
     torch.manual_seed(0)
     layout = gqa_layout(2)
-    model = tokens_model(layout).eval()
+    model = tokens_model(layout, recon_space="factors").eval()
     tokens = ModuleTokens.from_layout(layout)
     x = torch.randn(1, layout.size)
     for m in range(layout.num_modules):
@@ -97,6 +97,14 @@ def test_absent_modules_and_padded_ranks_are_masked():
     # An adapter with no token at all encodes to finite statistics.
     mu, logvar = model.encode(torch.zeros(1, layout.size), cond)
     assert torch.isfinite(mu).all() and torch.isfinite(logvar).all()
+    # Reading updates, a present module has one token per probe whatever its rank; absent ones none.
+    delta = tokens_model(layout, recon_space="delta").eval()
+    mask = delta.net.token_mask(x)
+    assert mask[0, 0].all() and mask[0, 2].all() and not mask[0, 1].any() and not mask[0, 3].any()
+    before = delta.encode(x, cond)[0]
+    with torch.no_grad():
+        delta.net.project_a[1].bias += 5.0
+    assert torch.allclose(delta.encode(x, cond)[0], before, atol=1e-6)
 
 
 def test_learns_to_reconstruct_a_small_set():
@@ -134,7 +142,9 @@ def test_per_token_scale_normaliser_keeps_zero_and_shares_scales_across_layers()
     count = present.sum(0)
     mean = (x * present).sum(0) / np.maximum(count, 1)
     std = np.sqrt(((x - mean) ** 2 * present).sum(0) / np.maximum(count, 1))
-    config = FVAEConfig(input_dim=layout.size, cond_dim=4, arch="tokens", layout=layout.to_dict())
+    config = FVAEConfig(
+        input_dim=layout.size, cond_dim=4, arch="tokens", layout=layout.to_dict(), recon_space="factors"
+    )
     normalizer = SlotNormalizer.for_config(config, layout, mean, std, count)
     assert torch.equal(normalizer.normalize(torch.zeros(layout.size)), torch.zeros(layout.size))
     scale = normalizer.std.numpy()
