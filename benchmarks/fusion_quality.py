@@ -441,16 +441,23 @@ def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict
 def run_heldout_own(
     harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, log
 ) -> dict[str, Any]:
-    """icm on **new checkpoints of known tasks**: an F-VAE meta-trained like the main one but with
-    every task's own adapter (the checkpoint each fusion takes) kept out of meta-training
-    (``exclude_adapters``), then the K = 4 sets fused with it, next to task arithmetic. Reports each
-    seen-task input's familiarity (the gate's reading of its reconstruction error)."""
+    """icm on **a new training run of known tasks**: an F-VAE meta-trained like the main one but
+    with every checkpoint of the run each task's own adapter comes from (the adapter each fusion
+    takes, and its siblings at other steps) kept out of meta-training (``exclude_adapters``), then
+    the K = 4 sets fused with it, next to task arithmetic. Reports each seen-task input's
+    familiarity (the gate's reading of its reconstruction error)."""
     import torch
 
     from engine.fusion.icm.latent import familiarity
     from engine.fvae.artifact import FVAEArtifact
 
-    kept_out = sorted(harness.own_ids.values())
+    adapters = suite["adapters"]
+    kept_out = sorted(
+        i
+        for task, own in harness.own_ids.items()
+        for i in suite["catalogs"]["main"]["adapters"][task]
+        if adapters[i]["run"] == adapters[own]["run"]
+    )
     fvae_dir, config = trained_fvae(
         suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log, exclude_adapters=kept_out
     )
@@ -533,8 +540,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--heldout-own",
         action="store_true",
-        help="also meta-train an F-VAE without every task's own adapter and fuse those (new checkpoints "
-        "of known tasks)",
+        help="also meta-train an F-VAE without the training run of every task's own adapter and fuse "
+        "those (a new training run of known tasks)",
     )
     parser.add_argument(
         "--longtail-steps",

@@ -20,9 +20,10 @@ def train(args) -> int:
 
     cfg = load_config(args.config)
     plan = plan_training(cfg, workers=args.workers)  # every fault listed before Ray starts
-    arch = fvae_config(cfg, plan.layout).arch
+    fvae = fvae_config(cfg, plan.layout)
+    space = f", reconstructing {fvae.recon_space}" if fvae.arch == "tokens" else ""
     console.print(
-        f"F-VAE {arch}{' (auto)' if cfg.fvae.arch == 'auto' else ''}: "
+        f"F-VAE {fvae.arch}{' (auto)' if cfg.fvae.arch == 'auto' else ''}{space}: "
         f"{plan.memory.parameters / 1e6:.1f} M parameters for N = {plan.layout.size:,}; "
         f"a training worker needs about {plan.memory.describe()}"
     )
