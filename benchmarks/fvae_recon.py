@@ -6,7 +6,8 @@ meta-training: up to ``--batch`` adapters, one per task), and reports the relati
 error ``||D(mu) - x||^2 / ||x||^2`` (normalised space, present slots) and the cosine to the input on
 
 * training adapters,
-* held-out adapters of the training tasks (``--holdout`` per task, never trained on),
+* held-out adapters of the training tasks (``--holdout`` per task, never trained on; or with
+  ``--holdout-run run0`` every checkpoint of that run: a new training run of a known task),
 * adapters of the suite's unseen tasks (kept out as the quality benchmark keeps them out),
 
 plus the KL and how much the output moves when ``z`` does (``D(mu)`` vs ``D(0)``). ``pca`` rows give
@@ -40,16 +41,23 @@ from engine.meta.step import slot_mask
 LAB = RESULTS / "lab" / "standard-seed0"
 
 
-def load_suite(suite: str, holdout: int, seed: int):
+def load_suite(suite: str, holdout: int, seed: int, holdout_run: str | None = None):
     """The suite's catalog adapters and their split: ``(layout, stats, x [n, N], masks [n, M],
-    tasks [n], split [n])`` with ``split`` one of ``train``, ``heldout``, ``unseen``."""
+    tasks [n], split [n])`` with ``split`` one of ``train``, ``heldout``, ``unseen``. Held out per
+    training task: ``holdout`` random adapters, or with ``holdout_run`` every checkpoint of that
+    training run (``run0``): a new run of a known task, none of whose checkpoints was trained on."""
     catalog = Catalog(LAB / suite / "catalogs" / "main")
     layout = catalog.layout()
     stats = catalog.stats(layout.layout_id)
     if stats is None or stats.manifest_version != catalog.version():
         raise SystemExit(f"{catalog.uri}: statistics missing or stale; run `icmf catalog stats` first")
-    x, masks, tasks = [], [], []
+    runs = {}
+    if holdout_run:
+        lab = json.loads((LAB / "lab.json").read_text())["suites"][suite]["adapters"]
+        runs = {i: info["run"] for i, info in lab.items()}
+    x, masks, tasks, ids = [], [], [], []
     for entry in catalog.entries():
+        ids.append(entry["id"])
         weights, mask, _ = catalog.read_vector(entry["id"])
         x.append(torch.from_numpy(weights.copy()))
         masks.append(torch.from_numpy(mask))
@@ -63,7 +71,10 @@ def load_suite(suite: str, holdout: int, seed: int):
         if task in unseen:
             split[index] = "unseen"
         else:
-            split[rng.choice(index, holdout, replace=False)] = "heldout"
+            if holdout_run:
+                split[[i for i in index if runs.get(ids[i]) == holdout_run]] = "heldout"
+            else:
+                split[rng.choice(index, holdout, replace=False)] = "heldout"
     return layout, stats, x, masks, tasks, split
 
 
@@ -212,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=None, help="default: the suite's meta-training lr")
     parser.add_argument("--batch", type=int, default=6, help="adapters per episode (one per task)")
     parser.add_argument("--holdout", type=int, default=2, help="held-out adapters per training task")
+    parser.add_argument(
+        "--holdout-run", default=None, help="hold out this training run of every training task (e.g. run0)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], help="FVAEConfig field=value (repeatable)")
     parser.add_argument("--pca", action="store_true", help="also print the linear (PCA) reference")
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     suite_fvae = dict(SUITE_TRAINING[args.suite]["fvae"])
     suite_fvae.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
-    layout, stats, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed)
+    layout, stats, x, masks, tasks, split = load_suite(args.suite, args.holdout, args.seed, args.holdout_run)
     suite_fvae["arch"] = resolve_arch(
         suite_fvae.get("arch", "auto"), layout.size, suite_fvae.get("hidden", FVAEConfig.hidden)
     )
@@ -274,7 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({time.perf_counter() - start:.0f}s)",
                 flush=True,
             )
-    result = {"suite": args.suite, "config": config.to_dict(), "steps": args.steps, "lr": lr}
+    result = {
+        "suite": args.suite,
+        "config": config.to_dict(),
+        "steps": args.steps,
+        "lr": lr,
+        "holdout": args.holdout_run or args.holdout,
+    }
     for part in ("train", "heldout", "unseen"):
         rows = np.flatnonzero(split == part)
         result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer)

@@ -302,6 +302,11 @@ class _ConstantDecoder(torch.nn.Module):
     def decode(self, z, cond):
         return self.output.expand(z.shape[0], -1) + 0 * z.sum()
 
+    def reconstruction_measures(self, x_hat, x, present):
+        from engine.fvae.recon import explained_fraction, relative_error
+
+        return relative_error(x_hat, x, present), explained_fraction(x_hat, x, present)
+
 
 def _artifact(layout, model=None):
     from engine.fvae.artifact import ArtifactMeta, FVAEArtifact, TaskVectorSource
