@@ -333,6 +333,14 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     suite = lab["suites"][name]
     rows = suite_rows(rows, name)
     harness = SuiteHarness.build(lab, name, max_eval=args.max_eval)
+    ks = [k for k in args.ks if k <= len(harness.tasks)]
+    if not ks:  # before any F-VAE is trained: nothing could be measured
+        raise SystemExit(
+            f"{name}: K = {', '.join(map(str, args.ks))} needs at least {min(args.ks)} tasks, but the "
+            f"suite kept {len(harness.tasks)} ({', '.join(harness.tasks)}): pass a smaller --k"
+        )
+    if len(ks) < len(args.ks):
+        log(f"{name}: skipping K > {len(harness.tasks)} (the suite kept {len(harness.tasks)} tasks)")
     support_k = SUPPORT_K.get(name)
     out: dict[str, Any] = {
         "tasks": harness.tasks,
@@ -379,7 +387,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     out["unseen"] = unseen
     icm_labels = [r.label for r in icm_rows]
     everything = []
-    for k in [k for k in args.ks if k <= len(harness.tasks)]:
+    for k in ks:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
         entries = evaluate_with_fvae_seeds(
             harness, rows, icm_rows, subsets, args.seed, log, fusion_by_seed, support_k, unseen

@@ -114,3 +114,19 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     interval = seeded["by_k"]["2"]["fvae_seeds"]["icm"]["mean_gap"]
     assert interval["n"] == 2 and interval["low"] <= interval["mean"] <= interval["high"]
     assert seeded["by_k"]["2"]["summary"]["icm"]["mean_gap"] == pytest.approx(interval["mean"])
+
+
+def test_a_k_above_the_suites_tasks_is_refused_before_any_training(tiny_lab, tmp_path, monkeypatch):
+    import benchmarks.fusion_quality as fusion_quality
+
+    def never(*args, **kwargs):
+        raise AssertionError("an F-VAE was trained for a run that cannot measure anything")
+
+    monkeypatch.setattr(fusion_quality, "trained_fvae", never)
+    lab_dir, _ = tiny_lab
+    args = ["--lab", str(lab_dir), "--suites", "generative", "--k", "99", "--fewshot-k", "0"]
+    with pytest.raises(
+        SystemExit, match=r"generative: K = 99 needs at least 99 tasks, but the suite kept \d+"
+    ):
+        main([*args, "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "fusion_quality.json").exists()
