@@ -12,7 +12,7 @@ Per task: class-balanced train / support / eval splits (2048 / 16 / 256), the "f
 trained linear head" baseline (the encoder suite's L2-tuned logistic probe, on the trunk's
 output), and 2 seeds of PEFT LoRA (rank 4 on ``fc1``, ``fc2``; the head in ``modules_to_save``,
 started from the probe: LP-FT) saved at 3 checkpoints: 6 adapters per task in one catalog. A task
-is kept when its run-0 adapter beats the probe by >= 2 accuracy points (4 of the 6 at seed 0).
+is kept when its run-0 adapter beats the probe by >= 2 accuracy points.
 
 :func:`build_features_suite` caches everything under ``<out>`` and returns the suite in the
 shape of a ``lab.json`` suite (absolute paths), which :mod:`benchmarks.fusion_quality` scores
