@@ -140,14 +140,19 @@ def projected_task_vectors(
 ) -> dict[str, torch.Tensor]:
     """Adapter-derived task vectors of every task (of ``tasks``, when given): one streaming pass of
     per-task sums on Ray Data workers (the driver only merges ``tasks x N`` partial sums), the
-    normalised mean ``(sum / count - mean) / std``, then the seeded projection."""
+    normalised mean ``(sum / count - mean) / std``, then the seeded projection (drawn once for
+    all tasks)."""
     from engine.catalog.streaming import streaming_task_sums
 
-    vectors = {}
-    for task, (total, count) in streaming_task_sums(dataset, tasks).items():
-        mean = torch.as_tensor(total / count, dtype=torch.float32)
-        vectors[task] = project(normalizer.normalize(mean[None])[0], dim, seed)
-    return vectors
+    sums = streaming_task_sums(dataset, tasks)
+    if not sums:
+        return {}
+    names, means = list(sums), []
+    for task in names:  # each task's sums freed as its float32 mean is made: no higher peak than the sums
+        total, count = sums.pop(task)
+        means.append(normalizer.normalize(torch.as_tensor(total / count, dtype=torch.float32)[None])[0])
+    # rows of one [T, d] tensor: cloned, since safetensors refuses tensors that share storage
+    return {task: v.clone() for task, v in zip(names, project(means, dim, seed), strict=True)}
 
 
 def data_fusion_loss(cfg: MetaTrainConfig, layout: Layout, tasks: list[str], seed: int) -> DataLoss:

@@ -134,14 +134,6 @@ def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskV
     )
 
 
-def _condition_vector(condition: Condition, xn: torch.Tensor, artifact) -> torch.Tensor:
-    """``[d]`` the condition of the normalised adapter ``xn [N]``."""
-    if condition.vector is not None:
-        return condition.vector
-    source = artifact.meta.task_vector_source
-    return project(xn, source.dim or artifact.model.config.cond_dim, source.seed)
-
-
 def split_by_layout(adapter: LoraAdapter, layout: Layout) -> tuple[LoraAdapter, dict[str, LoraModule]]:
     """``(the adapter restricted to the modules of layout, its other modules)``.
 
@@ -183,20 +175,51 @@ def encode_input(
         AdapterError: the adapter targets a module outside the F-VAE's layout (see
             :func:`split_by_layout`) or one of another shape.
     """
-    layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
-    canonical = to_canonical(_encodable(adapter, layout), layout, gauge=artifact.meta.gauge)
-    xn = normalizer.normalize(to_flat(canonical))  # [N]
-    cond = _condition_vector(condition, xn, artifact)[None]  # [1, d]
-    with torch.no_grad():
-        mu, _ = model.encode(xn[None], cond)  # [1, latent]
-        reconstruction = model.decode(mu, cond)  # [1, N], normalised
-        decoded = normalizer.denormalize(reconstruction)
-    present = torch.from_numpy(layout.slot_mask(canonical.mask.numpy()))  # [N]
-    error = float(model.reconstruction_measures(reconstruction[0], xn, present)[0])
-    factors = tuple(adapter_factors(adapter, layout))
-    if own_factors:
-        factors = tuple((A.clone(), B.clone()) for A, B in factors)
-    return EncodedInput(cond[0], mu[0], decoded[0], canonical.mask, factors, error, condition.kind)
+    return _PreparedInput.of(artifact, adapter).encode(artifact, condition, own_factors=own_factors)
+
+
+@dataclass
+class _PreparedInput:
+    """One adapter in the F-VAE's canonical form: what an encoding starts from."""
+
+    adapter: LoraAdapter
+    canonical: Any  # engine.adapters.codec canonical form (flat rows and module mask)
+    xn: torch.Tensor  # [N] normalised flat vector
+
+    @classmethod
+    def of(cls, artifact, adapter: LoraAdapter) -> _PreparedInput:
+        layout = artifact.layout
+        canonical = to_canonical(_encodable(adapter, layout), layout, gauge=artifact.meta.gauge)
+        return cls(adapter, canonical, artifact.normalizer.normalize(to_flat(canonical)))
+
+    def encode(
+        self, artifact, condition: Condition, projected: torch.Tensor | None = None, own_factors: bool = False
+    ) -> EncodedInput:
+        """The encoding under ``condition``; ``projected``: the condition's vector when it is the
+        adapter's projection and the caller projected it already (with other inputs: one draw of
+        the projection for all of them)."""
+        layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
+        vector = condition.vector
+        if vector is None:
+            vector = projected if projected is not None else _projected(artifact, [self.xn])[0]
+        cond = vector[None]  # [1, d]
+        with torch.no_grad():
+            mu, _ = model.encode(self.xn[None], cond)  # [1, latent]
+            reconstruction = model.decode(mu, cond)  # [1, N], normalised
+            decoded = normalizer.denormalize(reconstruction)
+        present = torch.from_numpy(layout.slot_mask(self.canonical.mask.numpy()))  # [N]
+        error = float(model.reconstruction_measures(reconstruction[0], self.xn, present)[0])
+        factors = tuple(adapter_factors(self.adapter, layout))
+        if own_factors:
+            factors = tuple((A.clone(), B.clone()) for A, B in factors)
+        return EncodedInput(cond[0], mu[0], decoded[0], self.canonical.mask, factors, error, condition.kind)
+
+
+def _projected(artifact, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[B, d]`` the adapter-derived conditions of normalised adapters ``rows`` (one draw of the
+    seeded projection for all of them)."""
+    source = artifact.meta.task_vector_source
+    return project(rows, source.dim or artifact.model.config.cond_dim, source.seed)
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:
@@ -233,12 +256,13 @@ class IcmInputsCache:
 
     def encode(self, artifact, adapter: LoraAdapter, condition: Condition) -> EncodedInput:
         """The cached encoding of ``adapter`` under ``condition``, computed on a miss."""
-        key = self.key(artifact, adapter, condition)
-        entry = self._lru.get(key)
-        if entry is None:
-            entry = encode_input(artifact, adapter, condition, own_factors=True)
-            self._lru.put(key, entry, entry.nbytes())
-        return entry
+        return _encode_all(artifact, [adapter], [condition], self)[0]
+
+    def get(self, key: tuple[str, str, str, str]) -> EncodedInput | None:
+        return self._lru.get(key)
+
+    def put(self, key: tuple[str, str, str, str], entry: EncodedInput) -> None:
+        self._lru.put(key, entry, entry.nbytes())
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -259,6 +283,34 @@ def encode_inputs(
     """:func:`encode_input` of every adapter (through ``cache`` when given), conditions resolved
     by :func:`resolve_condition`; ``tasks`` has one name per adapter."""
     conditions = [resolve_condition(t, artifact, given or {}, mode) for t in tasks]
-    if cache is None:
-        return [encode_input(artifact, a, c) for a, c in zip(adapters, conditions, strict=True)]
-    return [cache.encode(artifact, a, c) for a, c in zip(adapters, conditions, strict=True)]
+    return _encode_all(artifact, adapters, conditions, cache)
+
+
+def _encode_all(
+    artifact, adapters: Sequence[LoraAdapter], conditions: Sequence[Condition], cache: IcmInputsCache | None
+) -> list[EncodedInput]:
+    """:func:`encode_input` of every adapter under its condition, through ``cache`` when given (its
+    entries own their factors).
+
+    The inputs conditioned on their own projection are projected together, so the seeded
+    projection is drawn once per fusion rather than once per input (at an 8 B-class layout the
+    draw costs more than the F-VAE); every other input is prepared and encoded one at a time, so
+    at most those inputs' normalised vectors are held at once. Results are the same bits as
+    :func:`encode_input` of each input alone.
+    """
+    cached = cache is not None  # not `if cache`: an empty cache is falsy (it has a length)
+    keys = [cache.key(artifact, a, c) for a, c in zip(adapters, conditions, strict=True)] if cached else []
+    entries: list[EncodedInput | None] = [cache.get(k) for k in keys] if cached else [None] * len(adapters)
+    missing = [i for i, entry in enumerate(entries) if entry is None]
+    projecting = [i for i in missing if conditions[i].vector is None]
+    prepared = {i: _PreparedInput.of(artifact, adapters[i]) for i in projecting}
+    vectors: dict[int, torch.Tensor] = {}
+    if projecting:
+        projected = _projected(artifact, [prepared[i].xn for i in projecting])
+        vectors = {i: row.clone() for i, row in zip(projecting, projected, strict=True)}
+    for i in missing:
+        ready = prepared.pop(i, None) or _PreparedInput.of(artifact, adapters[i])
+        entries[i] = ready.encode(artifact, conditions[i], vectors.get(i), own_factors=cached)
+        if cached:
+            cache.put(keys[i], entries[i])
+    return entries

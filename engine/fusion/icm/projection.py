@@ -3,35 +3,48 @@
 ``v_t = P @ mean_i(normalised adapter_i of task t)`` with a fixed seeded Gaussian projection
 ``P [d, N] / sqrt(N)``: reproducible anywhere from ``(seed, d, N)``, so a task unseen in training
 gets its vector from its adapter(s) alone. Projected in column blocks to bound memory.
+
+Above :data:`CACHED_ELEMENTS`, ``P`` is drawn again, block by block, on every call: at an 8 B-class
+layout that is ``d x N`` Gaussian numbers (hundreds of millions), far more work than the product
+itself. A call with several rows draws ``P`` once for all of them, so callers with several
+adapters to project (the inputs of one fusion, the tasks of a training run) pass them together.
+Each row is multiplied on its own, so a row's vector is the same bits whatever rows it came with.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 BLOCK = 1 << 16
+CACHED_ELEMENTS = 1 << 24  # 64 MiB of float32 per cached projection
 
 
-def project(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """``[N]`` or ``[B, N]`` -> ``[d]`` or ``[B, d]`` with the seeded projection."""
-    single = x.dim() == 1
-    x = x.reshape(1, -1) if single else x
-    n = x.shape[1]
+def project(x: torch.Tensor | Sequence[torch.Tensor], dim: int, seed: int) -> torch.Tensor:
+    """``[N]`` -> ``[d]``; ``[B, N]`` (or a sequence of ``B`` tensors ``[N]``) -> ``[B, d]``, each row
+    exactly as it would be projected alone."""
+    single = isinstance(x, torch.Tensor) and x.dim() == 1
+    rows = [x] if single else list(x)
+    if not rows:
+        raise ValueError("project needs at least one row")
+    n = rows[0].shape[-1]
+    if any(row.shape != (n,) for row in rows):
+        raise ValueError(f"project: every row must be [N] = [{n}]; got {[tuple(r.shape) for r in rows]}")
+    out = torch.zeros(len(rows), dim)
     if dim * n <= CACHED_ELEMENTS:  # small enough to keep: serving fuses with it per request
-        out = x.float() @ _projection(dim, n, seed).T
+        matrix = _projection(dim, n, seed)
+        for i, row in enumerate(rows):
+            out[i] = row.float()[None] @ matrix.T
     else:
-        out = torch.zeros(x.shape[0], dim)
         start = 0
         for block in _blocks(dim, n, seed):
-            out += x[:, start : start + block.shape[1]].float() @ block.T
-            start += block.shape[1]
+            end = start + block.shape[1]
+            for i, row in enumerate(rows):
+                out[i] += (row[start:end].float()[None] @ block.T)[0]
+            start = end
     return out[0] if single else out
-
-
-CACHED_ELEMENTS = 1 << 24  # 64 MiB of float32 per cached projection
 
 
 def _blocks(dim: int, n: int, seed: int) -> Iterator[torch.Tensor]:

@@ -111,6 +111,30 @@ def test_cached_fusion_is_bit_identical_and_encodes_each_input_once():
     assert stats["misses"] == 4 and stats["hits"] == 2 * sum(len(s[0]) for s in SPECS) - 4
 
 
+def test_inputs_projected_together_draw_the_projection_once_and_match_each_alone(monkeypatch):
+    """Inputs conditioned on their own projection share one draw of the seeded projection (drawn
+    block by block above CACHED_ELEMENTS, as at 8 B-class layouts, where the draw costs more than
+    the F-VAE), and each gets the same bits as when it is encoded alone."""
+    from engine.fusion.icm import inputs, projection
+
+    monkeypatch.setattr(projection, "CACHED_ELEMENTS", 0)
+    monkeypatch.setattr(projection, "BLOCK", 7)  # several blocks, the last one partial
+    draws = []
+    blocks = projection._blocks
+    monkeypatch.setattr(projection, "_blocks", lambda *a: draws.append(a) or blocks(*a))
+    artifact = _artifact()
+    conditions = [inputs.resolve_condition(t, artifact, {}, "adapter") for t in TASKS]
+    assert all(c.kind == "projection" for c in conditions)
+    together = inputs.encode_inputs(artifact, ADAPTERS, TASKS, mode="adapter")
+    assert len(draws) == 1
+    for adapter, condition, entry in zip(ADAPTERS, conditions, together, strict=True):
+        alone = inputs.encode_input(artifact, adapter, condition)
+        for field in ("cond", "mu", "decoded", "mask"):
+            assert torch.equal(getattr(entry, field), getattr(alone, field)), field
+        assert entry.recon_error == alone.recon_error
+    assert len(draws) == 1 + len(ADAPTERS)
+
+
 def test_a_different_fvae_never_hits_another_ones_entries():
     first, second = _artifact(seed=0), _artifact(seed=1)
     assert first.fingerprint != second.fingerprint
