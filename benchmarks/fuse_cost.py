@@ -10,6 +10,10 @@ PEFT folder). The F-VAE is loaded once before the timings (a server or a long-li
 as CPU seconds of the process (on a shared machine the CPU seconds move less with other load).
 
     .venv/bin/python -m benchmarks.fuse_cost --catalog DIR --fvae DIR [--k 8] [--repeats 5] [--name NAME]
+        [--condition trained|adapter]
+
+``--condition adapter`` conditions every input on its own adapter's projection, the path of
+adapters whose tasks the F-VAE never saw (the default, ``trained``, uses meta-training's vectors).
 
 Writes results/<name>.json and .png (median seconds per phase and method; the ratios icm / linear).
 """
@@ -44,7 +48,9 @@ def _pick_ids(catalog, k: int) -> list[str]:
     return picked
 
 
-def _one_fusion(catalog, method: str, ids: list[str], fvae, out: Path) -> dict[str, float]:
+def _one_fusion(
+    catalog, method: str, ids: list[str], fvae, out: Path, icm_params: dict | None = None
+) -> dict[str, float]:
     """One fusion's seconds per phase (``read``, ``fuse``, ``write``, ``total``), wall and CPU."""
     from engine.fusion import fuse_adapters, fusion_context
 
@@ -56,7 +62,8 @@ def _one_fusion(catalog, method: str, ids: list[str], fvae, out: Path) -> dict[s
     context = fusion_context(
         method, {}, catalog=catalog, adapter_ids=ids, fvae=fvae if method == "icm" else None
     )
-    result = fuse_adapters(adapters, method, None, {}, 0, tasks, context)
+    params = (icm_params or {}) if method == "icm" else {}
+    result = fuse_adapters(adapters, method, None, params, 0, tasks, context)
     marks.append((time.perf_counter(), time.process_time()))
     result.save(str(out))
     marks.append((time.perf_counter(), time.process_time()))
@@ -75,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default="fuse_cost")
+    parser.add_argument(
+        "--condition",
+        choices=("trained", "adapter"),
+        default="trained",
+        help="icm's condition param: 'adapter' derives every input's task vector from the adapter "
+        "(the seeded projection), as for adapters of tasks the F-VAE never saw",
+    )
     args = parser.parse_args(argv)
 
     import os
@@ -86,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     catalog = Catalog(args.catalog)
     fvae = FVAEArtifact.load(args.fvae)
     ids = _pick_ids(catalog, args.k)
+    icm_params = {"condition": args.condition}
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:  # imports, first reads, the methods' lazy set-up
-            _one_fusion(catalog, method, ids, fvae, Path(tmp) / f"warm-{method}")
+            _one_fusion(catalog, method, ids, fvae, Path(tmp) / f"warm-{method}", icm_params)
         for repeat in range(args.repeats):
             order = METHODS if repeat % 2 == 0 else METHODS[::-1]
             for method in order:
-                timing = _one_fusion(catalog, method, ids, fvae, Path(tmp) / f"{method}-{repeat}")
+                timing = _one_fusion(catalog, method, ids, fvae, Path(tmp) / f"{method}-{repeat}", icm_params)
                 runs[method].append(timing)
                 print(f"repeat {repeat} {method:7s} " + " ".join(f"{k} {v:7.2f}s" for k, v in timing.items()))
     medians = {
@@ -115,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "fvae_arch": fvae.model.config.arch,
         "n": layout.size,
         "k": args.k,
+        "icm_params": icm_params,
         "repeats": args.repeats,
         "runs": runs,
         "median_seconds": medians,

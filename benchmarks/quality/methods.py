@@ -46,6 +46,17 @@ BASELINES: tuple[MethodRow, ...] = (
     MethodRow("magnitude_prune", "magnitude_prune", params={"density": 0.5}),
     MethodRow("lorahub", "lorahub", few_shot=True),
     MethodRow("task_arithmetic-fitted", "task_arithmetic", weights="one", few_shot=True),  # module-wise
+    # The 2025 merges: 1/K weights give each its paper's task vectors (tau_i = dW_i, or the plain
+    # average for STAR); the knobs left unset (alpha, density, shrink) are picked on the support
+    # examples, as the papers pick them on validation data (engine.fusion.selection).
+    MethodRow("knots_ties", "knots", few_shot=True),
+    MethodRow("knots_dare", "knots", params={"inner": "dare"}, few_shot=True),
+    MethodRow("iso_c", "iso_c", few_shot=True),
+    MethodRow("iso_cts", "iso_cts", few_shot=True),
+    MethodRow("tsv", "tsv", few_shot=True),
+    MethodRow("core_space", "core_space", few_shot=True),  # inner TSV, the paper's headline
+    MethodRow("star", "star"),
+    MethodRow("regmean", "regmean", few_shot=True),  # Gram matrices of the support examples
 )
 
 # ICM-Fusion rows (need a meta-trained F-VAE). ``icm`` is the paper's method as specified: latent

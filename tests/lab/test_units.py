@@ -139,3 +139,16 @@ def test_char_tokenizer_file_is_read_one_way_by_training_task_models_and_the_ser
         validate_spec(TokenizerSpec, {"kind": "char", "path": str(path), "vocab": ["a"]})
     with pytest.raises(TaskError, match="cannot load a character tokenizer"):
         load_tokenizer(tmp_path / "missing.json", "char")
+
+
+def test_the_quality_table_has_a_row_for_every_registry_method():
+    """fusion_quality's rows name registered methods with valid parameters, and no registry method
+    is left out of the table (a method added to the registry must get a row)."""
+    from benchmarks.quality.methods import BASELINES, ICM_ROWS
+    from engine.fusion.registry import get_method, list_methods
+
+    rows = BASELINES + ICM_ROWS
+    for row in rows:
+        get_method(row.method).parse_params(row.params)
+    assert len({row.label for row in rows}) == len(rows)
+    assert {m.name for m in list_methods()} <= {row.method for row in rows}
