@@ -59,10 +59,10 @@ def _one_fusion(
     adapters = [catalog.load_adapter(i) for i in ids]
     marks.append((time.perf_counter(), time.process_time()))
     tasks = [entries[i]["task"] for i in ids]
-    context = fusion_context(
-        method, {}, catalog=catalog, adapter_ids=ids, fvae=fvae if method == "icm" else None
-    )
     params = (icm_params or {}) if method == "icm" else {}
+    context = fusion_context(
+        method, params, catalog=catalog, adapter_ids=ids, fvae=fvae if method == "icm" else None
+    )
     result = fuse_adapters(adapters, method, None, params, 0, tasks, context)
     marks.append((time.perf_counter(), time.process_time()))
     result.save(str(out))

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.adapters.codec import to_canonical, to_flat
+from engine.adapters.codec import CanonicalAdapter, to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.digest import update_with_tensor
@@ -183,7 +183,7 @@ class _PreparedInput:
     """One adapter in the F-VAE's canonical form: what an encoding starts from."""
 
     adapter: LoraAdapter
-    canonical: Any  # engine.adapters.codec canonical form (flat rows and module mask)
+    canonical: CanonicalAdapter
     xn: torch.Tensor  # [N] normalised flat vector
 
     @classmethod
@@ -308,9 +308,14 @@ def _encode_all(
     if projecting:
         projected = _projected(artifact, [prepared[i].xn for i in projecting])
         vectors = {i: row.clone() for i, row in zip(projecting, projected, strict=True)}
+    made: dict[tuple[str, str, str, str], EncodedInput] = {}
     for i in missing:
+        if cached and keys[i] in made:  # the same adapter and condition twice in one call
+            entries[i] = made[keys[i]]
+            continue
         ready = prepared.pop(i, None) or _PreparedInput.of(artifact, adapters[i])
         entries[i] = ready.encode(artifact, conditions[i], vectors.get(i), own_factors=cached)
         if cached:
+            made[keys[i]] = entries[i]
             cache.put(keys[i], entries[i])
     return entries

@@ -135,6 +135,15 @@ def test_inputs_projected_together_draw_the_projection_once_and_match_each_alone
     assert len(draws) == 1 + len(ADAPTERS)
 
 
+def test_one_adapter_twice_in_one_call_is_encoded_once():
+    from engine.fusion.icm.inputs import encode_inputs
+
+    artifact, cache = _artifact(), IcmInputsCache()
+    calls = _count_encodes(artifact)
+    entries = encode_inputs(artifact, [ADAPTERS[1], ADAPTERS[1]], [TASKS[1]] * 2, cache=cache)
+    assert calls[0] == len(cache) == 1 and entries[0] is entries[1]
+
+
 def test_a_different_fvae_never_hits_another_ones_entries():
     first, second = _artifact(seed=0), _artifact(seed=1)
     assert first.fingerprint != second.fingerprint
