@@ -31,6 +31,7 @@ from typing import Any
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.lab import load_lab
 from benchmarks.lab.features import build_features_suite
+from benchmarks.quality.bootstrap import REPLICATES, SetSamples, mean_sums, paired_bootstrap
 from benchmarks.quality.harness import SuiteHarness
 from benchmarks.quality.icm import context_task_vectors, trained_fvae, unseen_tasks
 from benchmarks.quality.methods import BASELINES, ICM_ROWS, MethodRow, run_row
@@ -62,10 +63,16 @@ def evaluate_sets(
     support_k: int | None = None,
     unseen: list[str] = (),
     adapters: dict[str, Any] | None = None,
+    samples: list[SetSamples] | None = None,
 ) -> list[dict[str, Any]]:
-    """Fuse and score every task set with every row; ``adapters`` overrides the own adapters as inputs."""
+    """Fuse and score every task set with every row; ``adapters`` overrides the own adapters as inputs.
+
+    ``samples``, when given, receives one :class:`SetSamples` per task set (each row's per-example
+    sums, for :func:`benchmarks.quality.bootstrap.paired_bootstrap`).
+    """
     entries = []
     for subset in subsets:
+        set_samples = SetSamples(list(subset))
         inputs = [(adapters or harness.own)[t] for t in subset]
         entry = {
             "tasks": subset,
@@ -78,7 +85,7 @@ def evaluate_sets(
                 row, inputs, subset, seed, lambda s=subset: harness.objective(s, support_k), fusion_args
             )
             fuse_s = time.perf_counter() - start
-            scored = harness.score(fused, subset)
+            scored, set_samples.rows[row.label] = harness.score_examples(fused, subset)
             scored.update(details=details, fuse_seconds=fuse_s)
             entry["methods"][row.label] = scored
             log(
@@ -86,6 +93,8 @@ def evaluate_sets(
                 f"worst={_fmt(scored['worst_gap'])} G_acc={_fmt(scored.get('mean_gap_accuracy'))} ({fuse_s:.1f}s)"
             )
         entries.append(entry)
+        if samples is not None:
+            samples.append(set_samples)
     return entries
 
 
@@ -99,25 +108,44 @@ def evaluate_with_fvae_seeds(
     fusion_by_seed: dict[int, dict[str, Any]],
     support_k: int | None = None,
     unseen: list[str] = (),
+    samples: list[SetSamples] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`evaluate_sets` with the ``icm`` rows fused once per meta-training seed's F-VAE
     (``fusion_by_seed``: fusion_context arguments per seed) and combined per task set
-    (:func:`benchmarks.quality.seeds.combine_seed_runs`); the other rows run once."""
+    (:func:`benchmarks.quality.seeds.combine_seed_runs`); the other rows run once. An ``icm`` row's
+    per-example sums in ``samples`` are the mean over the seeds."""
     first = next(iter(fusion_by_seed.values()), {})
     if len(fusion_by_seed) <= 1:
-        return evaluate_sets(harness, rows + icm_rows, subsets, seed, log, first, support_k, unseen)
-    entries = evaluate_sets(harness, rows, subsets, seed, log, first, support_k, unseen)
-    per_seed = {}
+        return evaluate_sets(
+            harness, rows + icm_rows, subsets, seed, log, first, support_k, unseen, samples=samples
+        )
+    own_samples: list[SetSamples] = []
+    entries = evaluate_sets(harness, rows, subsets, seed, log, first, support_k, unseen, samples=own_samples)
+    per_seed, per_seed_samples = {}, {}
     for fvae_seed, fusion_args in fusion_by_seed.items():
         log(f"{harness.name}: icm rows with the F-VAE of meta-training seed {fvae_seed}")
+        per_seed_samples[fvae_seed] = []
         per_seed[fvae_seed] = evaluate_sets(
-            harness, icm_rows, subsets, seed, log, fusion_args, support_k, unseen
+            harness,
+            icm_rows,
+            subsets,
+            seed,
+            log,
+            fusion_args,
+            support_k,
+            unseen,
+            samples=per_seed_samples[fvae_seed],
         )
     for i, entry in enumerate(entries):
         for row in icm_rows:
             entry["methods"][row.label] = combine_seed_runs(
                 {s: runs[i]["methods"][row.label] for s, runs in per_seed.items()}
             )
+            own_samples[i].rows[row.label] = mean_sums(
+                [runs[i].rows[row.label] for runs in per_seed_samples.values()]
+            )
+    if samples is not None:
+        samples.extend(own_samples)
     return entries
 
 
@@ -229,6 +257,32 @@ def _seed_table(by_key: dict[str, dict[str, Any]], mean_key: str, title: str) ->
     return lines
 
 
+def _bounds(stat: dict[str, Any]) -> str:
+    if stat["low"] is None:
+        return f"{stat['estimate']:.2f}"
+    return f"{stat['estimate']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
+
+
+def _bootstrap_table(boot: dict[str, Any], title: str) -> list[str]:
+    """Rows' G with paired-bootstrap intervals, and which differences the intervals support."""
+    lines = [
+        f"\n{title}: G on {boot['metric']} with {boot['level']:.0%} paired-bootstrap intervals over eval "
+        f"examples ({boot['replicates']} replicates)",
+        "| method | mean G | pooled G |",
+        "|---|---|---|",
+    ]
+    for label, stats in boot["rows"].items():
+        lines.append(f"| {label} | {_bounds(stats['mean_gap'])} | {_bounds(stats['pooled_gap'])} |")
+    if "best" in boot:
+        diff = boot["best_vs_worst"]
+        verdict = "separated" if diff["separated"] else "NOT separated"
+        lines.append(
+            f"  best {boot['best']} - worst {boot['worst']}: {_bounds(diff)} ({verdict}); "
+            f"tied with the best (interval of the difference holds 0): {', '.join(boot['tied_with_best']) or 'none'}"
+        )
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     for suite, data in results["suites"].items():
@@ -250,6 +304,9 @@ def table(results: dict[str, Any]) -> str:
                     else "n/a"
                 )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for k in ks:
+            if data["by_k"][k].get("bootstrap"):
+                lines += _bootstrap_table(data["by_k"][k]["bootstrap"], f"{suite} K={k}")
         seeded = {f"K = {k}": data["by_k"][k]["fvae_seeds"] for k in ks if data["by_k"][k].get("fvae_seeds")}
         if seeded:
             seeds = next(iter(next(iter(seeded.values())).values()))["seeds"]
@@ -389,13 +446,26 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     everything = []
     for k in ks:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
+        samples: list[SetSamples] = []
         entries = evaluate_with_fvae_seeds(
-            harness, rows, icm_rows, subsets, args.seed, log, fusion_by_seed, support_k, unseen
+            harness, rows, icm_rows, subsets, args.seed, log, fusion_by_seed, support_k, unseen, samples
         )
         if suite["kind"] == "causal-lm" and not args.no_ceiling:
-            add_ceiling(harness, suite, entries, args.seed, log)
+            add_ceiling(harness, suite, entries, args.seed, log, samples)
         everything += entries
         by_k = {"sets": entries, "summary": summarize(entries)}
+        if args.bootstrap:
+            metric = out["primary_gap"].removeprefix("gap").removeprefix("_") or "loss"
+            by_k["bootstrap"] = paired_bootstrap(
+                samples,
+                harness.base_sums,
+                harness.own_sums,
+                harness.host.task_model.finalize,
+                metric,
+                lower_is_better=metric == "loss",
+                replicates=args.bootstrap,
+                seed=args.seed,
+            )
         if len(fusion_by_seed) > 1:
             by_k["fvae_seeds"] = seed_summary(entries, icm_labels)
         for label, chosen in (
@@ -432,13 +502,23 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
     return out
 
 
-def add_ceiling(harness: SuiteHarness, suite: dict[str, Any], entries: list[dict], seed: int, log) -> None:
-    """Score each set's joint full-data LoRA (the ceiling reference row)."""
+def add_ceiling(
+    harness: SuiteHarness,
+    suite: dict[str, Any],
+    entries: list[dict],
+    seed: int,
+    log,
+    samples: list[SetSamples] | None = None,
+) -> None:
+    """Score each set's joint full-data LoRA (the ceiling reference row); ``samples``, when given,
+    are the sets' per-example records (aligned with ``entries``) and receive the row's too."""
     from benchmarks.quality.ceiling import joint_lora
 
-    for entry in entries:
+    for i, entry in enumerate(entries):
         start = time.perf_counter()
-        scored = harness.score(joint_lora(suite, entry["tasks"], seed), entry["tasks"])
+        scored, sums = harness.score_examples(joint_lora(suite, entry["tasks"], seed), entry["tasks"])
+        if samples is not None:
+            samples[i].rows[CEILING] = sums
         scored["train_seconds"] = time.perf_counter() - start
         entry["methods"][CEILING] = scored
         log(
@@ -583,6 +663,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "with its spread and 95%% interval (default: --seed only)",
     )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the joint full-data LoRA row")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=REPLICATES,
+        help="paired bootstrap replicates over eval examples, per K (0: skip the intervals)",
+    )
     parser.add_argument("--name", default="fusion_quality")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.png go")
     parser.add_argument(
@@ -630,13 +716,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def combine(names: list[str], name: str, out_dir: Path) -> dict[str, Any]:
-    """One result from runs of separate suites (e.g. run in parallel): suites merged, the rest of
-    the first run kept, each run's settings and timing recorded under ``runs``."""
+    """One result from runs of separate suites or of one suite at separate K (e.g. run in
+    parallel): suites merged, a suite's ``by_k`` merged across runs (its other fields and the rest
+    of the result from the first run), each run's settings and timing recorded under ``runs``.
+
+    Raises:
+        SystemExit: if two runs measured the same suite at the same K.
+    """
     import json
 
     runs = [json.loads((out_dir / f"{n}.json").read_text()) for n in names]
     results = dict(runs[0])
-    results["suites"] = {suite: data for run in runs for suite, data in run["suites"].items()}
+    suites: dict[str, Any] = {}
+    for run_name, run in zip(names, runs, strict=True):
+        for suite, data in run["suites"].items():
+            if suite not in suites:
+                suites[suite] = dict(data, by_k=dict(data["by_k"]))
+                continue
+            twice = sorted(set(suites[suite]["by_k"]) & set(data["by_k"]), key=int)
+            if twice:
+                raise SystemExit(f"{suite} K = {', '.join(twice)} is in two runs (the second: {run_name})")
+            suites[suite]["by_k"].update(data["by_k"])
+    for data in suites.values():
+        data["by_k"] = dict(sorted(data["by_k"].items(), key=lambda item: int(item[0])))
+        if data.get("unseen"):
+            everything = [entry for by_k in data["by_k"].values() for entry in by_k["sets"]]
+            data["unseen_task_gaps"] = per_task_gaps(everything, data["unseen"], data["primary_gap"])
+    results["suites"] = suites
     results["runs"] = {
         n: {k: v for k, v in run.items() if k != "suites"} for n, run in zip(names, runs, strict=True)
     }

@@ -83,20 +83,40 @@ class _Progress:
             self.progress.update(self.bars["pretrain"], completed=event[1], total=event[2])
 
 
-def _check_config(out: Path, size: LabSize, seed: int) -> dict:
-    config = {"format": LAB_FORMAT, "size": size.name, "seed": seed, "fingerprint": size.fingerprint()}
+def _check_config(out: Path, size: LabSize, seed: int, suites: tuple[str, ...]) -> dict:
+    """Refuse to build on top of a lab (or one of its suites) built from another configuration.
+
+    Each suite is fingerprinted on its own, so a change to one suite's configuration leaves the
+    other suite's finished work valid; the changed suite's directory must be deleted first.
+    """
     path = out / CONFIG
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if {k: existing.get(k) for k in config} != config:
-            raise ValueError(
-                f"{out} holds a lab built with size={existing.get('size')!r}, seed={existing.get('seed')!r} "
-                f"(fingerprint {existing.get('fingerprint')}); this build is size={size.name!r}, seed={seed}. "
-                "Use another --out, or delete that directory to rebuild it."
+    existing = json.loads(path.read_text()) if path.is_file() else None
+    if existing is not None:
+        faults = []
+        if (existing.get("format"), existing.get("size"), existing.get("seed")) != (
+            LAB_FORMAT,
+            size.name,
+            seed,
+        ):
+            faults.append(
+                f"it holds a lab built with size={existing.get('size')!r}, seed={existing.get('seed')!r}; "
+                f"this build is size={size.name!r}, seed={seed}. Use another --out, or delete that directory"
             )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**config, "sizes": asdict(size)}, indent=1) + "\n")
+        recorded = existing.get("fingerprints", {})
+        for suite in suites:
+            if (out / suite).exists() and recorded.get(suite) != size.fingerprint(suite):
+                faults.append(
+                    f"its {suite} suite was built from another {suite} configuration (fingerprint "
+                    f"{recorded.get(suite)}, now {size.fingerprint(suite)}): delete {out / suite} to rebuild it"
+                )
+        if faults:
+            raise ValueError(f"{out}: " + "; ".join(faults))
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprints = {**(existing or {}).get("fingerprints", {}), **{s: size.fingerprint(s) for s in suites}}
+    config = {"format": LAB_FORMAT, "size": size.name, "seed": seed, "fingerprints": fingerprints}
+    text = json.dumps({**config, "sizes": asdict(size)}, indent=1) + "\n"
+    if existing is None or path.read_text() != text:  # a rebuild of a finished lab rewrites nothing
+        path.write_text(text)
     return config
 
 
@@ -300,7 +320,7 @@ def _encoder_manifest(out: Path, size: LabSize, seed: int, paths, reports) -> di
             "max_length": size.encoder.max_length,
         },
         "lora": {
-            "target_modules": list(E.TARGET_MODULES),
+            "target_modules": list(size.encoder.target_modules),
             "layers_to_transform": E.lora_layer_ids(size.encoder.lora_layers),
             "ranks": list(size.encoder.adapters.ranks),
             "lora_alpha": "2 * r",
@@ -421,7 +441,7 @@ def build_lab(
     out = Path(out) if out is not None else default_out(size, seed)
     workers = lab.workers if workers is None else workers
     started = time.time()
-    _check_config(out, lab, seed)
+    _check_config(out, lab, seed, tuple(suites))
     paths: dict[str, dict] = {}
     job_specs, after = [], []
     planned = {}

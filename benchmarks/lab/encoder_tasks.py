@@ -158,6 +158,75 @@ def word_frequency(n: int = 120_000) -> Pool:
     return sorted(pool)
 
 
+# Phrases composed from the VADER words: the frozen sentence embedding of "it was not good" sits
+# next to that of "it was good", so a linear head on it cannot read the negation; a LoRA can.
+_COMPOSED_SEED = 0  # the pairs are part of the task's definition, not of a lab build
+
+
+def vader_negation() -> Pool:
+    """Each VADER word as "it was {w}" (its sign) and "it was not {w}" (the opposite sign)."""
+    pool = []
+    for e in _vader_words():
+        positive = int(e.mean > 0)
+        pool.append((f"it was {e.token}", positive))
+        pool.append((f"it was not {e.token}", 1 - positive))
+    return pool
+
+
+def vader_contrast(pairs: int = 12_000) -> Pool:
+    """ "{a} but {b}" for VADER words of opposite signs -> the sign of ``b`` (what follows "but")."""
+    words = _vader_words()
+    positive = [e.token for e in words if e.mean > 0]
+    negative = [e.token for e in words if e.mean < 0]
+    rng = random.Random(_COMPOSED_SEED)
+    pool = []
+    for i in range(pairs):
+        first, second = (positive, negative) if i % 2 else (negative, positive)
+        pool.append((f"{rng.choice(first)} but {rng.choice(second)}", int(second is positive)))
+    return pool
+
+
+def pair_pos(pairs: int = 12_000) -> Pool:
+    """ "{a} {b}" for two words of Brill's lexicon -> the coarse class of ``a`` (as ``word-pos``)."""
+    words = sorted(word_pos())
+    rng = random.Random(_COMPOSED_SEED)
+    pool = []
+    for _ in range(pairs):
+        (first, label), (second, _) = rng.choice(words), rng.choice(words)
+        pool.append((f"{first} {second}", label))
+    return pool
+
+
+def frequency_comparison(pairs: int = 12_000, n: int = 60_000) -> Pool:
+    """ "{a} or {b}" for two English words at least 1 Zipf unit apart -> whether ``b`` is the commoner."""
+    zipf = sources.zipf_frequencies("en", "large")
+    words = [w for w in sources.top_words("en", n) if WORD_RE.match(w) and len(w) >= 3 and w in zipf]
+    rng = random.Random(_COMPOSED_SEED)
+    pool = []
+    while len(pool) < pairs:
+        a, b = rng.choice(words), rng.choice(words)
+        if abs(zipf[a] - zipf[b]) >= 1.0:
+            pool.append((f"{a} or {b}", int(zipf[b] > zipf[a])))
+    return pool
+
+
+def word_length(n: int = 60_000) -> Pool:
+    """Frequent English words -> letter count band: <= 4, 5-6, 7-8, >= 9."""
+    pool = []
+    for w in sources.top_words("en", n):
+        if WORD_RE.match(w) and len(w) >= 2:
+            pool.append((w, 0 if len(w) <= 4 else 1 if len(w) <= 6 else 2 if len(w) <= 8 else 3))
+    return sorted(pool)
+
+
+def noun_number() -> Pool:
+    """Nouns of Brill's lexicon -> singular (NN) or plural (NNS), by their most frequent tag."""
+    number = {"NN": 0, "NNS": 1}
+    return [
+        (w, number[t]) for w, t in sources.brill_lexicon() if t in number and WORD_RE.match(w) and len(w) >= 3
+    ]
+
+
 TASKS: dict[str, EncoderTask] = {
     t.name: t
     for t in (
@@ -230,6 +299,48 @@ TASKS: dict[str, EncoderTask] = {
             "wordfreq (en, large list)",
             "English word -> Zipf frequency band (< 2.5, [2.5, 3.5), >= 3.5)",
             word_frequency,
+        ),
+        EncoderTask(
+            "vader-negation",
+            ("negative", "positive"),
+            "vaderSentiment/vader_lexicon.txt",
+            '"it was [not] {word}" -> the valence sign of the word, flipped by "not"',
+            vader_negation,
+        ),
+        EncoderTask(
+            "vader-contrast",
+            ("negative", "positive"),
+            "vaderSentiment/vader_lexicon.txt",
+            '"{a} but {b}" (a, b of opposite valence) -> the valence sign of b',
+            vader_contrast,
+        ),
+        EncoderTask(
+            "pair-pos",
+            ("noun", "verb", "adjective", "adverb"),
+            "textblob/en/en-lexicon.txt (Brill)",
+            '"{a} {b}" (two lexicon words) -> the coarse class of a',
+            pair_pos,
+        ),
+        EncoderTask(
+            "frequency-comparison",
+            ("first-commoner", "second-commoner"),
+            "wordfreq (en, large list)",
+            '"{a} or {b}" (Zipf frequencies >= 1 apart) -> which of the two words is the commoner',
+            frequency_comparison,
+        ),
+        EncoderTask(
+            "word-length",
+            ("short", "medium", "long", "very-long"),
+            "wordfreq (en, best list)",
+            "frequent English word -> letter count <= 4, 5-6, 7-8, >= 9",
+            word_length,
+        ),
+        EncoderTask(
+            "noun-number",
+            ("singular", "plural"),
+            "textblob/en/en-lexicon.txt (Brill)",
+            "noun -> its Brill lexicon tag NN or NNS (the most frequent use)",
+            noun_number,
         ),
     )
 }

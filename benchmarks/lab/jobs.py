@@ -285,7 +285,7 @@ def encoder_task_job(lab_dir: str, task: str, size: EncoderSize, seed: int, even
         head = E.fit_logistic(train.pooled[spec.index], train.labels[spec.index], E.NUM_LABELS, probe["l2"])
         E.set_head(model, *head)
         torch.manual_seed(spec.seed)
-        peft_model = get_peft_model(model, E.lora_config(spec.rank, size.lora_layers))
+        peft_model = get_peft_model(model, E.lora_config(spec.rank, size.lora_layers, size.target_modules))
         E.train_lora(
             peft_model,
             train,

@@ -8,6 +8,7 @@ models (loss, metrics, hidden states) score lab adapters exactly as the lab trai
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,15 @@ def read_split(suite: dict[str, Any], task: str, split: str) -> list[dict[str, A
 
 
 def register_tasks(suite: dict[str, Any], variant: str = "main") -> list[str]:
-    """Define every kept task of ``suite`` in its ``variant`` catalog (idempotent).
+    """Define every kept task of ``suite`` in its ``variant`` catalog (idempotent, and safe when
+    several processes register the same suite at once: the definitions are the same).
 
     Each task's three split files are joined into ``examples/<task>/all.jsonl`` with a ``split``
     column, so the engine uses exactly the lab's splits (:class:`~engine.tasks.spec.SplitSpec`
     ``column``). Returns the task names.
     """
     from engine.catalog import Catalog
+    from engine.errors import CatalogError
     from engine.tasks.spec import TaskDefinition
     from engine.tasks.store import save_task, task_names
 
@@ -75,7 +78,7 @@ def register_tasks(suite: dict[str, Any], variant: str = "main") -> list[str]:
                 for split in ("train", "support", "eval")
                 for row in read_split(suite, task, split)
             ]
-            tmp = joined.with_suffix(".tmp")
+            tmp = joined.with_suffix(f".tmp-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(joined)
         definition = TaskDefinition(
@@ -86,5 +89,9 @@ def register_tasks(suite: dict[str, Any], variant: str = "main") -> list[str]:
             description=suite["tasks"][task].get("description", ""),
         )
         if task not in defined:
-            save_task(catalog, definition)
+            try:
+                save_task(catalog, definition)
+            except CatalogError:
+                if task not in task_names(catalog):  # not another process's identical definition
+                    raise
     return tasks

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.lab.tasks import read_split, suite_model_spec
+from benchmarks.quality.bootstrap import TaskSums
 from engine.adapters.lora import LoraAdapter
 from engine.catalog import Catalog
 from engine.tasks.base import task_model
@@ -48,6 +49,8 @@ class SuiteHarness:
     support: dict[str, list[dict]]
     base_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     own_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    base_sums: dict[str, TaskSums] = field(default_factory=dict)  # per-example, for the bootstrap
+    own_sums: dict[str, TaskSums] = field(default_factory=dict)
 
     @classmethod
     def build(cls, lab: dict[str, Any], name: str, max_eval: int | None = None) -> SuiteHarness:
@@ -64,9 +67,19 @@ class SuiteHarness:
         support = {t: read_split(suite, t, "support") for t in tasks}
         harness = cls(name, suite, catalog, host, tasks, own_ids, own, heads, base_heads, evals, support)
         for t in tasks:
-            harness.base_metrics[t] = host.metrics(None, evals[t], head=base_heads[t])
-            harness.own_metrics[t] = host.metrics(adapter_factors(own[t], layout), evals[t], head=heads[t])
+            harness.base_sums[t] = harness._example_sums(None, t, base_heads[t])
+            harness.own_sums[t] = harness._example_sums(adapter_factors(own[t], layout), t, heads[t])
+            harness.base_metrics[t] = harness.metrics_from_examples(harness.base_sums[t])
+            harness.own_metrics[t] = harness.metrics_from_examples(harness.own_sums[t])
         return harness
+
+    def _example_sums(self, factors, task: str, head) -> TaskSums:
+        sums = self.host.example_sums(factors, self.eval_examples[task], head=head)
+        return {key: values.numpy() for key, values in sums.items()}
+
+    def metrics_from_examples(self, sums: TaskSums) -> dict[str, float]:
+        """A task's metrics from its per-example sums (as ``LoraHost.metrics`` computes them)."""
+        return self.host.task_model.finalize({key: float(values.sum()) for key, values in sums.items()})
 
     @property
     def layout(self):
@@ -82,10 +95,17 @@ class SuiteHarness:
 
     def score(self, adapter: LoraAdapter, tasks: Sequence[str]) -> dict[str, Any]:
         """Per task: fused metrics and gap closure; then mean / worst G and mean loss."""
+        return self.score_examples(adapter, tasks)[0]
+
+    def score_examples(
+        self, adapter: LoraAdapter, tasks: Sequence[str]
+    ) -> tuple[dict[str, Any], dict[str, TaskSums]]:
+        """:meth:`score`, plus each task's per-example sums (what the paired bootstrap resamples)."""
         factors = adapter_factors(adapter, self.layout)
-        per_task = {}
+        per_task, sums = {}, {}
         for t in tasks:
-            fused = self.host.metrics(factors, self.eval_examples[t], head=self.heads[t])
+            sums[t] = self._example_sums(factors, t, self.heads[t])
+            fused = self.metrics_from_examples(sums[t])
             base, own = self.base_metrics[t], self.own_metrics[t]
             per_task[t] = {"fused": fused, "gap": gap_closure(base["loss"], own["loss"], fused["loss"])}
             if "accuracy" in fused:  # classification: also close the gap in accuracy (higher is better)
@@ -103,7 +123,7 @@ class SuiteHarness:
         result["pooled_gap"] = self._pooled(per_task, "loss", lower_is_better=True)
         if all("accuracy" in v["fused"] for v in per_task.values()):
             result["pooled_gap_accuracy"] = self._pooled(per_task, "accuracy", lower_is_better=False)
-        return result
+        return result, sums
 
     def _pooled(self, per_task: dict[str, Any], metric: str, lower_is_better: bool) -> float | None:
         """Gap closure of the summed metric, ``sum_t (base_t - fused_t) / sum_t (base_t - own_t)``.

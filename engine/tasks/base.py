@@ -52,6 +52,20 @@ class TaskModel(Protocol):
         """Metrics over all ``examples`` (no grad): ``loss`` plus ``accuracy`` or ``exact_match``/``perplexity``."""
         ...
 
+    def example_sums(
+        self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32
+    ) -> dict[str, torch.Tensor]:
+        """Each example's share of the sums behind :meth:`metrics`: ``[n]`` float64 per key (no grad).
+
+        ``finalize`` of their totals over any multiset of examples gives that multiset's metrics,
+        which is what a bootstrap over examples resamples.
+        """
+        ...
+
+    def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Metrics from sums of :meth:`example_sums` (totals over the examples measured)."""
+        ...
+
     def hidden_states(
         self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32
     ) -> torch.Tensor:
@@ -106,7 +120,7 @@ class BaseTaskModel:
     def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+    def _example_sums(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def _finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -134,13 +148,23 @@ class BaseTaskModel:
     def metrics(
         self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32
     ) -> dict[str, float]:
-        sums: dict[str, float] = {}
+        sums = self.example_sums(model, examples, batch_size)
+        return self.finalize({key: float(values.sum()) for key, values in sums.items()})
+
+    @torch.no_grad()
+    def example_sums(
+        self, model: nn.Module, examples: Sequence[Example], batch_size: int = 32
+    ) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
         for chunk in batches(examples, batch_size):
             batch = to_device(self.encode(chunk), model_device(model))
-            for key, value in self._batch_sums(model, batch).items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        if not sums:
+            for key, values in self._example_sums(model, batch).items():
+                parts.setdefault(key, []).append(values.cpu())
+        if not parts:
             raise ValueError("metrics need at least one example")
+        return {key: torch.cat(values) for key, values in parts.items()}
+
+    def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
         return self._finalize(sums)
 
     @torch.no_grad()

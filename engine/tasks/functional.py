@@ -162,6 +162,19 @@ class LoraHost:
         return self.run(lambda model: self.task_model.metrics(model, examples, batch_size), factors, head)
 
     @torch.no_grad()
+    def example_sums(
+        self,
+        factors: Factors | torch.Tensor | None,
+        examples: Sequence[Example],
+        head: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int = 64,
+    ) -> dict[str, torch.Tensor]:
+        """Each example's share of the sums behind :meth:`metrics` (``TaskModel.example_sums``)."""
+        return self.run(
+            lambda model: self.task_model.example_sums(model, examples, batch_size), factors, head
+        )
+
+    @torch.no_grad()
     def hidden_states(
         self,
         factors: Factors | torch.Tensor | None,

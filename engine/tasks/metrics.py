@@ -124,17 +124,39 @@ def finalize_lm(sums: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Per-batch sums that :func:`finalize_classification` turns into loss and accuracy.
+def classification_example_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each example's share of the sums that :func:`finalize_classification` turns into metrics.
 
     Args:
         logits: ``[n, C]``.
         labels: ``[n]`` class ids.
+
+    Returns:
+        ``nll``, ``correct``, ``examples``: ``[n]`` float64 each.
     """
     return {
-        "nll": float(classification_nll(logits, labels).double().sum()),
-        "correct": float((logits.argmax(dim=-1) == labels).sum()),
-        "examples": float(len(labels)),
+        "nll": classification_nll(logits, labels).double(),
+        "correct": (logits.argmax(dim=-1) == labels).double(),
+        "examples": torch.ones(len(labels), dtype=torch.float64),
+    }
+
+
+def lm_example_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each example's share of the sums that :func:`finalize_lm` turns into metrics.
+
+    Args:
+        logits: ``[n, T, V]``.
+        labels: ``[n, T]`` token ids, ``IGNORE_INDEX`` where no loss is taken.
+
+    Returns:
+        ``nll``, ``tokens``, ``exact``, ``examples``: ``[n]`` float64 each.
+    """
+    nll, mask = shifted_token_nll(logits, labels)
+    return {
+        "nll": nll.double().sum(dim=1),
+        "tokens": mask.sum(dim=1).double(),
+        "exact": teacher_forced_exact_match(logits, labels).double(),
+        "examples": torch.ones(len(labels), dtype=torch.float64),
     }
 
 

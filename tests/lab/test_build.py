@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.lab.config import SIZES
+from benchmarks.lab.config import ATTENTION_AND_MLP, SIZES
 from benchmarks.lab.examples import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
@@ -110,11 +110,25 @@ def test_encoder_adapter_loads_in_peft_and_matches_its_recorded_score(tiny_lab):
     enc = lab["suites"]["encoder"]
     meta = next(m for m in enc["adapters"].values() if m["variant"] == "main" and m["step"] == 4)
     config = json.loads(Path(meta["path"], "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "lab/minilm-l6" and config["target_modules"] == [
-        "query",
-        "value",
-    ]
+    assert config["base_model_name_or_path"] == "lab/minilm-l6"
+    assert config["target_modules"] == sorted(ATTENTION_AND_MLP) == sorted(enc["lora"]["target_modules"])
     model = PeftModel.from_pretrained(E.load_base(enc["base_model"]["num_labels"]), meta["path"]).eval()
+    # Every attention and MLP linear of the adapted (top) layer, and nothing else (not the pooler).
+    adapted = sorted(
+        n.removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith("lora_A.default")
+    )
+    layer = "base_model.model.bert.encoder.layer.5"
+    assert adapted == [
+        f"{layer}.{m}"
+        for m in (
+            "attention.output.dense",
+            "attention.self.key",
+            "attention.self.query",
+            "attention.self.value",
+            "intermediate.dense",
+            "output.dense",
+        )
+    ]
     rows = read_jsonl(enc["tasks"][meta["task"]]["examples"]["eval"])
     tokenizer = E.load_tokenizer()
     batch = tokenizer(

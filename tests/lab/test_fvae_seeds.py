@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import benchmarks.fusion_quality as fusion_quality
@@ -47,10 +48,14 @@ def _fake_harness():
             for label, g in (("base", 0.0), ("own", 1.0))
         }
 
+    def score_examples(fused, subset):  # one example per task, whose "sum" is the row's G
+        return score(fused, subset), {t: {"g": np.array([score(fused, subset)["mean_gap"]])} for t in subset}
+
     return SimpleNamespace(
         name="fake",
         own=dict.fromkeys("abc", None),
         score=score,
+        score_examples=score_examples,
         reference_rows=reference_rows,
         objective=None,
     )
@@ -70,9 +75,14 @@ def test_icm_rows_are_reported_over_fvae_seeds(monkeypatch, tmp_path):
     monkeypatch.setattr(fusion_quality, "run_row", run_row)
     rows, icm_rows = [MethodRow("linear", "linear")], [MethodRow("icm", "icm")]
     fusion_by_seed = {s: {"fvae": s} for s in (0, 1, 2)}
+    samples = []
     entries = fusion_quality.evaluate_with_fvae_seeds(
-        _fake_harness(), rows, icm_rows, SETS, 0, lambda *_: None, fusion_by_seed
+        _fake_harness(), rows, icm_rows, SETS, 0, lambda *_: None, fusion_by_seed, samples=samples
     )
+    # Per-example sums for the bootstrap: one record per set; icm's are the mean over the seeds.
+    assert [s.tasks for s in samples] == SETS
+    assert samples[1].rows["icm"]["c"]["g"] == pytest.approx([0.11])  # (0.01 + 0.11 + 0.21) / 3
+    assert samples[1].rows["linear"]["c"]["g"] == pytest.approx([0.51])
     # The baseline runs once per set, icm once per set and seed.
     assert sorted(runs, key=str) == sorted(
         [("linear", 0)] * 2 + [("icm", s) for s in (0, 1, 2) for _ in SETS], key=str

@@ -152,3 +152,30 @@ def test_the_quality_table_has_a_row_for_every_registry_method():
         get_method(row.method).parse_params(row.params)
     assert len({row.label for row in rows}) == len(rows)
     assert {m.name for m in list_methods()} <= {row.method for row in rows}
+
+
+def test_a_changed_suite_configuration_invalidates_only_that_suite(tmp_path):
+    from dataclasses import replace
+
+    from benchmarks.lab.build import _check_config
+
+    size = SIZES["tiny"]
+    _check_config(tmp_path, size, 0, ("encoder", "generative"))
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "generative").mkdir()
+    changed = replace(size, encoder=replace(size.encoder, lora_layers=2))
+    assert changed.fingerprint("generative") == size.fingerprint("generative")
+    _check_config(tmp_path, changed, 0, ("generative",))  # the generative suite's work stays valid
+    with pytest.raises(
+        ValueError, match=r"encoder suite was built from another encoder configuration"
+    ) as err:
+        _check_config(tmp_path, changed, 0, ("encoder",))
+    assert str(tmp_path / "encoder") in str(err.value)
+    with pytest.raises(ValueError, match="seed=0; this build is size='tiny', seed=1"):
+        _check_config(tmp_path, size, 1, ("generative",))
+    # Once the stale suite's directory is gone, it is rebuilt under the new fingerprint.
+    (tmp_path / "encoder").rmdir()
+    assert _check_config(tmp_path, changed, 0, ("encoder",))["fingerprints"] == {
+        "encoder": changed.fingerprint("encoder"),
+        "generative": size.fingerprint("generative"),
+    }

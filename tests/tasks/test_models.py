@@ -95,6 +95,25 @@ def test_lm_metrics(demo):
     assert metrics["tokens"] == 60 and metrics["examples"] == 10 and metrics["exact_match"] == 0.0
 
 
+def test_example_sums_resample_to_the_metrics_of_the_resampled_examples(demo, bert):
+    """``finalize`` of per-example sums weighted by multiplicities equals ``metrics`` on that multiset
+    (what the paired bootstrap over eval examples relies on), for a causal LM and a classifier."""
+    lm, lm_base = demo
+    clf, clf_base, _ = bert
+    for model, base, rows in (
+        (lm, lm_base, demo_examples("sort", 7, seed=4)),
+        (clf, clf_base, sentiment_rows(7)),
+    ):
+        sums = model.example_sums(base, rows, batch_size=3)
+        assert all(v.shape == (7,) and v.dtype == torch.float64 for v in sums.values())
+        whole = model.finalize({k: float(v.sum()) for k, v in sums.items()})
+        assert whole == pytest.approx(model.metrics(base, rows, batch_size=4), rel=1e-9)
+        draw = [0, 0, 3, 6, 6, 6, 2]
+        counts = torch.bincount(torch.tensor(draw), minlength=7).double()
+        resampled = model.finalize({k: float(counts @ v) for k, v in sums.items()})
+        assert resampled == pytest.approx(model.metrics(base, [rows[i] for i in draw]), rel=1e-5)
+
+
 def test_exact_match_is_greedy_reproduction(demo):
     model, base = demo
     example = demo_examples("copy", 1, seed=5)[0]

@@ -22,8 +22,7 @@ from engine.tasks.metrics import (
     completion_loss,
     finalize_lm,
     gather_positions,
-    shifted_token_nll,
-    teacher_forced_exact_match,
+    lm_example_sums,
 )
 from engine.tasks.models._hf import TextTaskMixin, build_transformers_model, check_vocab
 
@@ -91,16 +90,8 @@ class CausalLMTask(TextTaskMixin, BaseTaskModel):
     def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return completion_loss(self._forward(model, batch).logits, batch["labels"])
 
-    def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        logits = self._forward(model, batch).logits
-        nll, mask = shifted_token_nll(logits, batch["labels"])
-        exact = teacher_forced_exact_match(logits, batch["labels"])
-        return {
-            "nll": float(nll.double().sum()),
-            "tokens": float(mask.sum()),
-            "exact": float(exact.sum()),
-            "examples": float(len(exact)),
-        }
+    def _example_sums(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return lm_example_sums(self._forward(model, batch).logits, batch["labels"])
 
     def _finalize(self, sums):
         return finalize_lm(sums)

@@ -17,7 +17,12 @@ from engine.tasks.base import (
     to_device,
 )
 from engine.tasks.errors import TaskError
-from engine.tasks.metrics import classification_nll, classification_sums, finalize_classification, masked_mean
+from engine.tasks.metrics import (
+    classification_example_sums,
+    classification_nll,
+    finalize_classification,
+    masked_mean,
+)
 from engine.tasks.models._hf import TextTaskMixin, build_transformers_model, check_vocab
 
 
@@ -76,8 +81,8 @@ class SequenceClassificationTask(TextTaskMixin, BaseTaskModel):
     def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return classification_nll(self._forward(model, batch).logits, batch["labels"]).mean()
 
-    def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        return classification_sums(self._forward(model, batch).logits, batch["labels"])
+    def _example_sums(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return classification_example_sums(self._forward(model, batch).logits, batch["labels"])
 
     def _finalize(self, sums):
         return finalize_classification(sums)

@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.tasks.base import BaseTaskModel, Batch, Example, model_device, register_task_model
 from engine.tasks.errors import TaskError
-from engine.tasks.metrics import classification_nll, classification_sums, finalize_classification
+from engine.tasks.metrics import classification_example_sums, classification_nll, finalize_classification
 from engine.tasks.models.classification import label_tensor
 
 # Submodules PEFT inserts; a hidden module is named as in the plain base model.
@@ -97,8 +97,8 @@ class CustomModuleTask(BaseTaskModel):
     def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return classification_nll(self._logits(model, batch["input"]), batch["labels"]).mean()
 
-    def _batch_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        return classification_sums(self._logits(model, batch["input"]), batch["labels"])
+    def _example_sums(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return classification_example_sums(self._logits(model, batch["input"]), batch["labels"])
 
     def _finalize(self, sums):
         return finalize_classification(sums)
