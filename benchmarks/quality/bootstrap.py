@@ -19,6 +19,7 @@ whose denominators (examples, tokens) do not depend on the model.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,9 @@ def paired_bootstrap(
         for s in samples:
             fused = {t: _metric_per_replicate(s.rows[label][t], counts[t], finalize, metric) for t in s.tasks}
             gaps = np.stack([_gap(base_m[t], own_m[t], fused[t], sign) for t in s.tasks])
-            mean_gaps.append(gaps.mean(axis=0))
+            with warnings.catch_warnings():  # a replicate where no task has a gap to close: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean_gaps.append(np.nanmean(gaps, axis=0))  # over the tasks with a G, as the table
             gained = sum(sign * (base_m[t] - fused[t]) for t in s.tasks)
             closable = sum(sign * (base_m[t] - own_m[t]) for t in s.tasks)
             with np.errstate(divide="ignore", invalid="ignore"):

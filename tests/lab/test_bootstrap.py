@@ -93,3 +93,15 @@ def test_the_statistic_is_the_mean_over_task_sets_and_the_draw_is_seeded():
 def test_mean_sums_average_runs_per_task_and_key():
     runs = [{"a": {"nll": np.array([1.0, 3.0])}}, {"a": {"nll": np.array([3.0, 5.0])}}]
     assert mean_sums(runs)["a"]["nll"].tolist() == [2.0, 4.0]
+
+
+def test_a_task_without_a_gap_to_close_is_left_out_of_the_mean_as_in_the_table():
+    base, own, good, _ = _lab(np.random.default_rng(3))
+    own["b"] = base["b"]  # task b's own adapter does not beat the base: its G is undefined
+    samples = [SetSamples(["a", "b"], {"good": good})]
+    boot = paired_bootstrap(
+        samples, base, own, finalize_classification, "accuracy", lower_is_better=False, replicates=50
+    )
+    only_a = gap_closure(-_accuracy(base["a"]), -_accuracy(own["a"]), -_accuracy(good["a"]))
+    assert boot["rows"]["good"]["mean_gap"]["estimate"] == pytest.approx(only_a)
+    assert boot["rows"]["good"]["mean_gap"]["replicates"] == 50

@@ -47,6 +47,7 @@ def test_pooled_gap_weights_tasks_by_the_gap_they_can_close():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # every baseline on both tiny suites; ~10 min on a loaded 2-core machine
 def test_baselines_run_and_write_results(tiny_lab, tmp_path):
     lab_dir, _ = tiny_lab
     results = main(
