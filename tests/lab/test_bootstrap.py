@@ -105,3 +105,20 @@ def test_a_task_without_a_gap_to_close_is_left_out_of_the_mean_as_in_the_table()
     only_a = gap_closure(-_accuracy(base["a"]), -_accuracy(own["a"]), -_accuracy(good["a"]))
     assert boot["rows"]["good"]["mean_gap"]["estimate"] == pytest.approx(only_a)
     assert boot["rows"]["good"]["mean_gap"]["replicates"] == 50
+
+
+def test_the_chart_whisker_is_the_seed_interval_for_icm_rows_else_the_bootstrap():
+    from benchmarks.fusion_quality import _whisker
+
+    by_k = {
+        "fvae_seeds": {"icm": {"mean_gap": {"low": 0.1, "high": 0.3}}},
+        "bootstrap": {
+            "rows": {
+                "icm": {"mean_gap": {"low": 0.15, "high": 0.25}},
+                "ties": {"mean_gap": {"low": 0.4, "high": 0.6}},
+            }
+        },
+    }
+    assert _whisker(by_k, "icm", "mean_gap") == (0.1, 0.3)
+    assert _whisker(by_k, "ties", "mean_gap") == (0.4, 0.6)
+    assert _whisker(by_k, "svd", "mean_gap") is None
