@@ -105,9 +105,14 @@ def _check_config(out: Path, size: LabSize, seed: int, suites: tuple[str, ...]) 
         recorded = existing.get("fingerprints", {})
         for suite in suites:
             if (out / suite).exists() and recorded.get(suite) != size.fingerprint(suite):
+                was = (
+                    f"fingerprint {recorded[suite]}"
+                    if suite in recorded
+                    else "no fingerprint: built before suites were fingerprinted"
+                )
                 faults.append(
-                    f"its {suite} suite was built from another {suite} configuration (fingerprint "
-                    f"{recorded.get(suite)}, now {size.fingerprint(suite)}): delete {out / suite} to rebuild it"
+                    f"its {suite} suite was built from another {suite} configuration ({was}; now "
+                    f"{size.fingerprint(suite)}): delete {out / suite} to rebuild it"
                 )
         if faults:
             raise ValueError(f"{out}: " + "; ".join(faults))
