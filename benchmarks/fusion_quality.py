@@ -479,6 +479,7 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
                 lower_is_better=metric == "loss",
                 replicates=args.bootstrap,
                 seed=args.seed,
+                unranked=(CEILING,),
             )
         if len(fusion_by_seed) > 1:
             by_k["fvae_seeds"] = seed_summary(entries, icm_labels)

@@ -85,6 +85,7 @@ def paired_bootstrap(
     replicates: int = REPLICATES,
     level: float = LEVEL,
     seed: int = 0,
+    unranked: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Percentile intervals of every row's mean and pooled G, and of the differences of rows' mean G.
 
@@ -97,6 +98,8 @@ def paired_bootstrap(
         metric: the metric G is computed on (``loss`` or ``accuracy``).
         lower_is_better: True for a loss, False for an accuracy.
         replicates, level, seed: the bootstrap's size, interval level and RNG seed.
+        unranked: rows that get intervals and differences but are not candidates for best or worst
+            (a reference such as a jointly trained LoRA, which is not a fusion).
 
     Returns:
         ``rows``: per row label, ``mean_gap`` and ``pooled_gap`` as ``{estimate, low, high,
@@ -152,8 +155,9 @@ def paired_bootstrap(
         "rows": rows,
         "differences": differences,
     }
-    if len(labels) >= 2:
-        ranked = sorted(labels, key=lambda label: rows[label]["mean_gap"]["estimate"], reverse=True)
+    candidates = [label for label in labels if label not in unranked]
+    if len(candidates) >= 2:
+        ranked = sorted(candidates, key=lambda label: rows[label]["mean_gap"]["estimate"], reverse=True)
         best, worst = ranked[0], ranked[-1]
         out.update(best=best, worst=worst, best_vs_worst=_difference(differences, best, worst))
         out["tied_with_best"] = [

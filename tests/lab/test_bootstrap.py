@@ -55,6 +55,11 @@ def test_estimates_are_the_unresampled_gap_closures_and_rows_are_ranked():
     same = next(d for d in boot["differences"] if {d["a"], d["b"]} == {"good", "good-again"})
     assert same["low"] == same["high"] == 0.0 and not same["separated"]
     assert boot["tied_with_best"] == [next(x for x in ("good", "good-again") if x != boot["best"])]
+    # A reference row (e.g. the jointly trained ceiling) keeps its interval but is never the best.
+    reference = paired_bootstrap(
+        samples, base, own, finalize_classification, "accuracy", False, replicates=50, unranked=("good",)
+    )
+    assert reference["best"] == "good-again" and "good" in reference["rows"]
 
 
 def test_noise_is_not_called_a_difference():
