@@ -9,7 +9,8 @@ lab: all six), with the linear head (``classifier``) trained and saved through `
 
 Training only touches the adapted layers, so the hidden states entering the first of them are
 computed once per example with the frozen model and cached (:class:`FrozenStates`; with every
-layer adapted, the embeddings' output); the adapted layers, pooler and head run on top of them. :func:`cached_logits` equals the full model's forward
+layer adapted, the embeddings' output); the adapted layers, pooler and head run on top of them.
+:func:`cached_logits` equals the full model's forward
 (checked in the tests); the only difference in training is that the frozen lower layers run
 without dropout.
 """

@@ -1,9 +1,10 @@
 """Text classification tasks built from real human-labelled lexicons shipped in PyPI packages.
 
-Each task maps an input text (a word or a WordNet gloss) to an integer label. Several tasks share
-their inputs and disagree on the labels (the same VADER words are labelled by valence sign,
-intensity and rater agreement; the same glosses by polarity and subjectivity), so fusing their
-adapters involves real conflicts.
+Each task maps an input text (a word, a WordNet gloss, or a short phrase composed from lexicon
+words with a fixed seed) to an integer label. Several tasks share their inputs or their labels and
+disagree (the same VADER words are labelled by valence sign, intensity and rater agreement, and
+their signs flipped by "not" or chosen by "but"; the same glosses by polarity and subjectivity),
+so fusing their adapters involves real conflicts.
 
 A task's *pool* is every usable ``(text, label)`` pair, texts unique; :func:`split_examples`
 draws class-balanced, disjoint train / support / eval splits from it with a seeded RNG.
@@ -158,8 +159,8 @@ def word_frequency(n: int = 120_000) -> Pool:
     return sorted(pool)
 
 
-# Phrases composed from the VADER words: the frozen sentence embedding of "it was not good" sits
-# next to that of "it was good", so a linear head on it cannot read the negation; a LoRA can.
+# Phrases composed from the lexicons: the answer depends on word order, negation or a comparison,
+# which a linear head on the frozen pooled sentence embedding reads poorly and a LoRA can learn.
 _COMPOSED_SEED = 0  # the pairs are part of the task's definition, not of a lab build
 
 
