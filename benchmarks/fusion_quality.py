@@ -210,13 +210,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, (suite, data) in zip(axes[:, 0], suites.items(), strict=True):
         mean_key, worst_key = _keys(data)
         ks = list(data["by_k"])
-        labels = [m for m in data["by_k"][ks[0]]["summary"] if m not in ("base", "own")]
+        # every row of any K (a row measured at some K only, e.g. a costly one, still gets bars)
+        labels = list(
+            dict.fromkeys(m for k in ks for m in data["by_k"][k]["summary"] if m not in ("base", "own"))
+        )
         width = 0.8 / len(labels)
         cmap = plt.get_cmap("tab20")
         for i, label in enumerate(labels):
             xs = [j + i * width for j in range(len(ks))]
-            means = [data["by_k"][k]["summary"][label].get(mean_key, float("nan")) for k in ks]
-            worst = [data["by_k"][k]["summary"][label].get(worst_key, float("nan")) for k in ks]
+            means = [data["by_k"][k]["summary"].get(label, {}).get(mean_key, float("nan")) for k in ks]
+            worst = [data["by_k"][k]["summary"].get(label, {}).get(worst_key, float("nan")) for k in ks]
             color = cmap(i % 20)
             ax.bar(xs, means, width, label=label, color=color, edgecolor="black" if "icm" in label else None)
             # 95 % interval over F-VAE seeds (icm rows), else the paired bootstrap over eval examples
@@ -308,7 +311,7 @@ def table(results: dict[str, Any]) -> str:
         )
         lines.append("| method | " + " | ".join(f"K = {k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 1) + "|")
-        for label in data["by_k"][ks[0]]["summary"]:
+        for label in dict.fromkeys(m for k in ks for m in data["by_k"][k]["summary"]):
             cells = []
             for k in ks:
                 v = data["by_k"][k]["summary"].get(label, {})

@@ -148,7 +148,7 @@ def test_a_k_above_the_suites_tasks_is_refused_before_any_training(tiny_lab, tmp
 def test_combine_merges_one_suite_measured_at_separate_k(tmp_path):
     """Runs of one suite at K = 4 and at K = 2, 8 (run in parallel) become one table; a K measured
     twice is refused."""
-    from benchmarks.fusion_quality import combine
+    from benchmarks.fusion_quality import combine, table
 
     def run(ks, gap):
         entry = {"tasks": ["a", "b"], "unseen": ["a"], "methods": {"icm": {"tasks": {"a": {"gap": gap}}}}}
@@ -163,8 +163,16 @@ def test_combine_merges_one_suite_measured_at_separate_k(tmp_path):
         return {"sets_per_k": 1, "seconds": 10.0, "suites": {"s": suite}}
 
     for name, ks, gap in (("k4", [4], 0.4), ("k28", [2, 8], 0.2)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(run(ks, gap)))
+        result = run(ks, gap)
+        if name == "k4":  # a costly row measured at one K only still gets its bars and table cells
+            result["suites"]["s"]["by_k"]["4"]["summary"]["icm+refine"] = {
+                "mean_gap": 0.6,
+                "worst_gap": 0.5,
+                "mean_loss": 1.0,
+            }
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
     merged = combine(["k4", "k28"], "all", tmp_path)
+    assert "| icm+refine | n/a | 0.60 / 0.50 (1.000) | n/a |" in table(merged)
     suite = merged["suites"]["s"]
     assert list(suite["by_k"]) == ["2", "4", "8"] and suite["by_k"]["4"]["summary"]["icm"]["mean_gap"] == 0.4
     assert suite["unseen_task_gaps"]["icm"]["a"] == pytest.approx((0.2 + 0.4 + 0.2) / 3)
