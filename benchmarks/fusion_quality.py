@@ -322,8 +322,16 @@ def table(results: dict[str, Any]) -> str:
                 )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for k in ks:
-            if data["by_k"][k].get("bootstrap"):
-                lines += _bootstrap_table(data["by_k"][k]["bootstrap"], f"{suite} K={k}")
+            for key, title in (
+                ("bootstrap", f"{suite} K={k}"),
+                ("bootstrap_seen_sets", f"{suite} K={k}, sets with seen tasks only"),
+                (
+                    "bootstrap_unseen_sets",
+                    f"{suite} K={k}, sets containing unseen tasks {data.get('unseen')}",
+                ),
+            ):
+                if data["by_k"][k].get(key):
+                    lines += _bootstrap_table(data["by_k"][k][key], title)
         seeded = {f"K = {k}": data["by_k"][k]["fvae_seeds"] for k in ks if data["by_k"][k].get("fvae_seeds")}
         if seeded:
             seeds = next(iter(next(iter(seeded.values())).values()))["seeds"]
@@ -349,15 +357,21 @@ def table(results: dict[str, Any]) -> str:
             for label, gaps in data["unseen_task_gaps"].items():
                 lines.append(f"  {label:24s} " + "  ".join(f"{t} {g:+.2f}" for t, g in gaps.items()))
         if "fewshot" in data:
+            set_size = len(data["fewshot"]["sets"][0]["tasks"])
             lines += _summary_table(
                 data["fewshot"]["summary"],
                 mean_key,
                 worst_key,
-                f"{suite}: few-shot k = {data['fewshot']['k']}, K = 4",
+                f"{suite}: few-shot k = {data['fewshot']['k']}, K = {set_size}",
             )
+            if data["fewshot"].get("bootstrap"):
+                lines += _bootstrap_table(
+                    data["fewshot"]["bootstrap"],
+                    f"{suite}: few-shot k = {data['fewshot']['k']}, K = {set_size}",
+                )
             if data["fewshot"].get("fvae_seeds"):
                 lines += _seed_table(
-                    {"K = 4": data["fewshot"]["fvae_seeds"]},
+                    {f"K = {set_size}": data["fewshot"]["fvae_seeds"]},
                     mean_key,
                     f"{suite}: few-shot k = {data['fewshot']['k']}, icm rows over F-VAE seeds",
                 )
@@ -381,6 +395,7 @@ SUPPORT_K = {"encoder": None, "generative": None, "features": None}
 REFINE_STEPS = {"encoder": 20, "generative": 100, "features": 100}
 CEILING = "joint-lora (ceiling)"
 FEWSHOT_ROWS = ("lorahub", "task_arithmetic-tuned", "task_arithmetic-fitted", "icm+refine+span")
+FEWSHOT_SET_SIZE = 4
 
 
 def suite_icm_rows(name: str) -> list[MethodRow]:
@@ -460,6 +475,22 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         ]
     out["unseen"] = unseen
     icm_labels = [r.label for r in icm_rows]
+    metric = out["primary_gap"].removeprefix("gap").removeprefix("_") or "loss"
+
+    def bootstrap(samples: list[SetSamples]) -> dict[str, Any]:
+        # One seeded draw per call: the rows of these sets are compared on the same resamples.
+        return paired_bootstrap(
+            samples,
+            harness.base_sums,
+            harness.own_sums,
+            harness.host.task_model.finalize,
+            metric,
+            lower_is_better=metric == "loss",
+            replicates=args.bootstrap,
+            seed=args.seed,
+            unranked=(CEILING,),
+        )
+
     everything = []
     for k in ks:
         subsets = task_sets(harness.tasks, k, args.sets, args.seed)
@@ -472,31 +503,24 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
         everything += entries
         by_k = {"sets": entries, "summary": summarize(entries)}
         if args.bootstrap:
-            metric = out["primary_gap"].removeprefix("gap").removeprefix("_") or "loss"
-            by_k["bootstrap"] = paired_bootstrap(
-                samples,
-                harness.base_sums,
-                harness.own_sums,
-                harness.host.task_model.finalize,
-                metric,
-                lower_is_better=metric == "loss",
-                replicates=args.bootstrap,
-                seed=args.seed,
-                unranked=(CEILING,),
-            )
+            by_k["bootstrap"] = bootstrap(samples)
         if len(fusion_by_seed) > 1:
             by_k["fvae_seeds"] = seed_summary(entries, icm_labels)
         for label, chosen in (
-            ("seen", [e for e in entries if not e["unseen"]]),
-            ("unseen", [e for e in entries if e["unseen"]]),
+            ("seen", [i for i, e in enumerate(entries) if not e["unseen"]]),
+            ("unseen", [i for i, e in enumerate(entries) if e["unseen"]]),
         ):
             if chosen:
-                by_k[f"summary_{label}_sets"] = summarize(chosen)
+                by_k[f"summary_{label}_sets"] = summarize([entries[i] for i in chosen])
+                if args.bootstrap and len(chosen) < len(entries):  # all sets: the bootstrap above
+                    by_k[f"bootstrap_{label}_sets"] = bootstrap([samples[i] for i in chosen])
         out["by_k"][str(k)] = by_k
     if unseen:
         out["unseen_task_gaps"] = per_task_gaps(everything, unseen, out["primary_gap"])
     if icm_rows and args.fewshot_k:
-        subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+        # K = 4, or every task of a suite that kept fewer
+        subsets = task_sets(harness.tasks, min(FEWSHOT_SET_SIZE, len(harness.tasks)), args.sets, args.seed)
+        samples = []
         entries = evaluate_with_fvae_seeds(
             harness,
             [r for r in rows if r.label in FEWSHOT_ROWS],
@@ -507,8 +531,11 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             fusion_by_seed,
             args.fewshot_k,
             unseen,
+            samples,
         )
         out["fewshot"] = {"k": args.fewshot_k, "sets": entries, "summary": summarize(entries)}
+        if args.bootstrap:
+            out["fewshot"]["bootstrap"] = bootstrap(samples)
         if len(fusion_by_seed) > 1:
             out["fewshot"]["fvae_seeds"] = seed_summary(entries, icm_labels)
     if icm_rows and args.heldout_own:
@@ -755,6 +782,13 @@ def combine(names: list[str], name: str, out_dir: Path) -> dict[str, Any]:
             if twice:
                 raise SystemExit(f"{suite} K = {', '.join(twice)} is in two runs (the second: {run_name})")
             suites[suite]["by_k"].update(data["by_k"])
+            for scenario in ("fewshot", "heldout_own", "longtail"):
+                if scenario in data:
+                    if scenario in suites[suite]:
+                        raise SystemExit(
+                            f"{suite}'s {scenario} scenario is in two runs (the second: {run_name})"
+                        )
+                    suites[suite][scenario] = data[scenario]
     for data in suites.values():
         data["by_k"] = dict(sorted(data["by_k"].items(), key=lambda item: int(item[0])))
         if data.get("unseen"):

@@ -111,8 +111,14 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     monkeypatch.setitem(fusion_quality.REFINE_STEPS, "generative", 2)
     args = ["--lab", str(lab_dir), "--suites", "generative", "--k", "2", "--sets", "1", "--fewshot-k", "0"]
     args += ["--no-ceiling", "--methods", "task_arithmetic", "--task-vectors", "context"]
-    main([*args, "--name", "fq", "--out-dir", str(tmp_path)])
+    main([*args, "--fewshot-k", "2", "--bootstrap", "100", "--name", "fq", "--out-dir", str(tmp_path)])
     suite = json.loads((tmp_path / "fq.json").read_text())["suites"]["generative"]
+    # The few-shot scenario (every kept task when fewer than 4) gets the intervals too.
+    fewshot = suite["fewshot"]
+    assert fewshot["k"] == 2 and set(fewshot["bootstrap"]["rows"]) == {"icm+refine+span"}
+    assert fewshot["bootstrap"]["rows"]["icm+refine+span"]["mean_gap"]["estimate"] == pytest.approx(
+        fewshot["summary"]["icm+refine+span"]["mean_gap"]
+    )
     assert suite["fvae"]["config"]["task_vectors"] == {"source": "context"}
     artifact = json.loads((tmp_path / "fvae").glob("*/fvae/artifact.json").__next__().read_text())
     assert artifact["task_vector_source"]["kind"] == "context"
@@ -177,5 +183,15 @@ def test_combine_merges_one_suite_measured_at_separate_k(tmp_path):
     assert list(suite["by_k"]) == ["2", "4", "8"] and suite["by_k"]["4"]["summary"]["icm"]["mean_gap"] == 0.4
     assert suite["unseen_task_gaps"]["icm"]["a"] == pytest.approx((0.2 + 0.4 + 0.2) / 3)
     assert merged["seconds"] == 20.0 and (tmp_path / "all.json").is_file()
+    # A scenario measured by one of the runs (here the second) is kept, once.
+    second = run([2, 8], 0.2)
+    second["suites"]["s"]["fewshot"] = fewshot = {"k": 8, "sets": [{"tasks": ["a", "b"]}], "summary": {}}
+    (tmp_path / "k28.json").write_text(json.dumps(second))
+    assert combine(["k4", "k28"], "all", tmp_path)["suites"]["s"]["fewshot"] == fewshot
+    third = run([6], 0.1)
+    third["suites"]["s"]["fewshot"] = fewshot
+    (tmp_path / "k6.json").write_text(json.dumps(third))
+    with pytest.raises(SystemExit, match="fewshot scenario is in two runs"):
+        combine(["k28", "k6"], "again", tmp_path)
     with pytest.raises(SystemExit, match="K = 4 is in two runs"):
         combine(["k4", "k4"], "again", tmp_path)
