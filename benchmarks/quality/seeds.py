@@ -39,6 +39,12 @@ def _stats(scored: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in scored.items() if k.startswith(STAT_PREFIXES) and isinstance(v, int | float)}
 
 
+def _mean_numbers(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per key every record holds as a number (not None): its mean over the records."""
+    keys = set.intersection(*({k for k, v in r.items() if isinstance(v, int | float)} for r in records))
+    return {k: sum(r[k] for r in records) / len(records) for k in sorted(keys)}
+
+
 def combine_seed_runs(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """One task set's row over seeds: each statistic's seed-mean (where every seed has it), plus
     ``per_seed`` (each seed's full result, keyed by the seed as a string: JSON keys)."""
@@ -46,6 +52,10 @@ def combine_seed_runs(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, An
     shared = set.intersection(*(set(_stats(r)) for r in runs))
     combined: dict[str, Any] = {key: sum(r[key] for r in runs) / len(runs) for key in sorted(shared)}
     combined["fuse_seconds"] = sum(r.get("fuse_seconds", 0.0) for r in runs) / len(runs)
+    # Each task's numbers too (the per-task tables, e.g. the unseen tasks' G, read them).
+    tasks = set.intersection(*(set(r.get("tasks", {})) for r in runs))
+    if tasks:
+        combined["tasks"] = {t: _mean_numbers([r["tasks"][t] for r in runs]) for t in sorted(tasks)}
     combined["per_seed"] = {str(seed): dict(result) for seed, result in per_seed.items()}
     return combined
 

@@ -39,7 +39,7 @@ def _fake_harness():
             "worst_gap": gap - 0.2,
             "pooled_gap": gap,
             "mean_loss": 1.0 - gap,
-            "tasks": {},
+            "tasks": {t: {"gap": gap, "loss": 1.0 - gap, "gap_accuracy": None} for t in subset},
         }
 
     def reference_rows(subset):
@@ -90,6 +90,9 @@ def test_icm_rows_are_reported_over_fvae_seeds(monkeypatch, tmp_path):
     first = entries[0]["methods"]["icm"]
     assert first["mean_gap"] == pytest.approx(0.1) and set(first["per_seed"]) == {"0", "1", "2"}
     assert first["per_seed"]["2"]["mean_gap"] == pytest.approx(0.2)
+    # Each task's numbers are seed means as well (a value some seed lacks is left out).
+    assert first["tasks"]["b"] == pytest.approx({"gap": 0.1, "loss": 0.9})
+    assert fusion_quality.per_task_gaps(entries, ["c"])["icm"]["c"] == pytest.approx(0.11)
     summary = fusion_quality.summarize(entries)
     assert summary["icm"]["mean_gap"] == pytest.approx(0.105)  # mean over sets and seeds
     assert summary["linear"]["mean_gap"] == pytest.approx(0.505)
