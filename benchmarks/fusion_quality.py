@@ -187,6 +187,12 @@ def _keys(data: dict[str, Any]) -> tuple[str, str]:
     return f"mean_gap{suffix}", f"worst_gap{suffix}"
 
 
+def _row_labels(data: dict[str, Any]) -> list[str]:
+    """Every row of any K, in first-seen order (a row measured at some K only, e.g. a costly one,
+    still gets its cells and bars)."""
+    return list(dict.fromkeys(m for by_k in data["by_k"].values() for m in by_k["summary"]))
+
+
 def _whisker(by_k: dict[str, Any], label: str, mean_key: str) -> tuple[float, float] | None:
     """A row's 95 % interval for the chart: over F-VAE seeds where it has several, else the paired
     bootstrap's (whose statistic is the mean G on the suite's primary metric)."""
@@ -210,10 +216,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, (suite, data) in zip(axes[:, 0], suites.items(), strict=True):
         mean_key, worst_key = _keys(data)
         ks = list(data["by_k"])
-        # every row of any K (a row measured at some K only, e.g. a costly one, still gets bars)
-        labels = list(
-            dict.fromkeys(m for k in ks for m in data["by_k"][k]["summary"] if m not in ("base", "own"))
-        )
+        labels = [m for m in _row_labels(data) if m not in ("base", "own")]
         width = 0.8 / len(labels)
         cmap = plt.get_cmap("tab20")
         for i, label in enumerate(labels):
@@ -311,7 +314,7 @@ def table(results: dict[str, Any]) -> str:
         )
         lines.append("| method | " + " | ".join(f"K = {k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 1) + "|")
-        for label in dict.fromkeys(m for k in ks for m in data["by_k"][k]["summary"]):
+        for label in _row_labels(data):
             cells = []
             for k in ks:
                 v = data["by_k"][k]["summary"].get(label, {})
@@ -358,17 +361,10 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(f"  {label:24s} " + "  ".join(f"{t} {g:+.2f}" for t, g in gaps.items()))
         if "fewshot" in data:
             set_size = len(data["fewshot"]["sets"][0]["tasks"])
-            lines += _summary_table(
-                data["fewshot"]["summary"],
-                mean_key,
-                worst_key,
-                f"{suite}: few-shot k = {data['fewshot']['k']}, K = {set_size}",
-            )
+            title = f"{suite}: few-shot k = {data['fewshot']['k']}, K = {set_size}"
+            lines += _summary_table(data["fewshot"]["summary"], mean_key, worst_key, title)
             if data["fewshot"].get("bootstrap"):
-                lines += _bootstrap_table(
-                    data["fewshot"]["bootstrap"],
-                    f"{suite}: few-shot k = {data['fewshot']['k']}, K = {set_size}",
-                )
+                lines += _bootstrap_table(data["fewshot"]["bootstrap"], title)
             if data["fewshot"].get("fvae_seeds"):
                 lines += _seed_table(
                     {f"K = {set_size}": data["fewshot"]["fvae_seeds"]},

@@ -49,8 +49,7 @@ def combine_seed_runs(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, An
     """One task set's row over seeds: each statistic's seed-mean (where every seed has it), plus
     ``per_seed`` (each seed's full result, keyed by the seed as a string: JSON keys)."""
     runs = list(per_seed.values())
-    shared = set.intersection(*(set(_stats(r)) for r in runs))
-    combined: dict[str, Any] = {key: sum(r[key] for r in runs) / len(runs) for key in sorted(shared)}
+    combined: dict[str, Any] = _mean_numbers([_stats(r) for r in runs])
     combined["fuse_seconds"] = sum(r.get("fuse_seconds", 0.0) for r in runs) / len(runs)
     # Each task's numbers too (the per-task tables, e.g. the unseen tasks' G, read them).
     tasks = set.intersection(*(set(r.get("tasks", {})) for r in runs))

@@ -109,7 +109,7 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     training["train"] = {**training["train"], "steps": 4, "max_tasks": 2, "shots_per_task": 2}
     monkeypatch.setitem(icm_module.SUITE_TRAINING, "generative", training)
     monkeypatch.setitem(fusion_quality.REFINE_STEPS, "generative", 2)
-    args = ["--lab", str(lab_dir), "--suites", "generative", "--k", "2", "--sets", "1", "--fewshot-k", "0"]
+    args = ["--lab", str(lab_dir), "--suites", "generative", "--k", "2", "--sets", "1"]
     args += ["--no-ceiling", "--methods", "task_arithmetic", "--task-vectors", "context"]
     main([*args, "--fewshot-k", "2", "--bootstrap", "100", "--name", "fq", "--out-dir", str(tmp_path)])
     suite = json.loads((tmp_path / "fq.json").read_text())["suites"]["generative"]
@@ -127,7 +127,21 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     assert {"icm", "icm+refine+span"} <= set(summary)
     assert all(math.isfinite(summary[row]["mean_loss"]) for row in ("icm", "icm+refine+span"))
     # Two meta-training seeds: a second F-VAE (the first is cached), icm rows with their spread.
-    main([*args, "--icm-methods", "icm", "--fvae-seeds", "0,1", "--name", "fq2", "--out-dir", str(tmp_path)])
+    main(
+        [
+            *args,
+            "--fewshot-k",
+            "0",
+            "--icm-methods",
+            "icm",
+            "--fvae-seeds",
+            "0,1",
+            "--name",
+            "fq2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     seeded = json.loads((tmp_path / "fq2.json").read_text())["suites"]["generative"]
     assert set(seeded["fvae_seeds"]) == {"0", "1"} and len(list((tmp_path / "fvae").glob("*/fvae"))) == 2
     interval = seeded["by_k"]["2"]["fvae_seeds"]["icm"]["mean_gap"]
