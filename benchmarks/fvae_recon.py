@@ -28,7 +28,7 @@ import torch
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
-from engine.adapters.codec import module_factors, unflatten
+from engine.adapters.codec import unflatten
 from engine.catalog import Catalog
 from engine.fusion.icm.projection import project
 from engine.fvae.config import FVAEConfig, resolve_arch
@@ -137,37 +137,46 @@ def delta_errors(layout, x_hat: torch.Tensor, x: torch.Tensor, masks: torch.Tens
 
 
 def pca_delta_reference(layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
-    """The linear reference of :func:`pca_reference` for the updates: PCA of the dense ``B A`` of
-    every module (each module scaled by its root mean square over the training adapters), scored as
-    :func:`delta_errors` scores an F-VAE. Dense updates: for the lab's small layouts only."""
-    parts = []
-    for m in range(layout.num_modules):
-        spec, r = layout.modules[m], layout.r_max
-        start = int(layout.offsets[m])
-        blocks = []
-        for v in x.double():
-            A, B = module_factors(v[start : int(layout.offsets[m + 1])], spec, r)
-            blocks.append((B @ A).flatten())
-        parts.append(torch.stack(blocks))
+    """The linear reference of :func:`pca_reference` for the updates: PCA of the training adapters'
+    dense updates ``B A`` (every module's concatenated, centred on the training mean), scored as
+    :func:`delta_errors` scores an F-VAE (each module's residual over its update's norm).
+
+    Computed from the per-module Gram matrices of the updates (:func:`module_delta_grams`), never
+    from the dense updates: a residual's norm per module is a quadratic form in those Grams
+    (kernel PCA), so memory is ``modules x n x n``, not ``n x sum(d_out x d_in)``: the dense
+    updates of a lab catalog at an all-linear layout do not fit in memory. Components the training
+    updates do not span (zero singular values) are left out."""
+    grams = module_delta_grams(layout, x)  # [M, n, n], uncentred
+    n = grams.shape[1]
     train = torch.as_tensor(split == "train")
+    weights = train.double() / train.sum()
+    centre = torch.eye(n, dtype=torch.float64) - weights[None, :]  # f_i - mean of the training f
+    centred = centre @ grams @ centre.T  # [M, n, n]
+    total = centred.sum(0)
+    t = torch.nonzero(train).flatten()
+    eigenvalues, vectors = torch.linalg.eigh(total[t][:, t])
+    order = torch.argsort(eigenvalues, descending=True)
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    spanned = eigenvalues > eigenvalues[0] * 1e-12
     out = {}
-    centers = [p[train].mean(0) for p in parts]
-    flat = torch.cat([p - c for p, c in zip(parts, centers, strict=True)], dim=1)
-    _, _, vt = torch.linalg.svd(flat[train], full_matrices=False)
     for k in ks:
-        basis = vt[: min(k, vt.shape[0])]
-        residual = flat - (flat @ basis.T) @ basis
+        keep = min(k, len(t))
+        use = torch.arange(len(eigenvalues)) < keep
+        use &= spanned
+        u, lam = vectors[:, use], eigenvalues[use]
+        # Projection of row i onto the top components, written as training rows' combination:
+        # p_i = sum_j beta[i, j] f_j (centred), beta = K[i, T] U diag(1 / lambda) U^T.
+        beta = total[:, t] @ u @ torch.diag(1.0 / lam) @ u.T  # [n, |T|]
+        cross = torch.einsum("mit,it->mi", centred[:, :, t], beta)  # <f_i, p_i> per module
+        within = torch.einsum("it,mts,is->mi", beta, centred[:, t][:, :, t], beta)  # ||p_i||^2
+        residual = centred.diagonal(dim1=1, dim2=2) - 2 * cross + within  # [M, n]
+        errors = (residual.clamp_min(0.0) / grams.diagonal(dim1=1, dim2=2).clamp_min(1e-24)).T
         row = {}
         for part in ("train", "heldout", "unseen"):
             rows = np.flatnonzero(split == part)
-            errors = []
-            for m, p in enumerate(parts):
-                lo = sum(q.shape[1] for q in parts[:m])
-                target = p[rows].pow(2).sum(1).clamp_min(1e-24)
-                errors.append(residual[rows, lo : lo + p.shape[1]].pow(2).sum(1) / target)
             present = masks[rows].double()
-            row[part] = float(((torch.stack(errors, 1) * present).sum(1) / present.sum(1)).mean())
-        out[f"pca{min(k, vt.shape[0])}"] = row
+            row[part] = float(((errors[rows] * present).sum(1) / present.sum(1)).mean())
+        out[f"pca{keep}"] = row
     return out
 
 
@@ -194,17 +203,23 @@ def adapter_geometry(normalizer, layout, x, masks, tasks) -> dict[str, float]:
     }
 
 
-def delta_gram(layout, x: torch.Tensor) -> torch.Tensor:
-    """``[n, n]`` Frobenius inner products of the adapters' updates ``dW = B A`` summed over
-    modules, from the factors (``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``): what a
-    function-space code (the updates' action on inputs) could share where the factors do not."""
+def module_delta_grams(layout, x: torch.Tensor) -> torch.Tensor:
+    """``[M, n, n]``: per module, the Frobenius inner products of the adapters' updates
+    ``dW = B A``, from the factors (``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``)."""
     factors = [unflatten(v.double(), layout) for v in x]
-    gram = torch.zeros(len(factors), len(factors), dtype=torch.float64)
+    grams = []
     for m in range(layout.num_modules):
         A = torch.stack([f[m][0] for f in factors])  # [n, r, d_in]
         B = torch.stack([f[m][1] for f in factors])  # [n, d_out, r]
-        gram += torch.einsum("iar,jas,irb,jsb->ij", B, B, A, A)
-    return gram
+        grams.append(torch.einsum("iar,jas,irb,jsb->ij", B, B, A, A))
+    return torch.stack(grams)
+
+
+def delta_gram(layout, x: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` Frobenius inner products of the adapters' updates ``dW = B A`` summed over
+    modules: what a function-space code (the updates' action on inputs) could share where the
+    factors do not."""
+    return module_delta_grams(layout, x).sum(0)
 
 
 def parse_value(text: str):
