@@ -28,7 +28,6 @@ import torch
 
 from benchmarks._common import RESULTS, environment, write_json
 from benchmarks.quality.icm import SUITE_TRAINING, unseen_tasks
-from engine.adapters.codec import unflatten
 from engine.catalog import Catalog
 from engine.fusion.icm.projection import project
 from engine.fvae.config import FVAEConfig, resolve_arch
@@ -136,17 +135,16 @@ def delta_errors(layout, x_hat: torch.Tensor, x: torch.Tensor, masks: torch.Tens
     return (errors * present).sum(1) / present.sum(1).clamp_min(1.0)
 
 
-def pca_delta_reference(layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
+def pca_delta_reference(grams: torch.Tensor, masks, split, ks=(8, 32, 10_000)) -> dict[str, dict[str, float]]:
     """The linear reference of :func:`pca_reference` for the updates: PCA of the training adapters'
     dense updates ``B A`` (every module's concatenated, centred on the training mean), scored as
     :func:`delta_errors` scores an F-VAE (each module's residual over its update's norm).
 
-    Computed from the per-module Gram matrices of the updates (:func:`module_delta_grams`), never
-    from the dense updates: a residual's norm per module is a quadratic form in those Grams
+    Computed from ``grams``, the per-module Gram matrices of the updates
+    (:func:`module_delta_grams`, ``[M, n, n]``, uncentred), never from the dense updates: a residual's norm per module is a quadratic form in those Grams
     (kernel PCA), so memory is ``modules x n x n``, not ``n x sum(d_out x d_in)``: the dense
     updates of a lab catalog at an all-linear layout do not fit in memory. Components the training
     updates do not span (zero singular values) are left out."""
-    grams = module_delta_grams(layout, x)  # [M, n, n], uncentred
     n = grams.shape[1]
     train = torch.as_tensor(split == "train")
     weights = train.double() / train.sum()
@@ -180,18 +178,18 @@ def pca_delta_reference(layout, x, masks, split, ks=(8, 32, 10_000)) -> dict[str
     return out
 
 
-def adapter_geometry(normalizer, layout, x, masks, tasks) -> dict[str, float]:
+def adapter_geometry(normalizer, layout, x, masks, tasks, grams: torch.Tensor) -> dict[str, float]:
     """Mean cosine between normalised adapters (present slots) of the same task and of different
     tasks: how much of an adapter a code of its task could predict at all. Adapters of one task
     from different seeds share little in weight space (each LoRA's factors live in the subspace
     its random initialisation picked), which bounds what any F-VAE reconstructs of an adapter it
-    did not train on."""
+    did not train on. ``grams``: :func:`module_delta_grams` of ``x``."""
     xn = normalizer.normalize(x) * slot_mask(masks, layout).float()
     unit = torch.nn.functional.normalize(xn.double(), dim=1)
     cos = unit @ unit.T
     same = torch.as_tensor(tasks[:, None] == tasks[None, :])
     off_diagonal = ~torch.eye(len(tasks), dtype=torch.bool)
-    delta = delta_gram(layout, x)
+    delta = grams.sum(0)  # summed over modules
     norms = delta.diagonal().clamp_min(1e-24).sqrt()
     delta_cos = delta / (norms[:, None] * norms[None, :])
     return {
@@ -204,22 +202,17 @@ def adapter_geometry(normalizer, layout, x, masks, tasks) -> dict[str, float]:
 
 
 def module_delta_grams(layout, x: torch.Tensor) -> torch.Tensor:
-    """``[M, n, n]``: per module, the Frobenius inner products of the adapters' updates
-    ``dW = B A``, from the factors (``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``)."""
-    factors = [unflatten(v.double(), layout) for v in x]
+    """``[M, n, n]``: per module, the Frobenius inner products ``<B_i A_i, B_j A_j>`` of every pair
+    of the adapters' updates, from the factor rows (the all-pairs form of
+    :func:`engine.fvae.tokens.delta_inner`: two ``r x r`` Grams per pair, never a dense update)."""
+    blocks = ModuleTokens.from_layout(layout).blocks
+    x = x.double()
     grams = []
     for m in range(layout.num_modules):
-        A = torch.stack([f[m][0] for f in factors])  # [n, r, d_in]
-        B = torch.stack([f[m][1] for f in factors])  # [n, d_out, r]
-        grams.append(torch.einsum("iar,jas,irb,jsb->ij", B, B, A, A))
+        a, b = blocks(x, m)  # [n, r, d_in], [n, r, d_out]
+        pairs = torch.einsum("ird,jsd->ijrs", b, b) * torch.einsum("ird,jsd->ijrs", a, a)
+        grams.append(pairs.sum(dim=(2, 3)))
     return torch.stack(grams)
-
-
-def delta_gram(layout, x: torch.Tensor) -> torch.Tensor:
-    """``[n, n]`` Frobenius inner products of the adapters' updates ``dW = B A`` summed over
-    modules: what a function-space code (the updates' action on inputs) could share where the
-    factors do not."""
-    return module_delta_grams(layout, x).sum(0)
 
 
 def parse_value(text: str):
@@ -314,11 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows = np.flatnonzero(split == part)
         result[part] = evaluate(model, normalizer, layout, x, masks, cond, rows, slot_normalizer)
         print(f"  {part:8s} " + " ".join(f"{k} {v:.3f}" for k, v in result[part].items()))
-    result["geometry"] = adapter_geometry(normalizer, layout, x, masks, tasks)
+    grams = module_delta_grams(layout, x)
+    result["geometry"] = adapter_geometry(normalizer, layout, x, masks, tasks, grams)
     print("  geometry " + " ".join(f"{k} {v:.3f}" for k, v in result["geometry"].items()))
     if args.pca:
         result["pca"] = pca_reference(normalizer, layout, x, masks, split)
-        result["pca_delta"] = pca_delta_reference(layout, x, masks, split)
+        result["pca_delta"] = pca_delta_reference(grams, masks, split)
         for kind in ("pca", "pca_delta"):
             for name, row in result[kind].items():
                 print(f"  {kind} {name:8s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))

@@ -127,21 +127,8 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     assert {"icm", "icm+refine+span"} <= set(summary)
     assert all(math.isfinite(summary[row]["mean_loss"]) for row in ("icm", "icm+refine+span"))
     # Two meta-training seeds: a second F-VAE (the first is cached), icm rows with their spread.
-    main(
-        [
-            *args,
-            "--fewshot-k",
-            "0",
-            "--icm-methods",
-            "icm",
-            "--fvae-seeds",
-            "0,1",
-            "--name",
-            "fq2",
-            "--out-dir",
-            str(tmp_path),
-        ]
-    )
+    seeds = ["--fewshot-k", "0", "--icm-methods", "icm", "--fvae-seeds", "0,1"]
+    main([*args, *seeds, "--name", "fq2", "--out-dir", str(tmp_path)])
     seeded = json.loads((tmp_path / "fq2.json").read_text())["suites"]["generative"]
     assert set(seeded["fvae_seeds"]) == {"0", "1"} and len(list((tmp_path / "fvae").glob("*/fvae"))) == 2
     interval = seeded["by_k"]["2"]["fvae_seeds"]["icm"]["mean_gap"]
