@@ -54,6 +54,7 @@ from engine.catalog.schema import (
     WEIGHTS_DIR,
     check_name,
     manifest_name,
+    rows_per_row_group,
     shard_schema,
     stats_schema,
 )
@@ -64,7 +65,6 @@ from engine.lru import ByteBoundedLRU
 # Bounds on what one weight shard / row group holds, so readers stream in bounded memory.
 SHARD_BYTES = 128 * 2**20
 SHARD_MAX_ROWS = 1024
-ROW_GROUP_BYTES = 16 * 2**20
 # An ingest that loses a commit race re-validates and re-encodes on the new version this often.
 COMMIT_ATTEMPTS = 5
 
@@ -669,8 +669,7 @@ class Catalog:
             ],
             schema=shard_schema(layout.size, layout.num_modules),
         )
-        rows_per_group = max(1, ROW_GROUP_BYTES // (4 * layout.size))
-        cfs.write_parquet_atomic(self.fs, path, table, row_group_size=rows_per_group)
+        cfs.write_parquet_atomic(self.fs, path, table, row_group_size=rows_per_row_group(layout.size))
 
     def _commit(self, base_version: int, rows: list[dict[str, Any]]) -> int:
         new = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)

@@ -55,6 +55,16 @@ def manifest_name(version: int) -> str:
     return f"v{version:08d}.parquet"
 
 
+# A weight shard's row groups hold about this many bytes of weights: the unit a reader can skip
+# or hand to a read task of its own (engine.catalog.streaming).
+ROW_GROUP_BYTES = 16 * 2**20
+
+
+def rows_per_row_group(size: int) -> int:
+    """Adapters per row group in the weight shards of a layout of flat size ``size``."""
+    return max(1, ROW_GROUP_BYTES // (4 * size))
+
+
 def shard_schema(size: int, num_modules: int) -> pa.Schema:
     """Weight shard schema for a layout with flat size ``size`` and ``num_modules`` modules."""
     return pa.schema(

@@ -15,7 +15,9 @@ masked off), so every consumer sees one consistent shape. A shard already in the
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.adapters.layout import Layout
+from engine.catalog.schema import rows_per_row_group
 from engine.catalog.stats import Moments
 from engine.errors import CatalogError
 
@@ -113,6 +116,38 @@ def _read_shards(
                 yield {name: out[name] for name in columns}
 
 
+def _one_list(values: pa.Array) -> pa.ListArray:
+    """A one-row list column holding ``values``."""
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def _cluster_cpus() -> int:
+    """CPUs of the Ray cluster the dataset will run on (this machine's before Ray is started,
+    which is what ``ray.data`` then starts locally)."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
+def read_tasks_per_shard(shards: int, cpus: int) -> int:
+    """Read tasks per shard: enough that a catalog of few shards still reads on every CPU (one
+    per shard once there are as many shards as CPUs)."""
+    return max(1, -(-cpus // max(1, shards)))
+
+
+def shard_ranges(rows: int, rows_per_group: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges cutting a shard's ``rows`` manifest rows into at most ``parts``
+    contiguous pieces of whole row groups (``rows_per_group`` rows each), as even as whole
+    groups allow. A shard's manifest rows are in the order they were written, so each piece's
+    read task reads only its own row groups (:func:`_row_groups_holding`)."""
+    groups = -(-rows // rows_per_group)
+    parts = max(1, min(parts, groups))
+    edges = [min(rows, (p * groups // parts) * rows_per_group) for p in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
 def _only_ids(table: pa.Table, ids: pa.Array, uri: str, layout_id: str) -> pa.Table:
     """Manifest rows of ``ids``; an id not among ``table``'s rows is an error, not a silent skip."""
     kept = table.filter(pc.is_in(table["id"], value_set=ids))
@@ -171,6 +206,40 @@ def split_by_task(table: pa.Table, parts: int) -> list[pa.Table]:
     return [table.filter(pa.array(replicated | (share == p))) for p in range(parts)]
 
 
+def read_listing(
+    catalog: Catalog, table: pa.Table, layout: Layout, stored: Sequence[Layout], cpus: int
+) -> list[pa.Table]:
+    """The read tasks of a scan of manifest rows ``table``: one-row tables (``path``, ``ids``,
+    ``tasks``, ``layout``), one per shard, or per contiguous run of its row groups when there
+    are fewer shards than ``cpus`` (:func:`read_tasks_per_shard`, :func:`shard_ranges`).
+    ``layout`` is the dataset's; a row's ``layout`` is its shard's own (``Layout.to_dict`` JSON),
+    empty when that is ``layout``. ``stored``: the layouts ``table``'s shards are in."""
+    per_shard = table.group_by(["shard", "layout_id"], use_threads=False).aggregate(
+        [("id", "list"), ("task", "list")]
+    )
+    per_shard = per_shard.sort_by("shard")
+    by_id = {s.layout_id: s for s in stored}
+    parts = read_tasks_per_shard(per_shard.num_rows, cpus)
+    listing = []
+    for i, (shard, layout_id) in enumerate(
+        zip(per_shard["shard"].to_pylist(), per_shard["layout_id"].to_pylist(), strict=True)
+    ):
+        ids, tasks = per_shard["id_list"][i].values, per_shard["task_list"][i].values
+        own = "" if layout_id == layout.layout_id else json.dumps(by_id[layout_id].to_dict())
+        for start, stop in shard_ranges(len(ids), rows_per_row_group(by_id[layout_id].size), parts):
+            listing.append(
+                pa.table(
+                    {
+                        "path": [catalog.path(shard)],
+                        "ids": _one_list(ids[start:stop]),
+                        "tasks": _one_list(tasks[start:stop]),
+                        "layout": [own],
+                    }
+                )
+            )
+    return listing
+
+
 def adapter_dataset(
     catalog: Catalog,
     layout_id: str | None = None,
@@ -185,7 +254,8 @@ def adapter_dataset(
     The layout's adapters are every adapter stored in it or in a layout it contains (an older
     version of it), the latter padded on read, so ``N`` and ``M`` are the same in every row.
     Only shards the current manifest references are read, so leftovers of an interrupted write
-    are never seen. One read task per shard; blocks of ``rows_per_block`` adapters.
+    are never seen. One read task per shard, or per run of its row groups when the catalog has
+    fewer shards than the cluster has CPUs; blocks of ``rows_per_block`` adapters.
 
     Memory does not grow with the catalog: the driver sends each read task only its shard's
     ids and tasks, and the dataset's ``target_max_block_size`` is set to ``rows_per_block``
@@ -227,31 +297,20 @@ def adapter_dataset(
             f"{catalog.uri}: no adapters in layout {layout.layout_id}"
             + (f" for task {task!r}" if task else "")
         )
-    per_shard = table.group_by(["shard", "layout_id"], use_threads=False).aggregate(
-        [("id", "list"), ("task", "list")]
-    )
-    per_shard = per_shard.sort_by("shard")
-    own_layout = {
-        s.layout_id: "" if s.layout_id == layout.layout_id else json.dumps(s.to_dict()) for s in stored
-    }
-    listing = ray.data.from_arrow(
-        [
-            pa.table(
-                {
-                    "path": [catalog.path(shard)],
-                    "ids": per_shard["id_list"].slice(i, 1),
-                    "tasks": per_shard["task_list"].slice(i, 1),
-                    "layout": [own_layout[layout_id]],
-                }
-            )
-            for i, (shard, layout_id) in enumerate(
-                zip(per_shard["shard"].to_pylist(), per_shard["layout_id"].to_pylist(), strict=True)
-            )
-        ]
-    )
+    cpus = _cluster_cpus()
+    listing = read_listing(catalog, table, layout, stored, cpus)
+    read_tasks = len(listing)
+    listing = ray.data.from_arrow(listing)
     # ``listing`` holds its own copy of the DataContext: this bounds the blocks of this dataset
     # (and of datasets derived from it) without touching the process-wide context.
     listing.context.target_max_block_size = max(1, rows_per_block) * 4 * layout.size
+    if read_tasks <= cpus:
+        # A scan of at most one read task per CPU is one wave of reads. Ray Data's per-operator
+        # reservation shares CPUs among operators across many waves, and it budgets them from a
+        # cluster size it learns asynchronously and refreshes once a second: until then the
+        # budget is zero and reads run one task at a time, so a wave that short never ran in
+        # parallel. A longer scan keeps the reservation and the backpressure it brings.
+        listing.context.op_resource_reservation_enabled = False
     return listing.map_batches(
         _read_shards,
         batch_size=1,

@@ -204,12 +204,12 @@ def test_split_by_task_is_disjoint_balanced_and_covers_every_task(parts):
 def test_dataset_of_ids_streams_only_them_and_skips_other_row_groups(ray_session, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    import engine.catalog.catalog as catalog_module
+    import engine.catalog.schema as schema_module
     from engine.catalog.streaming import _row_groups_holding
     from engine.errors import CatalogError
 
     layout = parse_layout("tiny")
-    monkeypatch.setattr(catalog_module, "ROW_GROUP_BYTES", 4 * layout.size * 4)  # 4 adapters a group
+    monkeypatch.setattr(schema_module, "ROW_GROUP_BYTES", 4 * layout.size * 4)  # 4 adapters a group
     catalog = Catalog(tmp_path / "cat")
     synthesize(catalog, 20, layout, num_tasks=2, seed=1)
     entries = catalog.entries()
@@ -229,3 +229,69 @@ def pa_ids(ids):
     import pyarrow as pa
 
     return pa.array(ids, pa.string())
+
+
+@pytest.mark.parametrize(
+    ("rows", "group", "parts", "expected"),
+    [
+        (1000, 256, 2, [(0, 512), (512, 1000)]),
+        (1000, 256, 1, [(0, 1000)]),
+        (1000, 256, 8, [(0, 256), (256, 512), (512, 768), (768, 1000)]),
+        (20, 4, 3, [(0, 4), (4, 12), (12, 20)]),
+        (3, 1, 2, [(0, 1), (1, 3)]),
+        (1, 256, 4, [(0, 1)]),
+    ],
+)
+def test_shard_ranges_cut_whole_row_groups(rows, group, parts, expected):
+    from engine.catalog.streaming import shard_ranges
+
+    assert shard_ranges(rows, group, parts) == expected
+
+
+def test_read_tasks_per_shard_fill_the_cpus_once():
+    from engine.catalog.streaming import read_tasks_per_shard
+
+    assert [read_tasks_per_shard(shards, 2) for shards in (1, 2, 3, 10)] == [2, 1, 1, 1]
+    assert [read_tasks_per_shard(shards, 64) for shards in (1, 10, 64, 100)] == [64, 7, 1, 1]
+
+
+def test_a_shard_split_across_read_tasks_streams_every_adapter_once(ray_session, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import engine.catalog.schema as schema_module
+    from engine.catalog.streaming import read_listing
+
+    layout = parse_layout("tiny")
+    monkeypatch.setattr(schema_module, "ROW_GROUP_BYTES", 4 * layout.size * 4)  # 4 adapters a group
+    catalog = Catalog(tmp_path / "cat")
+    synthesize(catalog, 20, layout, num_tasks=3, seed=2)
+    assert len({e["shard"] for e in catalog.entries()}) == 1
+    assert pq.ParquetFile(catalog.path(catalog.entries()[0]["shard"])).num_row_groups == 5
+
+    listing = read_listing(catalog, catalog.manifest(), layout, [layout], cpus=3)
+    shares = [t["ids"][0].as_py() for t in listing]
+    assert [len(s) for s in shares] == [4, 8, 8]  # whole row groups: 1, 2 and 2 of the 5
+    assert sum(shares, []) == [e["id"] for e in catalog.entries()]  # in shard order, each once
+    assert len(read_listing(catalog, catalog.manifest(), layout, [layout], cpus=1)) == 1
+
+    ids, weights, _ = reference_matrix(catalog)
+    dataset = catalog.dataset(rows_per_block=3)
+    assert dataset.context.op_resource_reservation_enabled is False  # one wave of 2 read tasks
+    rows = dataset.take_all()
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    by_id = {r["id"]: r for r in rows}
+    for i, adapter_id in enumerate(ids):
+        np.testing.assert_array_equal(by_id[adapter_id]["weights"], weights[i])
+        assert by_id[adapter_id]["task"] == catalog.get(adapter_id)["task"]
+
+
+def test_a_scan_of_more_shards_than_cpus_keeps_one_task_per_shard(ray_session, tmp_path, monkeypatch):
+    import engine.catalog.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "SHARD_MAX_ROWS", 4)
+    catalog = Catalog(tmp_path / "cat")
+    synthesize(catalog, 20, parse_layout("tiny"), num_tasks=2, seed=4)
+    assert len({e["shard"] for e in catalog.entries()}) == 5
+    dataset = catalog.dataset()
+    assert dataset.context.op_resource_reservation_enabled is True  # 5 read tasks on 2 CPUs
+    assert sorted(r["id"] for r in dataset.take_all()) == sorted(e["id"] for e in catalog.entries())
