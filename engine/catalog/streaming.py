@@ -74,8 +74,9 @@ def _to_tensor_rows(
 def _row_groups_holding(reader: pq.ParquetFile, ids: pa.Array) -> list[int] | None:
     """The row groups of a shard that hold any of ``ids``, or None when ``ids`` are all its rows.
 
-    A Train worker's share of a catalog (:func:`split_by_task`) names part of a shard; reading
-    only the id column first keeps the bytes it reads close to its share, not the whole shard.
+    A Train worker's share of a catalog (:func:`split_by_task`) or one read task's run of a
+    shard's row groups (:func:`shard_ranges`) names part of a shard; reading only the id column
+    first keeps the bytes it reads close to its part, not the whole shard.
     """
     if len(ids) >= reader.metadata.num_rows:
         return None
@@ -308,8 +309,8 @@ def adapter_dataset(
         # A scan of at most one read task per CPU is one wave of reads. Ray Data's per-operator
         # reservation shares CPUs among operators across many waves, and it budgets them from a
         # cluster size it learns asynchronously and refreshes once a second: until then the
-        # budget is zero and reads run one task at a time, so a wave that short never ran in
-        # parallel. A longer scan keeps the reservation and the backpressure it brings.
+        # budget is zero and reads run one task at a time, so one wave was read one task after
+        # another. A longer scan keeps the reservation and the backpressure it brings.
         listing.context.op_resource_reservation_enabled = False
     return listing.map_batches(
         _read_shards,
