@@ -574,10 +574,7 @@ def run_heldout_own(
     with every checkpoint of the run each task's own adapter comes from (the adapter each fusion
     takes, and its siblings at other steps) kept out of meta-training (``exclude_adapters``), then
     the K = 4 sets fused with it, next to task arithmetic. Reports each seen-task input's
-    familiarity (the gate's reading of its reconstruction error)."""
-    import torch
-
-    from engine.fusion.icm.latent import familiarity
+    familiarity (the gate's reading of its reconstruction error, or of its condition)."""
     from engine.fvae.artifact import FVAEArtifact
 
     adapters = suite["adapters"]
@@ -601,10 +598,10 @@ def run_heldout_own(
     per_input: dict[str, float] = {}
     for entry in entries:
         gate = entry["methods"].get("icm", {}).get("details", {}).get("familiarity") or {}
-        if gate.get("basis") != "reconstruction":
+        # Either basis: reconstruction errors, or (an F-VAE that explains nothing) the condition.
+        if "inputs" not in gate:  # the gate is off
             continue
-        known = familiarity(torch.tensor(gate["recon_errors"]), gate["reference_error"])
-        for task, value in zip(entry["tasks"], known.tolist(), strict=True):
+        for task, value in zip(entry["tasks"], gate["inputs"], strict=True):
             per_input[task] = value
     seen = {t: v for t, v in per_input.items() if t not in unseen}
     return {

@@ -281,10 +281,10 @@ def _least_familiar(
     known: torch.Tensor, alpha: torch.Tensor, basis: dict
 ) -> tuple[float, torch.Tensor, dict]:
     """The gate (the least familiarity among the weighted inputs; 1 with none), ``known`` and the
-    details: ``basis`` plus the gate and its mode."""
+    details: ``basis`` plus each input's familiarity (``inputs``), the gate and its mode."""
     weighted = known[alpha != 0]
     gate = float(weighted.min()) if weighted.numel() else 1.0
-    return gate, known, {"gate": gate, **basis, "mode": "min"}
+    return gate, known, {"gate": gate, **basis, "inputs": known.tolist(), "mode": "min"}
 
 
 def training_error(artifact) -> float | None:

@@ -270,6 +270,7 @@ def test_familiarity_gate_falls_back_to_task_arithmetic_on_inputs_it_cannot_reco
     gated = _fuse_first_two(artifact, spec[2])
     details = gated.provenance["details"]["familiarity"]
     assert details["gate"] == 0.0 and min(details["recon_errors"]) > 0.9
+    assert details["inputs"] == familiarity(torch.tensor(details["recon_errors"]), 0.3).tolist()
     want = {n: 0.5 * _dense(ADAPTERS[0]).get(n, 0) + 0.5 * _dense(ADAPTERS[1]).get(n, 0) for n in ("q", "v")}
     for name, delta in _dense(gated.adapter).items():
         torch.testing.assert_close(delta, want[name], rtol=1e-4, atol=1e-5)
@@ -307,6 +308,7 @@ def test_an_fvae_that_explains_nothing_reads_familiarity_from_the_condition():
     # 'seen' + an unseen task: the unseen input is merged by arithmetic (partial, the default) ...
     details = _fuse_first_two(artifact, {}).provenance["details"]["familiarity"]
     assert details["basis"] == "task" and details["conditions"] == ["trained", "projection"]
+    assert details["inputs"] == [1.0, 0.0]
     assert details["mode"] == "partial" and details["arithmetic_inputs"] == [1]
     # ... and under 'min' the whole fusion is task arithmetic.
     whole = _fuse_first_two(artifact, {"gate_mode": "min"})
