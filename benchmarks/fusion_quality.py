@@ -599,7 +599,7 @@ def run_heldout_own(
     for entry in entries:
         gate = entry["methods"].get("icm", {}).get("details", {}).get("familiarity") or {}
         # Either basis: reconstruction errors, or (an F-VAE that explains nothing) the condition.
-        if "inputs" not in gate:  # the gate is off
+        if "inputs" not in gate:  # no reading: the gate is off, or the F-VAE has no reference error
             continue
         for task, value in zip(entry["tasks"], gate["inputs"], strict=True):
             per_input[task] = value
