@@ -141,9 +141,10 @@ def pca_delta_reference(grams: torch.Tensor, masks, split, ks=(8, 32, 10_000)) -
     :func:`delta_errors` scores an F-VAE (each module's residual over its update's norm).
 
     Computed from ``grams``, the per-module Gram matrices of the updates
-    (:func:`module_delta_grams`, ``[M, n, n]``, uncentred), never from the dense updates: a residual's norm per module is a quadratic form in those Grams
-    (kernel PCA), so memory is ``modules x n x n``, not ``n x sum(d_out x d_in)``: the dense
-    updates of a lab catalog at an all-linear layout do not fit in memory. Components the training
+    (:func:`module_delta_grams`, ``[M, n, n]``, uncentred), never from the dense updates: a
+    residual's norm per module is a quadratic form in those Grams (kernel PCA), so memory is
+    ``modules x n x n``, not ``n x sum(d_out x d_in)``: the dense updates of a lab catalog at an
+    all-linear layout do not fit in memory. Components the training
     updates do not span (zero singular values) are left out."""
     n = grams.shape[1]
     train = torch.as_tensor(split == "train")
@@ -156,17 +157,18 @@ def pca_delta_reference(grams: torch.Tensor, masks, split, ks=(8, 32, 10_000)) -
     order = torch.argsort(eigenvalues, descending=True)
     eigenvalues, vectors = eigenvalues[order], vectors[:, order]
     spanned = eigenvalues > eigenvalues[0] * 1e-12
+    to_train = centred[:, :, t]  # [M, n, |T|]
+    among_train = to_train[:, t]  # [M, |T|, |T|]
     out = {}
     for k in ks:
         keep = min(k, len(t))
-        use = torch.arange(len(eigenvalues)) < keep
-        use &= spanned
+        use = (torch.arange(len(eigenvalues)) < keep) & spanned
         u, lam = vectors[:, use], eigenvalues[use]
         # Projection of row i onto the top components, written as training rows' combination:
         # p_i = sum_j beta[i, j] f_j (centred), beta = K[i, T] U diag(1 / lambda) U^T.
         beta = total[:, t] @ u @ torch.diag(1.0 / lam) @ u.T  # [n, |T|]
-        cross = torch.einsum("mit,it->mi", centred[:, :, t], beta)  # <f_i, p_i> per module
-        within = torch.einsum("it,mts,is->mi", beta, centred[:, t][:, :, t], beta)  # ||p_i||^2
+        cross = torch.einsum("mit,it->mi", to_train, beta)  # <f_i, p_i> per module
+        within = torch.einsum("it,mts,is->mi", beta, among_train, beta)  # ||p_i||^2
         residual = centred.diagonal(dim1=1, dim2=2) - 2 * cross + within  # [M, n]
         errors = (residual.clamp_min(0.0) / grams.diagonal(dim1=1, dim2=2).clamp_min(1e-24)).T
         row = {}

@@ -48,6 +48,16 @@ def ensure_ray(num_cpus: int | None = None, object_store_bytes: int | None = Non
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def cluster_cpus() -> int:
+    """CPUs of the connected Ray cluster; before Ray is started, this machine's (what an
+    embedded Ray, e.g. one ``ray.data`` starts on first use, will have)."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
 def session_log_dir() -> str | None:
     """The log folder of the connected Ray session on this node, or ``None``."""
     import ray

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine._ray import cluster_cpus
 from engine.adapters.layout import Layout
 from engine.catalog.schema import rows_per_row_group
 from engine.catalog.stats import Moments
@@ -120,16 +120,6 @@ def _read_shards(
 def _one_list(values: pa.Array) -> pa.ListArray:
     """A one-row list column holding ``values``."""
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
-
-
-def _cluster_cpus() -> int:
-    """CPUs of the Ray cluster the dataset will run on (this machine's before Ray is started,
-    which is what ``ray.data`` then starts locally)."""
-    import ray
-
-    if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return os.cpu_count() or 1
 
 
 def read_tasks_per_shard(shards: int, cpus: int) -> int:
@@ -298,7 +288,7 @@ def adapter_dataset(
             f"{catalog.uri}: no adapters in layout {layout.layout_id}"
             + (f" for task {task!r}" if task else "")
         )
-    cpus = _cluster_cpus()
+    cpus = cluster_cpus()
     listing = read_listing(catalog, table, layout, stored, cpus)
     read_tasks = len(listing)
     listing = ray.data.from_arrow(listing)

@@ -263,13 +263,13 @@ def run_on_ray(
     """
     import ray.data
 
-    from engine._ray import ensure_ray
+    from engine._ray import cluster_cpus, ensure_ray
 
     ensure_ray()
     catalog_uri = catalog.uri if isinstance(catalog, Catalog) else str(catalog)
     units = [unit for plan in plans for unit in plan.units()]
     if concurrency is None:
-        cpus = ray.cluster_resources().get("CPU", 1)
+        cpus = cluster_cpus()
         concurrency = max(1, min(len(units), int(cpus // max(num_cpus, 1e-3)) or 1))
     dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         UnitWorker,

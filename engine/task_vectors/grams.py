@@ -275,7 +275,7 @@ def run_grams_on_ray(
     import ray
     import ray.data
 
-    from engine._ray import ensure_ray
+    from engine._ray import cluster_cpus, ensure_ray
 
     ensure_ray()
     rows = [
@@ -284,7 +284,7 @@ def run_grams_on_ray(
         for example in plan.examples
     ]
     if concurrency is None:
-        cpus = ray.cluster_resources().get("CPU", 1)
+        cpus = cluster_cpus()
         batches = -(-len(rows) // batch_size)
         concurrency = max(1, min(batches, int(cpus // max(num_cpus, 1e-3)) or 1))
     dataset = ray.data.from_items(rows).map_batches(
