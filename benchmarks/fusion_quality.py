@@ -536,7 +536,18 @@ def run_suite(lab: dict[str, Any], name: str, args, rows: list[MethodRow], log) 
             out["fewshot"]["fvae_seeds"] = seed_summary(entries, icm_labels)
     if icm_rows and args.heldout_own:
         out["heldout_own"] = run_heldout_own(
-            harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, log
+            harness,
+            suite,
+            name,
+            args,
+            rows,
+            icm_rows,
+            unseen,
+            support_k,
+            overrides,
+            fusion_args,
+            bootstrap,
+            log,
         )
     if icm_rows and args.longtail_steps and name in args.longtail_suites.split(","):
         out["longtail"] = run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log)
@@ -568,13 +579,14 @@ def add_ceiling(
 
 
 def run_heldout_own(
-    harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, log
+    harness, suite, name, args, rows, icm_rows, unseen, support_k, overrides, fusion_args, bootstrap, log
 ) -> dict[str, Any]:
-    """icm on **a new training run of known tasks**: an F-VAE meta-trained like the main one but
-    with every checkpoint of the run each task's own adapter comes from (the adapter each fusion
-    takes, and its siblings at other steps) kept out of meta-training (``exclude_adapters``), then
-    the K = 4 sets fused with it, next to task arithmetic. Reports each seen-task input's
-    familiarity (the gate's reading of its reconstruction error, or of its condition)."""
+    """icm on **a new training run of known tasks**: F-VAEs meta-trained like the main ones (one
+    per ``--fvae-seeds`` seed) but with every checkpoint of the run each task's own adapter comes
+    from (the adapter each fusion takes, and its siblings at other steps) kept out of
+    meta-training (``exclude_adapters``), then the K = 4 sets fused with them, next to task
+    arithmetic. Reports each seen-task input's familiarity (the gate's reading of its
+    reconstruction error, or of its condition), per seed."""
     from engine.fvae.artifact import FVAEArtifact
 
     adapters = suite["adapters"]
@@ -584,38 +596,58 @@ def run_heldout_own(
         for i in suite["catalogs"]["main"]["adapters"][task]
         if adapters[i]["run"] == adapters[own]["run"]
     )
-    fvae_dir, config = trained_fvae(
-        suite, name, exclude=unseen, seed=args.seed, overrides=overrides, log=log, exclude_adapters=kept_out
-    )
-    artifact = FVAEArtifact.load(fvae_dir)
-    chosen = [r for r in rows if r.label in ("task_arithmetic", "task_arithmetic-fitted")] + [
-        r for r in icm_rows if r.label in ("icm", "icm-ungated")
-    ]
-    subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
-    entries = evaluate_sets(
-        harness, chosen, subsets, args.seed, log, {**fusion_args, "fvae": artifact}, support_k, unseen
-    )
-    per_input: dict[str, float] = {}
-    for entry in entries:
-        gate = entry["methods"].get("icm", {}).get("details", {}).get("familiarity") or {}
-        # Either basis: reconstruction errors, or (an F-VAE that explains nothing) the condition.
-        if "inputs" not in gate:  # no reading: the gate is off, or the F-VAE has no reference error
-            continue
-        for task, value in zip(entry["tasks"], gate["inputs"], strict=True):
-            per_input[task] = value
-    seen = {t: v for t, v in per_input.items() if t not in unseen}
-    return {
-        "kept_out": kept_out,
-        "fvae": {
+    fusion_by_seed: dict[int, dict[str, Any]] = {}
+    fvaes: dict[str, Any] = {}
+    for fvae_seed in args.fvae_seeds or [args.seed]:
+        fvae_dir, config = trained_fvae(
+            suite,
+            name,
+            exclude=unseen,
+            seed=fvae_seed,
+            overrides=overrides,
+            log=log,
+            exclude_adapters=kept_out,
+        )
+        artifact = FVAEArtifact.load(fvae_dir)
+        fusion_by_seed[fvae_seed] = {**fusion_args, "fvae": artifact}
+        fvaes[str(fvae_seed)] = {
             "path": str(fvae_dir),
             "config": config,
             **artifact.meta.model_dump(mode="json", include={"metrics", "familiarity"}),
-        },
+        }
+    chosen = [r for r in rows if r.label in ("task_arithmetic", "task_arithmetic-fitted")]
+    chosen_icm = [r for r in icm_rows if r.label in ("icm", "icm-ungated", "icm-no-prototypes")]
+    subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+    samples: list[SetSamples] = []
+    entries = evaluate_with_fvae_seeds(
+        harness, chosen, chosen_icm, subsets, args.seed, log, fusion_by_seed, support_k, unseen, samples
+    )
+    per_input: dict[str, dict[str, float]] = {}  # seed -> task -> familiarity
+    for entry in entries:
+        icm_row = entry["methods"].get("icm", {})
+        runs = icm_row.get("per_seed") or {str(next(iter(fusion_by_seed))): icm_row}
+        for fvae_seed, run in runs.items():
+            gate = run.get("details", {}).get("familiarity") or {}
+            # Either basis: reconstruction errors, or (an F-VAE that explains nothing) the condition.
+            if "inputs" not in gate:  # no reading: the gate is off, or the F-VAE has no reference error
+                continue
+            for task, value in zip(entry["tasks"], gate["inputs"], strict=True):
+                per_input.setdefault(fvae_seed, {})[task] = value
+    seen = [v for values in per_input.values() for t, v in values.items() if t not in unseen]
+    out = {
+        "kept_out": kept_out,
+        "fvae_seeds": fvaes,
+        "fvae": next(iter(fvaes.values())),
         "sets": entries,
         "summary": summarize(entries),
         "familiarity": per_input,
-        "familiarity_seen_mean": sum(seen.values()) / len(seen) if seen else None,
+        "familiarity_seen_mean": sum(seen) / len(seen) if seen else None,
     }
+    if args.bootstrap:
+        out["bootstrap"] = bootstrap(samples)
+    if len(fusion_by_seed) > 1:
+        out["fvae_seed_summary"] = seed_summary(entries, [r.label for r in chosen_icm])
+    return out
 
 
 def run_longtail(harness, suite, name, args, rows, icm_rows, unseen, support_k, log) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def trained_fvae(
     ``exclude`` and the adapters in ``exclude_adapters``. Returns it and the config."""
     from engine._ray import ensure_ray
     from engine.meta.config import load_config
+    from engine.meta.prototypes import record_task_latents
     from engine.meta.train import train_fvae
 
     register_tasks(suite, variant)
@@ -141,6 +142,8 @@ def trained_fvae(
     out = CACHE / f"{name}-{variant}-{key}"
     if (out / "fvae" / "artifact.json").is_file():
         log(f"{name}: cached F-VAE {out}")
+        # F-VAEs cached before meta-training recorded task prototypes get them from their catalog.
+        record_task_latents(str(out / "fvae"))
         return out / "fvae", config
     ensure_ray()
     log(f"{name}: meta-training an F-VAE on {variant} ({config['train']['steps']} steps, unseen {exclude})")

@@ -67,6 +67,7 @@ ICM_ROWS: tuple[MethodRow, ...] = (
     MethodRow("icm-mean-noproject", "icm", params={"combine": "mean", "project": False}),
     MethodRow("icm-ungated", "icm", params={"familiarity_gate": False}),
     MethodRow("icm-gate-min", "icm", params={"gate_mode": "min"}),
+    MethodRow("icm-no-prototypes", "icm", params={"task_prototypes": False}),
     MethodRow("icm+refine", "icm", params=REFINE, few_shot=True),
     MethodRow(
         "icm+refine+span",

@@ -3,6 +3,8 @@
 <out>/fvae/model.safetensors        F-VAE weights
 <out>/fvae/normalizer.safetensors   per-slot mean/std
 <out>/fvae/task_vectors.safetensors trained_vectors: the training tasks' vectors (name -> [d])
+<out>/fvae/task_latents.safetensors task_latents: the training tasks' prototype codes (name ->
+                                    [latent]); absent in artifacts written before them
 <out>/fvae/layout.json              the catalog layout the F-VAE reads and writes
 <out>/fvae/artifact.json            F-VAE config and :class:`ArtifactMeta` (written last)
 """
@@ -130,6 +132,10 @@ class FVAEArtifact:
             adapter-derived, as ``meta.task_vector_source`` says), by task; stored as
             ``task_vectors.safetensors``. Vectors of other tasks reach fusion through the
             fusion context instead.
+        task_latents: each training task's prototype code ``[latent]``, the mean posterior mean
+            of its training adapters (measured with ``meta.familiarity``); ``icm`` encodes an
+            input of the task that the F-VAE cannot reconstruct with it. Stored as
+            ``task_latents.safetensors``; empty for artifacts written before it.
     """
 
     model: FVAE
@@ -137,6 +143,7 @@ class FVAEArtifact:
     layout: Layout
     trained_vectors: dict[str, torch.Tensor]
     meta: ArtifactMeta = field(default_factory=ArtifactMeta)
+    task_latents: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -157,6 +164,7 @@ class FVAEArtifact:
             *(("model." + k, v) for k, v in self.model.state_dict().items()),
             *(("normalizer." + k, v) for k, v in self.normalizer.state_dict().items()),
             *(("task_vector." + k, v) for k, v in sorted(self.trained_vectors.items())),
+            *(("task_latent." + k, v) for k, v in sorted(self.task_latents.items())),
         ]
         for name, tensor in tensors:
             update_with_tensor(digest, name, tensor)
@@ -176,6 +184,10 @@ class FVAEArtifact:
             ),
             "layout.json": json.dumps(self.layout.to_dict(), sort_keys=True).encode(),
         }
+        if self.task_latents:
+            files["task_latents.safetensors"] = save_bytes(
+                {k: v.detach().cpu().contiguous() for k, v in self.task_latents.items()}
+            )
         for name, data in files.items():
             cfs.write_bytes_atomic(fs, cfs.join(base, name), data)
         record = dict(
@@ -213,4 +225,6 @@ class FVAEArtifact:
         )
         vectors = dict(load_bytes(cfs.read_bytes(fs, cfs.join(base, "task_vectors.safetensors"))))
         layout = Layout.from_dict(json.loads(cfs.read_bytes(fs, cfs.join(base, "layout.json"))))
-        return cls(model, normalizer, layout, vectors, meta)
+        latents_file = cfs.join(base, "task_latents.safetensors")
+        latents = dict(load_bytes(cfs.read_bytes(fs, latents_file))) if cfs.exists(fs, latents_file) else {}
+        return cls(model, normalizer, layout, vectors, meta, latents)

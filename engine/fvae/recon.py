@@ -4,6 +4,8 @@ space, over the slots an adapter occupies. Meta-training measures it on its trai
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -31,9 +33,23 @@ def explained_fraction(
     return inner.pow(2) / norms.clamp_min(1e-24)
 
 
+class Reconstructions(NamedTuple):
+    """How well the F-VAE reconstructs a batch of ``K`` inputs from their posterior means.
+
+    Attributes:
+        errors: ``[K]`` relative errors (:func:`relative_error`, or per-module updates).
+        explained: ``[K]`` explained fractions (:func:`explained_fraction`, or per-module updates).
+        mu: ``[K, latent]`` the posterior means that were decoded.
+    """
+
+    errors: torch.Tensor
+    explained: torch.Tensor
+    mu: torch.Tensor
+
+
 def reconstruction_errors(
     model, x: torch.Tensor, cond: torch.Tensor, present: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Reconstructions:
     """How well the F-VAE reconstructs each input, decoding its posterior mean.
 
     Args:
@@ -43,11 +59,11 @@ def reconstruction_errors(
         present: ``[K, N]`` bool, the slots each adapter occupies.
 
     Returns:
-        ``([K], [K])``: the relative error and explained fraction of ``D(mu_k, cond_k)`` against
-        ``x_k`` (:meth:`engine.fvae.model.FVAE.reconstruction_measures`: :func:`relative_error`
-        and :func:`explained_fraction`, or their per-module update versions).
+        The relative error and explained fraction of ``D(mu_k, cond_k)`` against ``x_k``
+        (:meth:`engine.fvae.model.FVAE.reconstruction_measures`), and the ``mu_k``.
     """
     with torch.no_grad():
         mu, _ = model.encode(x, cond)
         reconstruction = model.decode(mu, cond)
-        return model.reconstruction_measures(reconstruction, x, present)
+        errors, explained = model.reconstruction_measures(reconstruction, x, present)
+        return Reconstructions(errors, explained, mu)

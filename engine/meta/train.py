@@ -92,19 +92,21 @@ def pool_familiarity(
     vectors: dict[str, torch.Tensor],
     layout: Layout,
     seed: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """How well the trained F-VAE reconstructs its training adapters: the relative error
     (:func:`engine.fvae.recon.reconstruction_errors`, posterior mean, eval mode) of up to
-    ``FAMILIARITY_PER_TASK`` pooled adapters per task, conditioned as in training.
+    ``FAMILIARITY_PER_TASK`` pooled adapters per task, conditioned as in training; and each task's
+    prototype code, the mean posterior mean of the same adapters.
 
     Measured on the final model, not taken from the training loss: the last report window's loss
     is a train-mode average over the window (and under a loss spike says nothing about the saved
     model), and fusion compares its inputs' errors with exactly this measure.
 
     Returns:
-        ``{"reference", "explained", "quantile", "mean", "median", "max", "adapters", "per_task":
-        {task: mean}}``; ``reference`` is the ``FAMILIARITY_QUANTILE`` quantile of all the errors,
-        ``explained`` the median explained fraction (:func:`engine.fvae.recon.explained_fraction`).
+        ``({"reference", "explained", "quantile", "mean", "median", "max", "adapters", "per_task":
+        {task: mean}}, {task: [latent] prototype code})``; ``reference`` is the
+        ``FAMILIARITY_QUANTILE`` quantile of all the errors, ``explained`` the median explained
+        fraction (:func:`engine.fvae.recon.explained_fraction`).
     """
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
@@ -112,18 +114,20 @@ def pool_familiarity(
     model.eval()
     per_task: dict[str, list[float]] = {}
     explained: list[float] = []
+    prototypes: dict[str, torch.Tensor] = {}
     for task in pool.tasks():
         slots = pool.slots[task]
         chosen = rng.choice(slots, size=min(FAMILIARITY_PER_TASK, len(slots)), replace=False)
         x = normalizer.normalize(torch.stack([store[int(i)][0] for i in chosen]).to(device))
         present = slot_mask(torch.stack([store[int(i)][1] for i in chosen]).to(device), layout)
         cond = vectors[task].to(device).expand(len(chosen), -1)
-        errors, shares = reconstruction_errors(model, x, cond, present)
-        per_task[task] = errors.tolist()
-        explained += shares.tolist()
+        measured = reconstruction_errors(model, x, cond, present)
+        per_task[task] = measured.errors.tolist()
+        explained += measured.explained.tolist()
+        prototypes[task] = measured.mu.mean(dim=0).cpu()
     model.train(was_training)
     errors = np.array([e for values in per_task.values() for e in values])
-    return {
+    summary = {
         "reference": float(np.quantile(errors, FAMILIARITY_QUANTILE)),
         "explained": float(np.median(explained)),
         "quantile": FAMILIARITY_QUANTILE,
@@ -133,6 +137,7 @@ def pool_familiarity(
         "adapters": int(errors.size),
         "per_task": {task: float(np.mean(values)) for task, values in per_task.items()},
     }
+    return summary, prototypes
 
 
 def projected_task_vectors(
@@ -497,7 +502,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "fill_s": fill_s,
             }
             if step == cfg.train.steps and rank == 0:
-                extra["familiarity"] = pool_familiarity(
+                extra["familiarity"], extra["task_latents"] = pool_familiarity(
                     model, normalizer, pool, store, vectors, layout, cfg.train.seed
                 )
             _report(step, metrics, model, optimizer, extra, is_checkpoint)
@@ -667,6 +672,7 @@ def train_fvae(
         normalizer=normalizer,
         layout=layout,
         trained_vectors=vectors,
+        task_latents=extra.get("task_latents") or {},
         meta=ArtifactMeta(
             run=name,
             resumed=resuming,

@@ -9,7 +9,7 @@ import torch
 
 from engine.adapters.layout import Layout, ModuleSpec
 from engine.errors import FaultsError
-from engine.fusion.icm.method import training_error
+from engine.fusion.icm.familiarity import training_error
 from engine.fvae import FVAE, FVAEConfig, SlotNormalizer
 from engine.fvae.artifact import ArtifactMeta, FVAEArtifact
 

@@ -126,14 +126,24 @@ def test_icm_rows_with_in_context_task_vectors(tiny_lab, tmp_path, monkeypatch, 
     summary = suite["by_k"]["2"]["summary"]
     assert {"icm", "icm+refine+span"} <= set(summary)
     assert all(math.isfinite(summary[row]["mean_loss"]) for row in ("icm", "icm+refine+span"))
-    # Two meta-training seeds: a second F-VAE (the first is cached), icm rows with their spread.
-    seeds = ["--fewshot-k", "0", "--icm-methods", "icm", "--fvae-seeds", "0,1"]
-    main([*args, *seeds, "--name", "fq2", "--out-dir", str(tmp_path)])
+    # Two meta-training seeds: a second F-VAE (the first is cached), icm rows with their spread;
+    # and the new-run scenario, with its own two F-VAEs (each task's own run kept out).
+    seeds = ["--fewshot-k", "0", "--icm-methods", "icm", "--fvae-seeds", "0,1", "--heldout-own"]
+    main([*args, *seeds, "--bootstrap", "100", "--name", "fq2", "--out-dir", str(tmp_path)])
     seeded = json.loads((tmp_path / "fq2.json").read_text())["suites"]["generative"]
-    assert set(seeded["fvae_seeds"]) == {"0", "1"} and len(list((tmp_path / "fvae").glob("*/fvae"))) == 2
+    assert set(seeded["fvae_seeds"]) == {"0", "1"} and len(list((tmp_path / "fvae").glob("*/fvae"))) == 4
     interval = seeded["by_k"]["2"]["fvae_seeds"]["icm"]["mean_gap"]
     assert interval["n"] == 2 and interval["low"] <= interval["mean"] <= interval["high"]
     assert seeded["by_k"]["2"]["summary"]["icm"]["mean_gap"] == pytest.approx(interval["mean"])
+    heldout = seeded["heldout_own"]
+    assert heldout["kept_out"] and set(heldout["fvae_seeds"]) == {"0", "1"}
+    assert all(
+        set(heldout["kept_out"]) <= set(f["config"]["exclude_adapters"])
+        for f in heldout["fvae_seeds"].values()
+    )
+    assert heldout["fvae_seed_summary"]["icm"]["mean_gap"]["n"] == 2
+    assert set(heldout["bootstrap"]["rows"]) >= {"icm", "task_arithmetic"}
+    assert set(heldout["familiarity"]) <= {"0", "1"}
 
 
 def test_a_k_above_the_suites_tasks_is_refused_before_any_training(tiny_lab, tmp_path, monkeypatch):

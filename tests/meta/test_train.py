@@ -17,7 +17,7 @@ from engine.catalog import Catalog
 from engine.catalog.synth import parse_layout, synthesize
 from engine.cli.main import main
 from engine.fusion import PROVENANCE_FILE, FusionContext, fuse_from_catalog
-from engine.fusion.icm.method import EXPLAINS_NOTHING
+from engine.fusion.icm.familiarity import EXPLAINS_NOTHING
 from engine.fvae.artifact import FVAEArtifact
 from engine.meta.config import MetaConfigError, load_config
 from engine.meta.train import train_fvae
@@ -68,6 +68,9 @@ def test_train_then_fuse_with_icm(ray_session, catalog_uri, tmp_path, capsys):
     familiar = artifact.meta.familiarity
     assert set(familiar.per_task) == set(artifact.meta.pool_sizes) and familiar.adapters == 16
     assert 0 < familiar.median <= familiar.reference <= familiar.max
+    # each training task's prototype code, measured on the same adapters
+    assert set(artifact.task_latents) == set(familiar.per_task)
+    assert all(v.shape == (16,) and torch.isfinite(v).all() for v in artifact.task_latents.values())
     out = tmp_path / "fused"
     argv = ["fuse", "--catalog", catalog_uri, "--tasks", "synth-00,synth-02", "--method", "icm"]
     assert main([*argv, "--model", str(tmp_path / "out"), "--out", str(out)]) == 0

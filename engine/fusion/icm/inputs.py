@@ -40,6 +40,8 @@ from engine.adapters.codec import CanonicalAdapter, to_canonical, to_flat
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.digest import update_with_tensor
+from engine.fusion.icm.familiarity import reads_condition, training_error
+from engine.fusion.icm.latent import familiarity
 from engine.fusion.icm.projection import project
 from engine.fusion.lowrank import truncate_lowrank
 from engine.fusion.modulewise import folded
@@ -88,6 +90,9 @@ class EncodedInput:
             it cannot represent.
         condition: the kind of the condition it was encoded with (:class:`Condition`): whether
             meta-training saw its task (``trained``).
+        prototype: for an input of a meta-training task that the F-VAE reconstructs worse than
+            its training adapters (familiarity below 1, read from reconstruction errors), its code
+            moved towards the task's prototype (:func:`prototype_code`); None otherwise.
 
     Never written in place: cached entries are shared between fusions.
     """
@@ -99,10 +104,35 @@ class EncodedInput:
     factors: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     recon_error: float = float("nan")
     condition: str = "projection"
+    prototype: PrototypeCode | None = None
 
     def nbytes(self) -> int:
         tensors = [self.cond, self.mu, self.decoded, self.mask, *(t for f in self.factors for t in f)]
+        if self.prototype is not None:
+            tensors += [self.prototype.mu, self.prototype.decoded]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class PrototypeCode:
+    """The code ``icm`` uses for an input its F-VAE cannot reconstruct but whose task it was
+    meta-trained on (a new training run of a known task): ``mu = f * mu_input + (1 - f) *
+    prototype_task``, with ``f`` the input's familiarity and the prototype the mean code of the
+    task's training adapters (:attr:`engine.fvae.artifact.FVAEArtifact.task_latents`).
+
+    *Why:* such an input's own code is off the F-VAE's manifold (its reconstruction error is above
+    1), so the displacement decoded from it is noise; its task's prototype is a code the decoder
+    was meta-trained to fuse, and the anchored decode still adds the input's exact update.
+
+    Attributes:
+        mu: ``[latent]`` the blended code.
+        decoded: ``[N]`` de-normalised ``D(mu, cond)``.
+        share: ``1 - f``, the prototype's share of the code (0 < share <= 1).
+    """
+
+    mu: torch.Tensor
+    decoded: torch.Tensor
+    share: float
 
 
 def resolve_condition(task: str, artifact, given: Mapping[str, Any], mode: TaskVectorMode) -> Condition:
@@ -212,7 +242,31 @@ class _PreparedInput:
         factors = tuple(adapter_factors(self.adapter, layout))
         if own_factors:
             factors = tuple((A.clone(), B.clone()) for A, B in factors)
-        return EncodedInput(cond[0], mu[0], decoded[0], self.canonical.mask, factors, error, condition.kind)
+        prototype = prototype_code(artifact, condition, mu[0], cond[0], error)
+        return EncodedInput(
+            cond[0], mu[0], decoded[0], self.canonical.mask, factors, error, condition.kind, prototype
+        )
+
+
+def prototype_code(
+    artifact, condition: Condition, mu: torch.Tensor, cond: torch.Tensor, error: float
+) -> PrototypeCode | None:
+    """The :class:`PrototypeCode` of an input encoded as ``mu [latent]`` under ``cond [d]`` with
+    reconstruction error ``error``, or None: its condition is not a meta-training task's vector,
+    the artifact records no prototype for that task, the gate reads familiarity from conditions
+    (:func:`engine.fusion.icm.familiarity.reads_condition`: every such input counts as familiar
+    already), or the input is as familiar as the F-VAE's training adapters."""
+    reference = training_error(artifact)
+    prototype = artifact.task_latents.get(condition.key) if condition.kind == "trained" else None
+    if prototype is None or reference is None or reads_condition(artifact):
+        return None
+    known = float(familiarity(torch.tensor([error]), float(reference))[0])
+    if known >= 1.0:
+        return None
+    code = known * mu + (1.0 - known) * prototype.to(mu.dtype)
+    with torch.no_grad():
+        decoded = artifact.normalizer.denormalize(artifact.model.decode(code[None], cond[None]))[0]
+    return PrototypeCode(code, decoded, 1.0 - known)
 
 
 def _projected(artifact, rows: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
+from engine.fusion.icm.familiarity import reads_condition, training_error
 from engine.fusion.icm.inputs import IcmInputsCache, encode_inputs, split_by_layout
 from engine.fusion.icm.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 from engine.fusion.lowrank import lowrank_weighted_sum, truncate_lowrank
@@ -47,10 +48,6 @@ from engine.fusion.registry import FusionConfigError, FusionInputs, fusion_metho
 if TYPE_CHECKING:
     from engine.fvae.artifact import FVAEArtifact
     from engine.tasks.fewshot import FewShotObjective
-
-# Median explained fraction of its training adapters below which an F-VAE's reconstructions say
-# nothing about any adapter (the measurement behind it: benchmarks/README.md, fusion_quality).
-EXPLAINS_NOTHING = 0.01
 
 
 class IcmParams(pydantic.BaseModel):
@@ -119,6 +116,14 @@ class IcmParams(pydantic.BaseModel):
         "arithmetic instead of pulling them towards the tasks it was trained on (off by default "
         "only for an F-VAE whose artifact records no training reconstruction error)",
     )
+    task_prototypes: bool = pydantic.Field(
+        True,
+        description="an input of a meta-training task that the F-VAE reconstructs worse than its "
+        "training adapters (e.g. a new training run of a known task) is encoded with its code moved "
+        "towards the task's prototype (the mean code of the task's training adapters) by its "
+        "unfamiliarity, and counts as familiar; needs an artifact that records prototypes "
+        "(task_latents) and a gate that reads reconstruction errors, otherwise nothing changes",
+    )
     gate_mode: Literal["partial", "min"] = pydantic.Field(
         "partial",
         description="familiarity_gate: 'min' scales the whole displacement by the least familiar input's "
@@ -179,11 +184,18 @@ def icm(
         params.condition,
         icm_inputs_cache,
     )
+    # An input of a known task the F-VAE cannot reconstruct (a new run of the task): its code
+    # moved towards the task's prototype, which the decoder was meta-trained to fuse.
+    prototypes = [e.prototype if params.task_prototypes else None for e in encoded]
     latents = _Latents(
-        mu=torch.stack([e.mu for e in encoded]),
+        mu=torch.stack([e.mu if p is None else p.mu for e, p in zip(encoded, prototypes, strict=True)]),
         cond=torch.stack([e.cond for e in encoded]),
         masks=torch.stack([e.mask for e in encoded]),
-        decoded=torch.stack([e.decoded for e in encoded]) if params.anchor else None,
+        decoded=torch.stack(
+            [e.decoded if p is None else p.decoded for e, p in zip(encoded, prototypes, strict=True)]
+        )
+        if params.anchor
+        else None,
         inputs_factors=[list(e.factors) for e in encoded],
     )
     alpha = torch.tensor(inputs.weights, dtype=torch.float32)
@@ -191,7 +203,7 @@ def icm(
     gate, split = 1.0, None
     if params.gated:
         gate, known, details["familiarity"] = _familiarity_gate(
-            encoded, alpha, artifact, required="familiarity_gate" in params.model_fields_set
+            encoded, alpha, artifact, prototypes, required="familiarity_gate" in params.model_fields_set
         )
         split = _partial_split(known, alpha, params)
         if split is not None:
@@ -245,20 +257,24 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
 
 
 def _familiarity_gate(
-    encoded, alpha: torch.Tensor, artifact, required: bool
+    encoded, alpha: torch.Tensor, artifact, prototypes: list, required: bool
 ) -> tuple[float, torch.Tensor | None, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
     (:func:`engine.fusion.icm.latent.familiarity`, against :func:`training_error`). The lowest, not a
     mean: the fused code ``sum_t alpha_t mu_t`` is only as meaningful as its least meaningful term.
     Also returns each input's familiarity ``[K]`` (None when the gate is off) and the details.
 
-    An F-VAE whose reconstructions explain nothing of its own training adapters (median explained
-    fraction below :data:`EXPLAINS_NOTHING`: a fusion-trained decoder that learnt a displacement
-    per task vector, not the adapters) has reconstruction errors that are the same for every
-    adapter, so familiarity is read from the condition instead: 1 for an input conditioned on
-    its task's meta-training vector, 0 otherwise (``basis: task`` in the details)."""
+    An F-VAE whose reconstructions explain nothing of its own training adapters
+    (:func:`engine.fusion.icm.familiarity.reads_condition`: a fusion-trained decoder that learnt a
+    displacement per task vector, not the adapters) has reconstruction errors that are the same
+    for every adapter, so familiarity is read from the condition instead: 1 for an input
+    conditioned on its task's meta-training vector, 0 otherwise (``basis: task`` in the details).
+
+    An input encoded with its task's prototype (``prototypes[k]``, see
+    :class:`engine.fusion.icm.inputs.PrototypeCode`) counts as familiar: its code is one the
+    decoder was meta-trained on (``prototype_shares`` in the details)."""
     recorded = artifact.meta.familiarity
-    if recorded is not None and recorded.explained is not None and recorded.explained < EXPLAINS_NOTHING:
+    if reads_condition(artifact):
         conditions = [e.condition for e in encoded]
         known = torch.tensor([1.0 if c == "trained" else 0.0 for c in conditions])
         basis = {"basis": "task", "conditions": conditions, "explained": recorded.explained}
@@ -274,6 +290,9 @@ def _familiarity_gate(
     errors = torch.tensor([e.recon_error for e in encoded])
     known = familiarity(errors, float(reference))
     basis = {"basis": "reconstruction", "recon_errors": errors.tolist(), "reference_error": float(reference)}
+    if any(p is not None for p in prototypes):
+        known = torch.where(torch.tensor([p is not None for p in prototypes]), torch.ones_like(known), known)
+        basis["prototype_shares"] = [0.0 if p is None else p.share for p in prototypes]
     return _least_familiar(known, alpha, basis)
 
 
@@ -285,16 +304,6 @@ def _least_familiar(
     weighted = known[alpha != 0]
     gate = float(weighted.min()) if weighted.numel() else 1.0
     return gate, known, {"gate": gate, **basis, "inputs": known.tolist(), "mode": "min"}
-
-
-def training_error(artifact) -> float | None:
-    """The reconstruction error an input may have and still count as familiar: the 90th percentile
-    of the final F-VAE's errors on its training adapters (``familiarity.reference``, measured by
-    ``icmf train``), or, for artifacts older than that measurement, the last reported training
-    ``recon`` (a train-mode window average, which a late loss spike inflates)."""
-    if artifact.meta.familiarity is not None:
-        return artifact.meta.familiarity.reference
-    return artifact.meta.metrics.recon
 
 
 @dataclass

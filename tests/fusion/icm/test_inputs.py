@@ -321,6 +321,78 @@ def test_an_fvae_that_explains_nothing_reads_familiarity_from_the_condition():
     assert _fuse_first_two(artifact, {}).provenance["details"]["familiarity"]["basis"] == "reconstruction"
 
 
+def test_an_unfamiliar_input_of_a_trained_task_is_encoded_with_its_tasks_prototype(monkeypatch):
+    """A new training run of a known task: the F-VAE reconstructs it worse than its training
+    adapters, so its code moves towards the task's prototype by its unfamiliarity (``1 - f``), the
+    anchored decode reads ``D`` of that code, and the gate counts the input familiar."""
+    import dataclasses
+
+    import engine.fusion.icm.inputs as inputs_module
+    import engine.fusion.icm.method as icm_module
+    from engine.fusion.icm.inputs import encode_inputs
+
+    artifact = _artifact()
+    artifact.meta.familiarity = Familiarity(reference=0.3, explained=0.5)
+    prototype = torch.randn(8, generator=torch.Generator().manual_seed(7))
+    artifact.task_latents = {"seen": prototype}
+    monkeypatch.setattr(inputs_module, "familiarity", lambda errors, reference: torch.full_like(errors, 0.25))
+    pair, tasks = [ADAPTERS[0], ADAPTERS[2]], ["seen", "seen"]  # two runs of the task
+    encoded = encode_inputs(artifact, pair, tasks)
+    for entry in encoded:
+        code = entry.prototype
+        assert code.share == 0.75
+        torch.testing.assert_close(code.mu, 0.25 * entry.mu + 0.75 * prototype)
+        decoded = artifact.normalizer.denormalize(artifact.model.decode(code.mu[None], entry.cond[None]))[0]
+        torch.testing.assert_close(code.decoded, decoded)
+    # Only a trained task's condition with a recorded prototype gets one.
+    assert encode_inputs(artifact, [ADAPTERS[1]], ["unseen_a"])[0].prototype is None
+    assert encode_inputs(artifact, [ADAPTERS[0]], ["seen"], mode="adapter")[0].prototype is None
+
+    def fuse(params, artifact=artifact):
+        return fuse_adapters(
+            pair, "icm", [0.5, 0.5], params, tasks=tasks, context=FusionContext(fvae=artifact)
+        )
+
+    fused = fuse({})
+    details = fused.provenance["details"]["familiarity"]
+    assert details["prototype_shares"] == [0.75, 0.75] and details["inputs"] == [1.0, 1.0]
+    assert details["gate"] == 1.0
+    # = the ungated fusion of the two inputs encoded with the prototype codes
+    real_encode = icm_module.encode_inputs
+
+    def with_codes(*args, **kwargs):
+        return [
+            dataclasses.replace(e, mu=e.prototype.mu, decoded=e.prototype.decoded, prototype=None)
+            for e in real_encode(*args, **kwargs)
+        ]
+
+    monkeypatch.setattr(icm_module, "encode_inputs", with_codes)
+    _assert_same_bits(fused.adapter, fuse({"familiarity_gate": False}).adapter)
+    monkeypatch.setattr(icm_module, "encode_inputs", real_encode)
+    # Through the per-input cache: the same bits.
+    cache = IcmInputsCache()
+    for _ in range(2):
+        cached = fuse_adapters(
+            pair,
+            "icm",
+            [0.5, 0.5],
+            tasks=tasks,
+            context=FusionContext(fvae=artifact, icm_inputs_cache=cache),
+        )
+        _assert_same_bits(cached.adapter, fused.adapter)
+    # Switched off: the inputs' own codes, whose errors (untrained F-VAE: about 1) close the gate.
+    plain = fuse({"task_prototypes": False})
+    assert "prototype_shares" not in plain.provenance["details"]["familiarity"]
+    assert plain.provenance["details"]["familiarity"]["gate"] == 0.0
+    # A fully familiar input keeps its own code; so does every input when the gate reads conditions.
+    monkeypatch.setattr(inputs_module, "familiarity", lambda errors, reference: torch.ones_like(errors))
+    assert encode_inputs(artifact, pair, tasks)[0].prototype is None
+    monkeypatch.setattr(inputs_module, "familiarity", lambda errors, reference: torch.zeros_like(errors))
+    assert encode_inputs(artifact, pair, tasks)[0].prototype.share == 1.0
+    artifact.meta.familiarity = Familiarity(reference=0.3, explained=0.002)
+    assert encode_inputs(artifact, pair, tasks)[0].prototype is None
+
+
 def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_latent_fusion_of_the_rest(
     monkeypatch,
 ):
