@@ -584,8 +584,8 @@ def run_heldout_own(
     """icm on **a new training run of known tasks**: F-VAEs meta-trained like the main ones (one
     per ``--fvae-seeds`` seed) but with every checkpoint of the run each task's own adapter comes
     from (the adapter each fusion takes, and its siblings at other steps) kept out of
-    meta-training (``exclude_adapters``), then the K = 4 sets fused with them, next to task
-    arithmetic. Reports each seen-task input's familiarity (the gate's reading of its
+    meta-training (``exclude_adapters``), then the K = 4 sets (every task, with fewer) fused
+    with them, next to task arithmetic. Reports each seen-task input's familiarity (the gate's reading of its
     reconstruction error, or of its condition), per seed."""
     from engine.fvae.artifact import FVAEArtifact
 
@@ -617,7 +617,8 @@ def run_heldout_own(
         }
     chosen = [r for r in rows if r.label in ("task_arithmetic", "task_arithmetic-fitted")]
     chosen_icm = [r for r in icm_rows if r.label in ("icm", "icm-ungated", "icm-no-prototypes")]
-    subsets = task_sets(harness.tasks, 4, args.sets, args.seed)
+    # K = 4, or every task of a suite that kept fewer (as the few-shot scenario)
+    subsets = task_sets(harness.tasks, min(FEWSHOT_SET_SIZE, len(harness.tasks)), args.sets, args.seed)
     samples: list[SetSamples] = []
     entries = evaluate_with_fvae_seeds(
         harness, chosen, chosen_icm, subsets, args.seed, log, fusion_by_seed, support_k, unseen, samples
