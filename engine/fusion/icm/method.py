@@ -15,7 +15,9 @@ By default (``familiarity_gate``) the F-VAE's displacement is scaled by how well
 the least familiar input, so adapters it cannot represent (e.g. of tasks it never saw) fall back
 towards task arithmetic rather than being pulled towards its training tasks; with ``gate_mode:
 partial`` (the default) inputs it cannot represent at all are merged by task arithmetic with the
-latent fusion of the others instead of switching the whole fusion to arithmetic.
+latent fusion of the others instead of switching the whole fusion to arithmetic. An input of a
+task the F-VAE was meta-trained on that it cannot reconstruct (a new training run of the task) is
+encoded with its task's prototype code instead (``task_prototypes``) and counts as familiar.
 
 Needs the context's ``fvae``: an :class:`engine.fvae.artifact.FVAEArtifact` (CLI: ``--model DIR``);
 reads its ``task_vectors`` (stored in-context vectors of tasks the F-VAE never saw) and, with
@@ -39,7 +41,7 @@ from engine.adapters.codec import unflatten
 from engine.adapters.layout import Layout
 from engine.adapters.lora import LoraAdapter, LoraModule
 from engine.fusion.icm.familiarity import reads_condition, training_error
-from engine.fusion.icm.inputs import IcmInputsCache, encode_inputs, split_by_layout
+from engine.fusion.icm.inputs import IcmInputsCache, PrototypeCode, encode_inputs, split_by_layout
 from engine.fusion.icm.latent import anchored_factors, familiarity, fuse_latents, residual_weights
 from engine.fusion.lowrank import lowrank_weighted_sum, truncate_lowrank
 from engine.fusion.modulewise import folded, fused_adapter
@@ -257,7 +259,7 @@ def _decoded_factors(fused, decoded, inputs_factors, masks, weights, layout, par
 
 
 def _familiarity_gate(
-    encoded, alpha: torch.Tensor, artifact, prototypes: list, required: bool
+    encoded, alpha: torch.Tensor, artifact, prototypes: list[PrototypeCode | None], required: bool
 ) -> tuple[float, torch.Tensor | None, dict]:
     """The ``familiarity_gate`` factor: the lowest familiarity among the weighted inputs
     (:func:`engine.fusion.icm.latent.familiarity`, against :func:`training_error`). The lowest, not a
