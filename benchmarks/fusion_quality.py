@@ -585,8 +585,8 @@ def run_heldout_own(
     per ``--fvae-seeds`` seed) but with every checkpoint of the run each task's own adapter comes
     from (the adapter each fusion takes, and its siblings at other steps) kept out of
     meta-training (``exclude_adapters``), then the K = 4 sets (every task, with fewer) fused
-    with them, next to task arithmetic. Reports each seen-task input's familiarity (the gate's reading of its
-    reconstruction error, or of its condition), per seed."""
+    with them, next to task arithmetic. Reports each seen-task input's familiarity (the gate's
+    reading of its reconstruction error, or of its condition), per seed."""
     from engine.fvae.artifact import FVAEArtifact
 
     adapters = suite["adapters"]
