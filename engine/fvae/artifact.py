@@ -31,6 +31,11 @@ from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 
 ARTIFACT_FORMAT = 1
+TASK_LATENTS_FILE = "task_latents.safetensors"
+
+
+def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 class _Record(pydantic.BaseModel):
@@ -185,9 +190,7 @@ class FVAEArtifact:
             "layout.json": json.dumps(self.layout.to_dict(), sort_keys=True).encode(),
         }
         if self.task_latents:
-            files["task_latents.safetensors"] = save_bytes(
-                {k: v.detach().cpu().contiguous() for k, v in self.task_latents.items()}
-            )
+            files[TASK_LATENTS_FILE] = _tensors_bytes(self.task_latents)
         for name, data in files.items():
             cfs.write_bytes_atomic(fs, cfs.join(base, name), data)
         record = dict(
@@ -196,18 +199,35 @@ class FVAEArtifact:
         cfs.write_bytes_atomic(fs, cfs.join(base, "artifact.json"), json.dumps(record, indent=2).encode())
         return cfs.join(base)
 
-    @classmethod
-    def load(cls, uri: str) -> FVAEArtifact:
+    def save_task_latents(self, uri: str) -> None:
+        """Add ``task_latents`` to the artifact already written at ``uri`` (the training output or
+        its ``fvae/`` directory) without writing anything else: a reader sees the file whole or
+        not at all, and an artifact without it is complete (it fuses without prototypes)."""
+        fs, base = self.locate(uri)
+        cfs.write_bytes_atomic(fs, cfs.join(base, TASK_LATENTS_FILE), _tensors_bytes(self.task_latents))
+
+    @staticmethod
+    def locate(uri: str) -> tuple[Any, str]:
+        """``(filesystem, the fvae/ directory)`` of the artifact at ``uri``: the training output
+        (holding fvae/) or the fvae/ directory itself.
+
+        Raises:
+            IcmfError: no ``artifact.json`` in either place.
+        """
         fs, root = cfs.resolve_uri(uri)
-        # ``uri`` is the training output (holding fvae/) or the fvae/ directory itself.
         base = next(
             (b for b in (cfs.join(root, "fvae"), root) if cfs.exists(fs, cfs.join(b, "artifact.json"))), None
         )
-        marker = cfs.join(base or root, "artifact.json")
         if base is None:
             raise IcmfError(
                 f"{uri}: no trained F-VAE here (missing fvae/artifact.json); run `icmf train` first"
             )
+        return fs, base
+
+    @classmethod
+    def load(cls, uri: str) -> FVAEArtifact:
+        fs, base = cls.locate(uri)
+        marker = cfs.join(base, "artifact.json")
         record = json.loads(cfs.read_bytes(fs, marker))
         if record.get("format") != ARTIFACT_FORMAT:
             raise IcmfError(f"{uri}: unsupported F-VAE artifact format {record.get('format')!r}")
@@ -225,6 +245,6 @@ class FVAEArtifact:
         )
         vectors = dict(load_bytes(cfs.read_bytes(fs, cfs.join(base, "task_vectors.safetensors"))))
         layout = Layout.from_dict(json.loads(cfs.read_bytes(fs, cfs.join(base, "layout.json"))))
-        latents_file = cfs.join(base, "task_latents.safetensors")
+        latents_file = cfs.join(base, TASK_LATENTS_FILE)
         latents = dict(load_bytes(cfs.read_bytes(fs, latents_file))) if cfs.exists(fs, latents_file) else {}
         return cls(model, normalizer, layout, vectors, meta, latents)

@@ -9,15 +9,13 @@ would: the same stored rows, normalised and encoded under each task's training v
 
 from __future__ import annotations
 
-import posixpath
-
 import numpy as np
 import torch
 
 from engine.catalog import fs as cfs
 from engine.catalog.catalog import Catalog
 from engine.errors import IcmfError
-from engine.fvae.artifact import FVAEArtifact
+from engine.fvae.artifact import TASK_LATENTS_FILE, FVAEArtifact
 from engine.fvae.recon import reconstruction_errors
 from engine.meta.train import FAMILIARITY_PER_TASK
 
@@ -54,18 +52,17 @@ def catalog_task_latents(
     return latents
 
 
-def record_task_latents(uri: str, catalog_uri: str | None = None) -> FVAEArtifact:
-    """Add task prototypes to the artifact at ``uri`` (computed from ``catalog_uri``, by default
-    the catalog it was trained on) and write it back; an artifact that has them is returned as
-    it is."""
+def record_task_latents(uri: str, catalog_uri: str | None = None) -> bool:
+    """Add task prototypes to the artifact at ``uri`` (the training output or its ``fvae/``
+    directory), computed from ``catalog_uri`` (by default the catalog it was trained on). An
+    artifact that has them is left as it is, without loading it. Returns whether they were
+    written."""
+    fs, base = FVAEArtifact.locate(uri)
+    if cfs.exists(fs, cfs.join(base, TASK_LATENTS_FILE)):
+        return False
     artifact = FVAEArtifact.load(uri)
-    if artifact.task_latents:
-        return artifact
     seed = int((artifact.meta.config.get("train") or {}).get("seed", 0))
     catalog = Catalog(catalog_uri or artifact.meta.catalog)
     artifact.task_latents = catalog_task_latents(artifact, catalog, seed=seed)
-    fs, root = cfs.resolve_uri(uri)
-    # ``uri`` is the training output (holding fvae/) or the fvae/ directory itself.
-    holds_fvae = cfs.exists(fs, cfs.join(root, "fvae", "artifact.json"))
-    artifact.save(uri if holds_fvae else posixpath.dirname(str(uri).rstrip("/")))
-    return FVAEArtifact.load(uri)
+    artifact.save_task_latents(uri)
+    return True

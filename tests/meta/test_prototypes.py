@@ -53,12 +53,14 @@ def test_prototypes_are_the_mean_code_of_the_training_adapters_of_each_task(tmp_
     # Written into the artifact (the training output or its fvae/ directory), once.
     artifact.save(str(tmp_path / "out"))
     assert FVAEArtifact.load(str(tmp_path / "out")).task_latents == {}
-    recorded = record_task_latents(str(tmp_path / "out" / "fvae"))
+    assert record_task_latents(str(tmp_path / "out" / "fvae"))
+    recorded = FVAEArtifact.load(str(tmp_path / "out"))
     assert set(recorded.task_latents) == set(ids)
-    again = FVAEArtifact.load(str(tmp_path / "out"))
-    assert all(torch.equal(again.task_latents[t], recorded.task_latents[t]) for t in ids)
-    assert again.fingerprint != artifact.fingerprint  # the prototypes are part of what fusion reads
-    assert record_task_latents(str(tmp_path / "out")).fingerprint == again.fingerprint
+    for name, latent in catalog_task_latents(artifact, catalog, seed=3).items():  # the training seed
+        assert torch.equal(recorded.task_latents[name], latent)
+    assert recorded.fingerprint != artifact.fingerprint  # the prototypes are part of what fusion reads
+    assert not record_task_latents(str(tmp_path / "out"))
+    assert FVAEArtifact.load(str(tmp_path / "out")).fingerprint == recorded.fingerprint
 
 
 def test_a_training_task_without_adapters_left_is_named(tmp_path):
