@@ -616,7 +616,8 @@ def run_heldout_own(
             **artifact.meta.model_dump(mode="json", include={"metrics", "familiarity"}),
         }
     chosen = [r for r in rows if r.label in ("task_arithmetic", "task_arithmetic-fitted")]
-    chosen_icm = [r for r in icm_rows if r.label in ("icm", "icm-ungated", "icm-no-prototypes")]
+    held_rows = ("icm", "icm-ungated", "icm-no-prototypes", "icm-displacement-scaled")
+    chosen_icm = [r for r in icm_rows if r.label in held_rows]
     # K = 4, or every task of a suite that kept fewer (as the few-shot scenario)
     subsets = task_sets(harness.tasks, min(FEWSHOT_SET_SIZE, len(harness.tasks)), args.sets, args.seed)
     samples: list[SetSamples] = []

@@ -123,9 +123,11 @@ def anchored_terms(
     masks: torch.Tensor,
     weights: torch.Tensor,
     layout: Layout,
+    displacement: float | torch.Tensor = 1.0,
 ) -> list[list[LowRankTerm]]:
     """Decode the fused code *relative to the inputs*: per module, the delta
-    ``D(z_f) + sum_t w_t (dW_t - D(mu_t))`` as a sum of low-rank terms.
+    ``g (D(z_f) - sum_t w_t D(mu_t)) + sum_t w_t dW_t`` as a sum of low-rank terms, ``g`` the
+    ``displacement`` scale (1 by default).
 
     The decoder's reconstruction error of each input is added back, so what the fused adapter
     takes from the F-VAE is the *displacement* the latent arithmetic makes, never the decoder's
@@ -148,6 +150,9 @@ def anchored_terms(
         masks: ``[K, M]`` bool: the modules each input targets (elsewhere it adds no residual).
         weights: ``[K]`` each residual's weight (:func:`residual_weights`).
         layout: the layout of ``fused`` and ``decoded``.
+        displacement: ``g``, a float or a 0-d tensor (differentiable), applied to the terms'
+            scales: a decoded vector holds both factors of each module, so scaling the vector
+            would scale its update by ``g**2``.
 
     Returns:
         Per layout module, its terms ``(A, B, scale)``; differentiable in every argument's tensors.
@@ -156,13 +161,16 @@ def anchored_terms(
     decoded_f = [unflatten(decoded[t], layout) for t in range(decoded.shape[0])]
     terms = []
     for m, (A, B) in enumerate(fused_f):
-        module_terms: list[LowRankTerm] = [(A, B, 1.0)]
+        module_terms: list[LowRankTerm] = [(A, B, displacement)]
         for t, own in enumerate(inputs):
             if not bool(masks[t, m]):
                 continue
             A_t, B_t = own[m]
             A_d, B_d = decoded_f[t][m]
-            module_terms += [(A_t.to(A.dtype), B_t.to(B.dtype), weights[t]), (A_d, B_d, -weights[t])]
+            module_terms += [
+                (A_t.to(A.dtype), B_t.to(B.dtype), weights[t]),
+                (A_d, B_d, -weights[t] * displacement),
+            ]
         terms.append(module_terms)
     return terms
 
@@ -180,10 +188,12 @@ def anchored_factors(
     masks: torch.Tensor,
     weights: torch.Tensor,
     layout: Layout,
+    displacement: float | torch.Tensor = 1.0,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`anchored_terms` as exact low-rank factors per module ``(A, B)``, ranks concatenated
     (the form a LoRA adapter stores and a forward pass applies)."""
-    return [concatenate_terms(t) for t in anchored_terms(fused, decoded, inputs, masks, weights, layout)]
+    terms = anchored_terms(fused, decoded, inputs, masks, weights, layout, displacement)
+    return [concatenate_terms(t) for t in terms]
 
 
 def familiarity(errors: torch.Tensor, reference: float) -> torch.Tensor:

@@ -310,6 +310,31 @@ def test_an_fvae_that_explains_nothing_reads_familiarity_from_the_condition():
     assert details["basis"] == "task" and details["conditions"] == ["trained", "projection"]
     assert details["inputs"] == [1.0, 0.0]
     assert details["mode"] == "partial" and details["arithmetic_inputs"] == [1]
+    # ... with the familiar inputs' displacement at full strength: on this basis it is a correction
+    # learnt for their task, not a decoded adapter to merge with weight W_F ('auto' -> 'full').
+    assert details["displacement"] == "full"
+
+    def fuse(adapters, weights, tasks, params):
+        return fuse_adapters(
+            adapters, "icm", weights, params, tasks=tasks, context=FusionContext(fvae=artifact)
+        )
+
+    familiar = _dense(fuse([ADAPTERS[0], ADAPTERS[2]], [0.5, 0.5], ["seen", "seen"], {}).adapter)
+    dense = [_dense(a) for a in ADAPTERS]
+    names = ("q", "v")
+    displacement = {n: familiar[n] - 0.5 * dense[0].get(n, 0) - 0.5 * dense[2].get(n, 0) for n in names}
+    assert any(float(d.abs().max()) > 1e-3 for d in displacement.values())
+    arithmetic = {
+        n: 0.25 * dense[0].get(n, 0) + 0.25 * dense[2].get(n, 0) + 0.5 * dense[1].get(n, 0) for n in names
+    }
+    three = ([ADAPTERS[0], ADAPTERS[2], ADAPTERS[1]], [0.25, 0.25, 0.5], ["seen", "seen", "unseen_a"])
+    full = _dense(fuse(*three, {}).adapter)
+    scaled = fuse(*three, {"partial_displacement": "scaled"})
+    assert scaled.provenance["details"]["familiarity"]["arithmetic_inputs"] == [2]
+    assert scaled.provenance["details"]["familiarity"]["displacement"] == "scaled"
+    for name, delta in _dense(scaled.adapter).items():
+        torch.testing.assert_close(full[name], arithmetic[name] + displacement[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(delta, arithmetic[name] + 0.5 * displacement[name], rtol=1e-4, atol=1e-5)
     # ... and under 'min' the whole fusion is task arithmetic.
     whole = _fuse_first_two(artifact, {"gate_mode": "min"})
     assert whole.provenance["details"]["familiarity"]["gate"] == 0.0
@@ -413,6 +438,7 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
     details = partial.provenance["details"]["familiarity"]
     # the gate reported is the latent part's: both its inputs are fully familiar
     assert details["mode"] == "partial" and details["arithmetic_inputs"] == [2] and details["gate"] == 1.0
+    assert details["displacement"] == "scaled"  # 'auto' on the reconstruction basis
     # = 0.5 x icm(inputs 0, 1 with weights 0.6, 0.4; both familiar: ungated) + 0.5 x dW_2
     familiar = fuse(ADAPTERS[:2], [0.6, 0.4], {"familiarity_gate": False}).adapter
     want = {n: 0.5 * d for n, d in _dense(familiar).items()}
@@ -431,6 +457,37 @@ def test_partial_gate_merges_unrepresentable_inputs_by_arithmetic_with_the_laten
         torch.testing.assert_close(delta, arithmetic[name], rtol=1e-4, atol=1e-5)
     assert partial.adapter.modules.keys() == whole.modules.keys()
     assert any(not torch.allclose(got[n], arithmetic[n], atol=1e-4) for n in got)  # it is not arithmetic
+    # 'full': arithmetic over every input + the familiar inputs' displacement, not scaled by 0.5
+    full = fuse(ADAPTERS, weights, {"partial_displacement": "full"})
+    assert full.provenance["details"]["familiarity"]["displacement"] == "full"
+    displacement = _dense(familiar)
+    for w, adapter in zip([0.6, 0.4], ADAPTERS[:2], strict=True):
+        for name, delta in _dense(adapter).items():
+            displacement[name] = displacement[name] - w * delta
+    for name, delta in _dense(full.adapter).items():
+        torch.testing.assert_close(delta, arithmetic[name] + displacement[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            got[name], arithmetic[name] + 0.5 * displacement[name], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_the_gate_scales_the_displacement_linearly(monkeypatch):
+    """A gate ``g`` gives ``sum_t w_t dW_t + g x displacement``: the displacement's update scales
+    by ``g``, not ``g**2`` (a decoded vector holds both factors of each module)."""
+    import engine.fusion.icm.method as icm_module
+
+    artifact = _artifact()
+    artifact.meta.familiarity = Familiarity(reference=0.3)
+    monkeypatch.setattr(icm_module, "familiarity", lambda errors, reference: torch.full_like(errors, 0.25))
+    gated = _fuse_first_two(artifact, {})
+    assert gated.provenance["details"]["familiarity"]["gate"] == 0.25
+    ungated = _dense(_fuse_first_two(artifact, {"familiarity_gate": False}).adapter)
+    for name, delta in _dense(gated.adapter).items():
+        arithmetic = 0.5 * _dense(ADAPTERS[0]).get(name, 0) + 0.5 * _dense(ADAPTERS[1]).get(name, 0)
+        assert float((ungated[name] - arithmetic).abs().max()) > 1e-3
+        torch.testing.assert_close(
+            delta, arithmetic + 0.25 * (ungated[name] - arithmetic), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_catalog_rows_are_encoded_as_stored_not_regauged(tmp_path, monkeypatch):
