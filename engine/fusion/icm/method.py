@@ -15,8 +15,8 @@ By default (``familiarity_gate``) the F-VAE's displacement is scaled by how well
 the least familiar input, so adapters it cannot represent (e.g. of tasks it never saw) fall back
 towards task arithmetic rather than being pulled towards its training tasks; with ``gate_mode:
 partial`` (the default) inputs it cannot represent at all are merged by task arithmetic with the
-latent fusion of the others instead of switching the whole fusion to arithmetic (the familiar
-inputs' displacement scaled by their share of the weights, or not, ``partial_displacement``). An input of a
+latent fusion of the others instead of switching the whole fusion to arithmetic (by default the
+familiar inputs' displacement is added at full strength, ``partial_displacement``). An input of a
 task the F-VAE was meta-trained on that it cannot reconstruct (a new training run of the task) is
 encoded with its task's prototype code instead (``task_prototypes``) and counts as familiar.
 
@@ -136,14 +136,12 @@ class IcmParams(pydantic.BaseModel):
         "those; refinement refines all weights). 'partial' needs combine 'weighted'; otherwise 'min' applies",
     )
 
-    partial_displacement: Literal["auto", "scaled", "full"] = pydantic.Field(
-        "auto",
-        description="gate_mode 'partial': how the familiar inputs' displacement enters. 'scaled': "
-        "W_F * icm(F) + sum_u w_u dW_u, the latent fusion of the familiar inputs merged with the others "
-        "as one adapter of weight W_F (the familiar inputs' total weight), so its displacement is scaled "
-        "by W_F; 'full': sum_t w_t dW_t over every input plus the familiar inputs' displacement, unscaled; "
-        "'auto': 'full' when the gate reads familiarity from the condition (an F-VAE whose decoder "
-        "learnt a displacement per task, not the adapters), else 'scaled'",
+    partial_displacement: Literal["full", "scaled"] = pydantic.Field(
+        "full",
+        description="gate_mode 'partial': how the familiar inputs' displacement enters. 'full': "
+        "sum_t w_t dW_t over every input plus the displacement of the familiar inputs' latent fusion; "
+        "'scaled': W_F * icm(F) + sum_u w_u dW_u, the latent fusion merged with the unfamiliar inputs "
+        "as one adapter of weight W_F (the familiar inputs' total weight), its displacement scaled by W_F",
     )
 
     @pydantic.model_validator(mode="after")
@@ -218,13 +216,13 @@ def icm(
         gate, known, details["familiarity"] = _familiarity_gate(
             encoded, alpha, artifact, prototypes, required="familiarity_gate" in params.model_fields_set
         )
-        split = _partial_split(known, alpha, params, details["familiarity"].get("basis"))
+        split = _partial_split(known, alpha, params)
         if split is not None:
             details["familiarity"].update(
                 mode="partial",
                 arithmetic_inputs=split.unfamiliar,
                 gate=split.gate,
-                displacement="full" if split.full_displacement else "scaled",
+                displacement=params.partial_displacement,
             )
     with torch.no_grad():
         factors = _fused_factors(artifact, latents, alpha, params, gate, split)
@@ -352,17 +350,14 @@ class _PartialSplit:
     familiar: list[int]
     unfamiliar: list[int]
     gate: float
-    full_displacement: bool = False
 
 
 def _partial_split(
-    known: torch.Tensor | None, alpha: torch.Tensor, params: IcmParams, basis: str | None
+    known: torch.Tensor | None, alpha: torch.Tensor, params: IcmParams
 ) -> _PartialSplit | None:
     """The split ``gate_mode: partial`` makes (unfamiliar = familiarity 0), or None when it does
     not apply (gate off, 'min', another combine than 'weighted', no unfamiliar input or no familiar
-    one, or familiar weights that do not sum to a positive total). ``basis``: what the gate read
-    familiarity from (``"task"`` or ``"reconstruction"``), which ``partial_displacement: auto``
-    follows."""
+    one, or familiar weights that do not sum to a positive total)."""
     if known is None or params.gate_mode != "partial" or params.combine != "weighted":
         return None
     used = alpha != 0
@@ -370,12 +365,7 @@ def _partial_split(
     if not bool(unfamiliar.any()) or not bool(familiar.any()) or float(alpha[familiar].sum()) <= 0:
         return None
     index = familiar.nonzero().flatten().tolist()
-    mode = params.partial_displacement
-    # A decoder that explains none of its adapters (the condition basis) learnt a displacement per
-    # task, a correction for the familiar tasks rather than a decoded adapter: merging it as one
-    # adapter of weight W_F would shrink each familiar task's correction by W_F.
-    full = mode == "full" or (mode == "auto" and basis == "task")
-    return _PartialSplit(index, unfamiliar.nonzero().flatten().tolist(), float(known[index].min()), full)
+    return _PartialSplit(index, unfamiliar.nonzero().flatten().tolist(), float(known[index].min()))
 
 
 def _fused_factors(
@@ -395,16 +385,16 @@ def _fused_factors(
     ``gate``). With it: ``W_F * icm(F) + sum_{u unfamiliar} w_u dW_u``: the familiar inputs ``F``
     are fused as a fusion of their own, with weights ``w_F / W_F`` (``W_F = sum w_F``: the relative
     weights meta-training's episodes use) and the gate ``split.gate``, then merged by task
-    arithmetic with the unfamiliar inputs' exact deltas; with ``split.full_displacement`` the
-    latent part's displacement is not scaled by ``W_F`` (its gate is divided by it), so the result
-    is ``sum_t w_t dW_t`` over every input plus ``icm(F)``'s displacement.
+    arithmetic with the unfamiliar inputs' exact deltas; with ``partial_displacement: full`` (the
+    default) the latent part's displacement is not scaled by ``W_F`` (its gate is divided by it),
+    so the result is ``sum_t w_t dW_t`` over every input plus ``icm(F)``'s displacement.
     """
     layout, normalizer, model = artifact.layout, artifact.normalizer, artifact.model
     part, scale, gate_used = latents, None, gate
     relative = weights
     if split is not None:
         part, scale, gate_used = latents.subset(split.familiar), weights[split.familiar].sum(), split.gate
-        if split.full_displacement:  # undo the W_F the merge below multiplies the latent part by
+        if params.partial_displacement == "full":  # undo the W_F the merge below multiplies it by
             gate_used = split.gate / scale.clamp_min(1e-3)
         # refinement moves the weights: keep the division finite if their total heads for 0
         relative = weights[split.familiar] / scale.clamp_min(1e-3)
