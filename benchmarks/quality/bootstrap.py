@@ -28,6 +28,9 @@ import numpy as np
 
 from engine.tasks.metrics import GAP_EPS
 
+# A difference of mean G no larger than this in every replicate is float rounding, not a difference.
+ROUNDING = 1e-6
+
 LEVEL = 0.95
 REPLICATES = 2000
 
@@ -104,7 +107,7 @@ def paired_bootstrap(
     Returns:
         ``rows``: per row label, ``mean_gap`` and ``pooled_gap`` as ``{estimate, low, high,
         replicates}``; ``differences``: one per pair of rows, ``a - b`` of mean G with its interval
-        and ``separated`` (the interval excludes 0); ``best`` / ``worst``: the rows with the
+        and ``separated`` (the interval excludes 0 by more than :data:`ROUNDING`); ``best`` / ``worst``: the rows with the
         highest / lowest mean G, ``best_vs_worst`` their difference, ``tied_with_best`` the rows
         whose difference to the best includes 0.
     """
@@ -144,7 +147,11 @@ def paired_bootstrap(
     for a, b in itertools.combinations(labels, 2):
         diff = stats[a]["mean_gap"] - stats[b]["mean_gap"]
         interval = _interval(diff[1:], float(diff[0]), level)
-        separated = interval["low"] is not None and (interval["low"] > 0 or interval["high"] < 0)
+        # Rows that are one fusion up to float rounding (e.g. two rows whose rules coincide on
+        # these inputs, summed in another order) differ by ~1e-8 in every replicate: not a difference.
+        separated = interval["low"] is not None and (
+            interval["low"] > ROUNDING or interval["high"] < -ROUNDING
+        )
         differences.append({"a": a, "b": b, **interval, "separated": separated})
     out: dict[str, Any] = {
         "unit": "eval examples within each task, one draw shared by every row and task set (paired)",

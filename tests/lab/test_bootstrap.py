@@ -54,6 +54,18 @@ def test_estimates_are_the_unresampled_gap_closures_and_rows_are_ranked():
     # A row against an identical row: the same draw for both, so the difference is exactly 0.
     same = next(d for d in boot["differences"] if {d["a"], d["b"]} == {"good", "good-again"})
     assert same["low"] == same["high"] == 0.0 and not same["separated"]
+    # Equal up to float rounding (the same fusion summed in another order): not separated either.
+    rounded = {t: {**good[t], "nll": good[t]["nll"] * (1 + 1e-9)} for t in good}
+    rounding = paired_bootstrap(
+        [SetSamples(["a", "b"], {"good": good, "rounded": rounded})],
+        base,
+        own,
+        finalize_classification,
+        "loss",
+        lower_is_better=True,
+        replicates=50,
+    )["differences"][0]
+    assert 0 < rounding["low"] <= rounding["high"] < 1e-6 and not rounding["separated"]
     assert boot["tied_with_best"] == [next(x for x in ("good", "good-again") if x != boot["best"])]
     # A reference row (e.g. the jointly trained ceiling) keeps its interval but is never the best.
     reference = paired_bootstrap(
