@@ -35,6 +35,8 @@ from engine.fvae.model import FVAE
 from engine.fvae.normalize import SlotNormalizer
 from engine.fvae.recon import relative_error
 from engine.fvae.tokens import ModuleTokens, delta_measures
+from engine.meta.config import TrainSection
+from engine.meta.schedule import learning_rate
 from engine.meta.step import slot_mask
 
 LAB = RESULTS / "lab" / "standard-seed0"
@@ -231,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite", choices=sorted(SUITE_TRAINING), default="encoder")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None, help="default: the suite's meta-training lr")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="engine.meta.schedule's rate per step (cosine: warm-up, then down to a tenth of --lr)",
+    )
     parser.add_argument("--batch", type=int, default=6, help="adapters per episode (one per task)")
     parser.add_argument("--holdout", type=int, default=2, help="held-out adapters per training task")
     parser.add_argument(
@@ -271,13 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = FVAE(config)
     lr = args.lr or SUITE_TRAINING[args.suite]["train"].get("lr", 2e-4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = TrainSection(steps=args.steps, lr=lr, lr_schedule=args.lr_schedule)
     train_tasks = sorted({t for t, s in zip(tasks, split, strict=True) if s == "train"})
     by_task = {t: np.flatnonzero((tasks == t) & (split == "train")) for t in train_tasks}
     rng = np.random.default_rng(args.seed)
     print(
         f"{args.suite}: N={layout.size}, {len(train_tasks)} training tasks, {int((split == 'train').sum())} "
         f"training / {int((split == 'heldout').sum())} held-out / {int((split == 'unseen').sum())} unseen adapters; "
-        f"{json.dumps(config.to_dict())}; lr {lr}",
+        f"{json.dumps(config.to_dict())}; lr {lr} ({args.lr_schedule})",
         flush=True,
     )
     start = time.perf_counter()
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         out = model(xn, cond[rows])
         terms = model.loss(out, xn, slot_mask(masks[rows], layout))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, schedule)
         optimizer.zero_grad()
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -303,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config.to_dict(),
         "steps": args.steps,
         "lr": lr,
+        "lr_schedule": args.lr_schedule,
         "holdout": args.holdout_run or args.holdout,
     }
     for part in ("train", "heldout", "unseen"):
