@@ -107,9 +107,9 @@ def paired_bootstrap(
     Returns:
         ``rows``: per row label, ``mean_gap`` and ``pooled_gap`` as ``{estimate, low, high,
         replicates}``; ``differences``: one per pair of rows, ``a - b`` of mean G with its interval
-        and ``separated`` (the interval excludes 0 by more than :data:`ROUNDING`); ``best`` / ``worst``: the rows with the
-        highest / lowest mean G, ``best_vs_worst`` their difference, ``tied_with_best`` the rows
-        whose difference to the best includes 0.
+        and ``separated`` (the interval excludes 0 by more than :data:`ROUNDING`); ``best`` /
+        ``worst``: the rows with the highest / lowest mean G, ``best_vs_worst`` their difference,
+        ``tied_with_best`` the rows whose difference to the best includes 0.
     """
     if not samples:
         raise ValueError("no task sets to resample")
@@ -147,8 +147,8 @@ def paired_bootstrap(
     for a, b in itertools.combinations(labels, 2):
         diff = stats[a]["mean_gap"] - stats[b]["mean_gap"]
         interval = _interval(diff[1:], float(diff[0]), level)
-        # Rows that are one fusion up to float rounding (e.g. two rows whose rules coincide on
-        # these inputs, summed in another order) differ by ~1e-8 in every replicate: not a difference.
+        # Rows that are one fusion up to float rounding (two rows whose rules coincide on these
+        # inputs, summed in another order) differ by a few ulps in every replicate: no difference.
         separated = interval["low"] is not None and (
             interval["low"] > ROUNDING or interval["high"] < -ROUNDING
         )

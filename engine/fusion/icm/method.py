@@ -135,7 +135,6 @@ class IcmParams(pydantic.BaseModel):
         "them by task arithmetic with the latent fusion of the others (gated by the least familiar of "
         "those; refinement refines all weights). 'partial' needs combine 'weighted'; otherwise 'min' applies",
     )
-
     partial_displacement: Literal["full", "scaled"] = pydantic.Field(
         "full",
         description="gate_mode 'partial': how the familiar inputs' displacement enters. 'full': "

@@ -311,14 +311,14 @@ def test_an_fvae_that_explains_nothing_reads_familiarity_from_the_condition():
     assert details["inputs"] == [1.0, 0.0]
     assert details["mode"] == "partial" and details["arithmetic_inputs"] == [1]
     assert details["displacement"] == "full"
-    # With two familiar inputs, their displacement is added at full strength (the default), or
-    # scaled by their share of the weights ('scaled').
 
     def fuse(adapters, weights, tasks, params):
         return fuse_adapters(
             adapters, "icm", weights, params, tasks=tasks, context=FusionContext(fvae=artifact)
         )
 
+    # With two familiar inputs, their displacement is added at full strength (the default), or
+    # scaled by their share of the weights ('scaled').
     familiar = _dense(fuse([ADAPTERS[0], ADAPTERS[2]], [0.5, 0.5], ["seen", "seen"], {}).adapter)
     dense = [_dense(a) for a in ADAPTERS]
     names = ("q", "v")
