@@ -69,7 +69,6 @@ ICM_ROWS: tuple[MethodRow, ...] = (
     MethodRow("icm-gate-min", "icm", params={"gate_mode": "min"}),
     MethodRow("icm-no-prototypes", "icm", params={"task_prototypes": False}),
     MethodRow("icm-displacement-scaled", "icm", params={"partial_displacement": "scaled"}),
-    MethodRow("icm-displacement-full", "icm", params={"partial_displacement": "full"}),
     MethodRow("icm+refine", "icm", params=REFINE, few_shot=True),
     MethodRow(
         "icm+refine+span",
